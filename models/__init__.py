@@ -1,0 +1,1 @@
+"""Host-free networks, weight files and key mappings. Never imports ComfyUI."""
