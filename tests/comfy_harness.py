@@ -1,0 +1,235 @@
+"""Helpers for the ComfyUI integration tests: boot ComfyUI in-process on the CPU, build tiny
+random-weight models from ComfyUI's real classes, and run a headless server.
+
+Nothing here imports ComfyUI at import time: the core suite collects this module on
+machines without ComfyUI, where the integration tests are skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import json
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+COMFYUI_ENV = "COMFYUI_PATH"
+SKIP_REASON = (
+    f"{COMFYUI_ENV} is not set: the ComfyUI integration tests need a ComfyUI checkout "
+    "(see tests/README.md for how to prepare one)"
+)
+
+# A Flux with ComfyUI's real classes, small enough to run in milliseconds on a CPU.
+TINY_FLUX_CONFIG: dict[str, Any] = dict(
+    image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=48,
+    hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2,
+    axes_dim=[8, 12, 12], theta=10000, qkv_bias=True, guidance_embed=True, patch_size=2,
+)
+
+# An SD1.5-layout UNet (two levels, attention at both) with narrow channels; SD15 adds
+# its own head settings (8 heads).
+TINY_SD15_CONFIG: dict[str, Any] = dict(
+    use_checkpoint=False, image_size=32, in_channels=4, out_channels=4, model_channels=32,
+    num_res_blocks=[1, 1], channel_mult=[1, 2],
+    transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=1,
+    context_dim=32, use_linear_in_transformer=False,
+    adm_in_channels=None, use_temporal_resblock=False, use_temporal_attention=False,
+    use_spatial_transformer=True, legacy=False,
+)
+
+
+def comfyui_path() -> Path | None:
+    """The ComfyUI checkout named by ``COMFYUI_PATH``; raises if it is set but not a checkout."""
+    value = os.environ.get(COMFYUI_ENV)
+    if not value:
+        return None
+    path = Path(value).expanduser().resolve()
+    if not (path / "main.py").is_file() or not (path / "comfy").is_dir():
+        raise RuntimeError(f"{COMFYUI_ENV}={value} is not a ComfyUI checkout (no main.py / comfy/)")
+    return path
+
+
+def boot_comfyui_in_process(path: Path) -> ModuleType:
+    """Import ComfyUI from ``path`` with CPU settings; returns its top-level ``nodes`` module.
+
+    ``comfy.cli_args`` parses no command line unless asked to, so the CPU flag is set on its
+    parsed ``args`` before ``comfy.model_management`` reads them.
+    """
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.disable_all_custom_nodes = True
+    import comfy.model_management  # noqa: F401  (reads args.cpu)
+    import utils.extra_config  # noqa: F401  (as main.py does: `nodes` puts comfy/ first on sys.path,
+    import nodes  # after which `utils` would name comfy/utils.py)
+
+    return nodes
+
+
+def load_pack_entrypoint() -> dict[str, type]:
+    """Run the pack's ``comfy_entrypoint`` like ComfyUI does; returns ``node_id -> class``."""
+    import ultrares
+
+    extension = asyncio.run(ultrares.comfy_entrypoint())
+    node_list = asyncio.run(extension.get_node_list())
+    return {cls.GET_SCHEMA().node_id: cls for cls in node_list}
+
+
+def random_state_dict(module: torch.nn.Module, seed: int, std: float = 0.05) -> dict[str, torch.Tensor]:
+    """Deterministic random weights for every tensor of ``module`` (norm scales near 1)."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, value in module.state_dict().items():
+        noise = torch.randn(value.shape, generator=generator, dtype=torch.float32) * std
+        if key.endswith(("norm.scale", "query_norm.scale", "key_norm.scale")):
+            noise = noise + 1.0
+        state[key] = noise.to(value.dtype)
+    return state
+
+
+def _patcher_from_config(model_config: Any, seed: int):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
+    model.diffusion_model.load_state_dict(random_state_dict(model.diffusion_model, seed))
+    return comfy.model_patcher.ModelPatcher(
+        model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+    )
+
+
+def tiny_flux_patcher(seed: int = 0, **overrides: Any):
+    """A real ComfyUI Flux (``supported_models.Flux``) with hidden size 64, in a ModelPatcher."""
+    import comfy.model_detection
+
+    config = {**TINY_FLUX_CONFIG, **overrides}
+    return _patcher_from_config(comfy.model_detection.model_config_from_unet_config(config), seed)
+
+
+def tiny_sd15_patcher(seed: int = 0, **overrides: Any):
+    """A real ComfyUI SD1.5 model class (``supported_models.SD15``) with 32-channel UNet."""
+    import comfy.supported_models
+
+    return _patcher_from_config(comfy.supported_models.SD15({**TINY_SD15_CONFIG, **overrides}), seed)
+
+
+def flux_conditioning(batch: int = 1, tokens: int = 7, seed: int = 0) -> list:
+    """Random CONDITIONING that fits :data:`TINY_FLUX_CONFIG` (text width 48, pooled 32)."""
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(batch, tokens, 48, generator=g),
+             {"pooled_output": torch.randn(batch, 32, generator=g), "guidance": 3.5}]]
+
+
+def sd15_conditioning(batch: int = 1, tokens: int = 5, seed: int = 0) -> list:
+    """Random CONDITIONING that fits :data:`TINY_SD15_CONFIG` (context width 32)."""
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(batch, tokens, 32, generator=g), {}]]
+
+
+def sample(model, positive: list, negative: list, latent: torch.Tensor, steps: int = 2, seed: int = 0,
+           cfg: float = 1.0) -> torch.Tensor:
+    """Sample with ComfyUI's own KSampler path (``nodes.common_ksampler``)."""
+    import nodes
+
+    (out,) = nodes.common_ksampler(model, seed, steps, cfg, "euler", "simple", positive, negative,
+                                   {"samples": latent})
+    return out["samples"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyServer:
+    """A headless ComfyUI process on the CPU, bound to loopback, loading only this pack.
+
+    The pack is exposed through a ``custom_nodes`` folder named in an extra model paths yaml
+    (never copied into the checkout), and the server is stopped by its PID.
+    """
+
+    def __init__(self, comfy_path: Path, work_dir: Path, extra_yaml: dict[str, str] | None = None,
+                 pack_name: str = "ultrares"):
+        self.comfy_path = comfy_path
+        self.work_dir = work_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        nodes_dir = work_dir / "custom_nodes"
+        nodes_dir.mkdir(parents=True, exist_ok=True)
+        (nodes_dir / pack_name).symlink_to(REPO_ROOT, target_is_directory=True)
+        yaml_lines = ["ultrares_tests:", f"  custom_nodes: {nodes_dir}"]
+        yaml_lines += [f"  {key}: {value}" for key, value in (extra_yaml or {}).items()]
+        self.yaml_path = work_dir / "extra_model_paths.yaml"
+        self.yaml_path.write_text("\n".join(yaml_lines) + "\n")
+        self.log_path = work_dir / "server.log"
+        self.pack_name = pack_name
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180.0) -> None:
+        for sub in ("output", "input", "temp", "user"):
+            (self.work_dir / sub).mkdir(exist_ok=True)
+        command = [
+            sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+            "--disable-auto-launch", "--extra-model-paths-config", str(self.yaml_path),
+            "--disable-all-custom-nodes", "--whitelist-custom-nodes", self.pack_name,
+            "--output-directory", str(self.work_dir / "output"),
+            "--input-directory", str(self.work_dir / "input"),
+            "--temp-directory", str(self.work_dir / "temp"),
+            "--user-directory", str(self.work_dir / "user"),
+            "--database-url", "sqlite:///:memory:",
+        ]
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(command, cwd=self.comfy_path, stdout=self._log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                self.get("/system_stats")
+                return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"ComfyUI did not answer within {timeout:.0f} s:\n{self.log()}")
+
+    def get(self, route: str) -> Any:
+        with urllib.request.urlopen(self.url + route, timeout=30) as response:
+            return json.loads(response.read())
+
+    def post(self, route: str, payload: dict) -> Any:
+        request = urllib.request.Request(self.url + route, data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._log.close()
+        self.process = None

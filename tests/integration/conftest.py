@@ -1,0 +1,39 @@
+"""ComfyUI integration tests: run against the checkout named by COMFYUI_PATH, skipped with a
+reason when it is not set (CI has no ComfyUI)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import comfy_harness
+
+HERE = Path(__file__).resolve().parent
+COMFY_PATH = comfy_harness.comfyui_path()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if HERE in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.comfyui)
+            if COMFY_PATH is None:
+                item.add_marker(pytest.mark.skip(reason=comfy_harness.SKIP_REASON))
+
+
+@pytest.fixture(scope="session")
+def comfyui_path() -> Path:
+    assert COMFY_PATH is not None
+    return COMFY_PATH
+
+
+@pytest.fixture(scope="session")
+def comfy_nodes(comfyui_path: Path):
+    """ComfyUI booted in this process on the CPU; returns its top-level ``nodes`` module."""
+    return comfy_harness.boot_comfyui_in_process(comfyui_path)
+
+
+@pytest.fixture(scope="session")
+def pack_nodes(comfy_nodes) -> dict[str, type]:
+    """The pack's node classes by node id, from its real ``comfy_entrypoint``."""
+    return comfy_harness.load_pack_entrypoint()

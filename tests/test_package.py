@@ -1,0 +1,81 @@
+"""The package's shape: what ComfyUI sees, and what the host-free core may import."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import ultrares
+
+REPO_ROOT = Path(ultrares.__file__).resolve().parent
+HOST_MODULES = ("comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "nodes",
+                "node_helpers", "server", "execution")
+
+
+def _imported_top_level_names(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_comfyui_finds_a_v3_entrypoint_and_no_v1_mappings():
+    # ComfyUI treats a module with NODE_CLASS_MAPPINGS as V1 and ignores comfy_entrypoint.
+    assert inspect.iscoroutinefunction(ultrares.comfy_entrypoint)
+    assert not hasattr(ultrares, "NODE_CLASS_MAPPINGS")
+
+
+def test_core_source_never_imports_the_host():
+    offenders = []
+    for folder in ("kernels", "models"):
+        for path in sorted((REPO_ROOT / folder).rglob("*.py")):
+            bad = _imported_top_level_names(path) & set(HOST_MODULES)
+            if bad:
+                offenders.append(f"{path.relative_to(REPO_ROOT)} imports {sorted(bad)}")
+    assert not offenders, "kernels/ and models/ must stay free of ComfyUI imports:\n" + "\n".join(offenders)
+
+
+def test_importing_the_core_loads_nothing_from_comfyui():
+    script = (
+        "import importlib, importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('ultrares', {str(REPO_ROOT / '__init__.py')!r},"
+        f" submodule_search_locations=[{str(REPO_ROOT)!r}])\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules['ultrares'] = m; spec.loader.exec_module(m)\n"
+        "import pkgutil\n"
+        "for pkg in ('ultrares.kernels', 'ultrares.models'):\n"
+        "    p = importlib.import_module(pkg)\n"
+        "    for info in pkgutil.walk_packages(p.__path__, pkg + '.'):\n"
+        "        importlib.import_module(info.name)\n"
+        f"host = {HOST_MODULES!r}\n"
+        "print(sorted(n for n in sys.modules if n.split('.')[0] in host))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def test_every_package_directory_is_installed():
+    config = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    declared = set(config["tool"]["setuptools"]["packages"])
+    on_disk = {
+        ".".join(("ultrares", *init.parent.relative_to(REPO_ROOT).parts))
+        for init in REPO_ROOT.rglob("__init__.py")
+        if not ({"tests", ".git", "build"} & set(init.relative_to(REPO_ROOT).parts))
+        and not any(part.startswith(".") for part in init.relative_to(REPO_ROOT).parts)
+    }
+    assert on_disk == declared
+
+
+def test_requirements_never_pull_a_second_torch():
+    config = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    runtime = [*config["project"]["dependencies"],
+               *(REPO_ROOT / "requirements.txt").read_text().splitlines()]
+    names = {line.split(";")[0].strip().split("=")[0].split(">")[0].split("<")[0].split("[")[0].lower()
+             for line in runtime if line.strip() and not line.lstrip().startswith("#")}
+    assert not names & {"torch", "torchvision", "torchaudio", "triton"}
