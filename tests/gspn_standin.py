@@ -15,13 +15,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ultrares.models.gspn.distill import Capture
+
 CONTEXT_DIM = 12
 
 
 @dataclass
 class Options:
     replace: dict = field(default_factory=dict)   # attn1 module path -> fn(q, k, v, height, width)
-    record: dict | None = None                     # attn1 module path -> output
+
+
+def attention(q, k, v, heads):
+    n, tokens, dim = q.shape
+    split = lambda t: t.view(n, -1, heads, dim // heads).transpose(1, 2)  # noqa: E731
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v))
+    return out.transpose(1, 2).reshape(n, tokens, dim)
 
 
 class CrossAttention(nn.Module):
@@ -38,17 +46,8 @@ class CrossAttention(nn.Module):
         source = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(source), self.to_v(source)
         replace = options.replace.get(self.layer_name) if context is None else None
-        if replace is not None:
-            out = replace(q, k, v, *grid)
-        else:
-            n, tokens, dim = q.shape
-            split = lambda t: t.view(n, -1, self.heads, dim // self.heads).transpose(1, 2)  # noqa: E731
-            out = F.scaled_dot_product_attention(split(q), split(k), split(v))
-            out = out.transpose(1, 2).reshape(n, tokens, dim)
-        out = self.to_out(out)
-        if context is None and options.record is not None:
-            options.record[self.layer_name] = out
-        return out
+        out = replace(q, k, v, *grid) if replace is not None else attention(q, k, v, self.heads)
+        return self.to_out(out)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -194,8 +193,22 @@ class StandInHost:
     def start(self, seed: int) -> torch.Tensor:
         return torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(seed)) * self.sigmas()[0]
 
-    def denoise(self, x, sigma, prompt, student, record):
-        replace = {}
-        if student is not None:
-            replace = {spec.name: module for spec, module in student.items()}
-        return self.model(x, sigma, self.contexts[prompt], Options(replace=replace, record=record))
+    def teacher(self, x, sigma, prompt):
+        captures = {}
+
+        def capturing(name, heads):
+            def replace(q, k, v, height, width):
+                out = attention(q, k, v, heads)
+                captures[name] = Capture(q, k, v, out, height, width)
+                return out
+            return replace
+
+        replace = {name: capturing(name, m.heads) for name, m in self.model.named_modules()
+                   if isinstance(m, CrossAttention)}
+        with torch.no_grad():
+            denoised = self.model(x, sigma, self.contexts[prompt], Options(replace=replace))
+        return denoised, captures
+
+    def student(self, x, sigma, prompt, gspn):
+        replace = {spec.name: module for spec, module in gspn.items()}
+        return self.model(x, sigma, self.contexts[prompt], Options(replace=replace))

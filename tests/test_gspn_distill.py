@@ -51,16 +51,16 @@ class Stop(Exception):
 
 def test_distillation_brings_attn1_matching_loss_well_below_random_gspn_weights(host, tmp_path):
     student = _student(host)
-    random_loss = evaluate(host, student, points=6, seed=HELD_OUT_SEED)
+    random_loss = evaluate(student, host, points=6, seed=HELD_OUT_SEED)
     save, saves = _saver(tmp_path / "gspn.safetensors", student)
     record = distill(host, student, DistillSettings(steps=50, learning_rate=1e-2, save_every=20), save=save)
-    trained_loss = evaluate(host, student, points=6, seed=HELD_OUT_SEED)
+    trained_loss = evaluate(student, host, points=6, seed=HELD_OUT_SEED)
     assert trained_loss < 0.5 * random_loss, (random_loss, trained_loss)
     assert record.steps == 50 and record.finished and len(record.layer_losses) == 50
     assert saves == [20, 40, 50]
     loaded, saved_record = load_gspn_weights(tmp_path / "gspn.safetensors", FAMILY, student.specs)
     assert saved_record.finished and saved_record.steps == 50
-    assert evaluate(host, loaded, points=6, seed=HELD_OUT_SEED) == pytest.approx(trained_loss, rel=1e-5)
+    assert evaluate(loaded, host, points=6, seed=HELD_OUT_SEED) == pytest.approx(trained_loss, rel=1e-5)
 
 
 def test_trajectories_follow_the_teacher_and_cycle_through_the_prompts(host):
@@ -71,7 +71,9 @@ def test_trajectories_follow_the_teacher_and_cycle_through_the_prompts(host):
     a, b = first[0], first[1]
     expected = a.x + (a.x - a.denoised) / sigmas[0] * (sigmas[1] - sigmas[0])
     torch.testing.assert_close(b.x, expected)
-    assert set(a.record) == {s.name for s in find_attn1_layers(host.model)}
+    assert set(a.captures) == {s.name for s in find_attn1_layers(host.model)}
+    capture = a.captures["middle_block.1.transformer_blocks.0.attn1"]
+    assert (capture.height, capture.width) == (4, 6) and capture.q.shape == (1, 24, 32)
 
 
 def test_interruption_still_saves_a_checkpoint_that_loads_and_resumes(host, tmp_path):

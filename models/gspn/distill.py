@@ -2,12 +2,15 @@
 will replace, on that model's own sampling trajectories.
 
 The teacher is the unpatched model. It samples trajectories (Euler steps on the host's sigma
-schedule, one prompt after another); at every point of a trajectory the teacher's ``attn1``
-outputs are recorded, the student (the same model with GSPN in every ``attn1``) runs on the
-same input, and the loss is the mean over layers of the relative squared error of the
-``attn1`` outputs, optionally plus the error of the final prediction (the paper's recipe
-matches layer outputs and predictions). The loop is host-free: a :class:`DistillHost` runs
-the model; the ComfyUI node and the command line both drive this same function.
+schedule, one prompt after another); at every point the query, key, value and output of each
+``attn1`` are captured. Each GSPN module is then trained to turn its layer's q, k, v into
+that layer's attention output (before the shared output projection ``to_out``, which the
+host applies to both): layer-wise output matching, all layers at once from one teacher pass,
+with no gradient through the frozen UNet. Optionally a final-prediction term runs the whole
+model with GSPN in every ``attn1`` and matches the teacher's prediction (the paper's recipe
+matches layer outputs and predictions; this term needs gradients through the UNet).
+The loop is host-free: a :class:`DistillHost` runs the model; the ComfyUI node and the
+command line both drive this same function.
 """
 
 from __future__ import annotations
@@ -15,12 +18,23 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
 from .layers import GSPNLayers
 from .weights import TrainingRecord
+
+
+class Capture(NamedTuple):
+    """One ``attn1`` call of the teacher: its inputs, its output (before ``to_out``) and its map size."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out: torch.Tensor
+    height: int
+    width: int
 
 
 class DistillHost(Protocol):
@@ -34,16 +48,18 @@ class DistillHost(Protocol):
     def start(self, seed: int) -> torch.Tensor:
         """The noisy latent at ``sigmas()[0]`` that a trajectory starts from."""
 
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, prompt: int, student: GSPNLayers | None,
-                record: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The model's denoised prediction; with ``student``, every ``attn1`` runs GSPN instead.
-        Fills ``record`` with each ``attn1`` output, keyed by layer module path."""
+    def teacher(self, x: torch.Tensor, sigma: torch.Tensor, prompt: int) -> tuple[torch.Tensor, dict[str, Capture]]:
+        """The unpatched model's denoised prediction and every ``attn1`` call, keyed by layer
+        module path. Runs without gradients; the captured tensors must be usable by autograd."""
+
+    def student(self, x: torch.Tensor, sigma: torch.Tensor, prompt: int, gspn: GSPNLayers) -> torch.Tensor:
+        """The denoised prediction with GSPN in every ``attn1``, differentiable w.r.t. ``gspn``."""
 
 
 @dataclass
 class DistillSettings:
     steps: int = 1000                 # optimiser steps in this run
-    learning_rate: float = 1e-4
+    learning_rate: float = 1e-3
     prediction_weight: float = 0.0    # weight of the final-prediction term (0 = layer outputs only)
     seed: int = 0
     save_every: int = 100             # also saved at the end and when stopped early
@@ -56,21 +72,26 @@ def relative_error(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
     return (student.float() - teacher).pow(2).mean() / teacher.pow(2).mean().clamp(min=1e-12)
 
 
-def layer_matching_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean over the teacher's ``attn1`` layers of the relative error of the student's output."""
-    missing = sorted(set(teacher) - set(student))
-    if missing or not teacher:
-        raise RuntimeError(f"the student run did not record attn1 outputs for {missing or 'any layer'}")
-    return torch.stack([relative_error(student[k], teacher[k]) for k in teacher]).mean()
+def layer_matching_loss(gspn: GSPNLayers, captures: dict[str, Capture]) -> torch.Tensor:
+    """Mean over layers of the relative error of each GSPN module on its layer's captured call."""
+    missing = sorted({s.name for s in gspn.specs} - set(captures))
+    if missing:
+        raise RuntimeError(f"the teacher pass did not capture attn1 calls of {missing}")
+    losses = []
+    for spec, module in gspn.items():
+        c = captures[spec.name]
+        weight = module.to_proxy.weight
+        out = module(*(t.to(weight.device, weight.dtype) for t in (c.q, c.k, c.v)), c.height, c.width)
+        losses.append(relative_error(out, c.out.to(out.device)))
+    return torch.stack(losses).mean()
 
 
-@dataclass
-class _Point:
+class _Point(NamedTuple):
     x: torch.Tensor
     sigma: torch.Tensor
     prompt: int
     denoised: torch.Tensor
-    record: dict[str, torch.Tensor]
+    captures: dict[str, Capture]
 
 
 def trajectory_points(host: DistillHost, seed: int) -> Iterator[_Point]:
@@ -81,22 +102,17 @@ def trajectory_points(host: DistillHost, seed: int) -> Iterator[_Point]:
         x = host.start(seed + index)
         prompt = index % host.prompt_count
         for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-            record: dict[str, torch.Tensor] = {}
-            with torch.no_grad():
-                denoised = host.denoise(x, sigma, prompt, None, record)
-            yield _Point(x, sigma, prompt, denoised, record)
+            denoised, captures = host.teacher(x, sigma, prompt)
+            yield _Point(x, sigma, prompt, denoised, captures)
             x = x + (x - denoised) / sigma * (sigma_next - sigma)
         index += 1
 
 
-def evaluate(host: DistillHost, student: GSPNLayers, points: int, seed: int) -> float:
-    """Mean attn1-matching loss of ``student`` over the first ``points`` points from ``seed``."""
-    losses = []
+def evaluate(gspn: GSPNLayers, host: DistillHost, points: int, seed: int) -> float:
+    """Mean layer-matching loss of ``gspn`` over the first ``points`` trajectory points from ``seed``."""
     with torch.no_grad():
-        for _, point in zip(range(points), trajectory_points(host, seed)):
-            record: dict[str, torch.Tensor] = {}
-            host.denoise(point.x, point.sigma, point.prompt, student, record)
-            losses.append(layer_matching_loss(record, point.record).item())
+        losses = [layer_matching_loss(gspn, p.captures).item()
+                  for _, p in zip(range(points), trajectory_points(host, seed))]
     return sum(losses) / len(losses)
 
 
@@ -124,11 +140,10 @@ def distill(host: DistillHost, student: GSPNLayers, settings: DistillSettings,
             if check_interrupt is not None:
                 check_interrupt()
             point = next(points)
-            student_record: dict[str, torch.Tensor] = {}
-            prediction = host.denoise(point.x, point.sigma, point.prompt, student, student_record)
-            layer_loss = layer_matching_loss(student_record, point.record)
+            layer_loss = layer_matching_loss(student, point.captures)
             loss = layer_loss
             if settings.prediction_weight > 0:
+                prediction = host.student(point.x, point.sigma, point.prompt, student)
                 prediction_loss = relative_error(prediction, point.denoised)
                 loss = loss + settings.prediction_weight * prediction_loss
                 record.prediction_losses.append(prediction_loss.item())
