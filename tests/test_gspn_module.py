@@ -49,8 +49,7 @@ def _permute_directions(module, order, mirrored_rows=()):
 def test_finds_every_unet_self_attention_with_its_patch_key_width_and_level():
     specs = find_attn1_layers(TinyUNet())
     assert [(s.block, s.dim, s.level) for s in specs] == [
-        (("input", 1, 0), 16, 0), (("input", 3, 0), 32, 1), (("middle", 0, 0), 32, 1),
-        (("output", 0, 0), 32, 1), (("output", 1, 0), 32, 1), (("output", 2, 0), 16, 0), (("output", 3, 0), 16, 0)]
+        (("input", 1, 0), 16, 0), (("middle", 0, 0), 32, 1), (("output", 1, 0), 32, 1), (("output", 3, 0), 16, 0)]
     assert specs[0].name == "input_blocks.1.1.transformer_blocks.0.attn1"
 
 
@@ -61,7 +60,7 @@ def test_a_model_without_unet_self_attention_is_refused():
 
 def test_layers_get_the_configured_proxy_width_and_chunk():
     layers = GSPNLayers(find_attn1_layers(TinyUNet()), GSPNConfig(chunk=2, proxy_ratio=4))
-    module = layers["input_blocks.3.1.transformer_blocks.0.attn1"]
+    module = layers["middle_block.1.transformer_blocks.0.attn1"]
     assert (module.dim, module.proxy_dim, module.chunk) == (32, 8, 2)
     assert module.to_weights.weight.shape == (4 * 3 * 32, 8)
 

@@ -45,7 +45,7 @@ def test_file_names_tensors_by_layer_path_and_carries_family_layers_and_config(s
     assert "input_blocks.1.1.transformer_blocks.0.attn1.to_proxy.weight" in keys
     assert meta["base_model"] == "TinyStandIn"
     assert json.loads(meta["config"]) == {"chunk": 3, "proxy_ratio": 4}
-    assert json.loads(meta["layers"])[2] == {"name": "middle_block.1.transformer_blocks.0.attn1",
+    assert json.loads(meta["layers"])[1] == {"name": "middle_block.1.transformer_blocks.0.attn1",
                                              "block": ["middle", 0, 0], "dim": 32, "level": 1}
 
 
