@@ -46,22 +46,31 @@ def _gates(logit_ptr, pix, c, C, r, R, mask, ACC: tl.constexpr):
 
 
 @triton.jit
+def _strip(n_cblocks, chunk, S, HW, origin, C, BLOCK_C: tl.constexpr):
+    """This program's channels, its chunk's steps [s_start, s_end) and its image's first pixel."""
+    pid = tl.program_id(0)
+    c = (pid % n_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    s_start = tl.program_id(1) * chunk
+    s_end = tl.minimum(s_start + chunk, S)
+    return c, c < C, s_start, s_end, (pid // n_cblocks).to(tl.int64) * HW + origin
+
+
+@triton.jit
+def _tile(base, s, stride_s, r0, stride_r, R, c, c_ok, C, BLOCK_R: tl.constexpr):
+    """Rows [r0, r0 + BLOCK_R) of step s: row ids, pixel ids, mask and element offsets."""
+    r = r0 + tl.arange(0, BLOCK_R)
+    pix = base + s * stride_s + r * stride_r
+    return r, pix, (r < R)[:, None] & c_ok[None, :], pix[:, None] * C + c[None, :]
+
+
+@triton.jit
 def _forward_kernel(x_ptr, lam_ptr, logit_ptr, h_ptr, HW, C, S, R, origin, stride_s, stride_r, chunk,
                     n_cblocks, EPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                     ACC: tl.constexpr):
-    pid = tl.program_id(0)
-    n = pid // n_cblocks
-    c = (pid % n_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
-    s_start = tl.program_id(1) * chunk
-    s_end = tl.minimum(s_start + chunk, S)
-    base = n.to(tl.int64) * HW + origin
+    c, c_ok, s_start, s_end, base = _strip(n_cblocks, chunk, S, HW, origin, C, BLOCK_C)
     for s in range(s_start, s_end):
         for r0 in range(0, R, BLOCK_R):
-            r = r0 + tl.arange(0, BLOCK_R)
-            pix = base + s * stride_s + r * stride_r
-            mask = (r < R)[:, None] & c_ok[None, :]
-            off = pix[:, None] * C + c[None, :]
+            r, pix, mask, off = _tile(base, s, stride_s, r0, stride_r, R, c, c_ok, C, BLOCK_R)
             x = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
             value = tl.load(lam_ptr + off, mask=mask, other=0.0).to(ACC) * x
             if s > s_start:
@@ -79,20 +88,11 @@ def _forward_kernel(x_ptr, lam_ptr, logit_ptr, h_ptr, HW, C, S, R, origin, strid
 def _backward_kernel(dy_ptr, logit_ptr, h_ptr, dh_ptr, dlogit_ptr, HW, C, S, R, origin, stride_s, stride_r,
                      chunk, n_cblocks, EPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                      ACC: tl.constexpr):
-    pid = tl.program_id(0)
-    n = pid // n_cblocks
-    c = (pid % n_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
-    s_start = tl.program_id(1) * chunk
-    s_end = tl.minimum(s_start + chunk, S)
-    base = n.to(tl.int64) * HW + origin
+    c, c_ok, s_start, s_end, base = _strip(n_cblocks, chunk, S, HW, origin, C, BLOCK_C)
     for i in range(0, s_end - s_start):
         s = s_end - 1 - i
         for r0 in range(0, R, BLOCK_R):
-            r = r0 + tl.arange(0, BLOCK_R)
-            pix = base + s * stride_s + r * stride_r
-            mask = (r < R)[:, None] & c_ok[None, :]
-            off = pix[:, None] * C + c[None, :]
+            r, pix, mask, off = _tile(base, s, stride_s, r0, stride_r, R, c, c_ok, C, BLOCK_R)
             dh = tl.load(dy_ptr + off, mask=mask, other=0.0).to(ACC)
             if s < s_end - 1:
                 # Row r fed, at step s + 1: row r + 1 through its "up" weight, row r through its

@@ -7,22 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from gspn_standin import StandInHost, TinyUNet
+from gspn_standin import StandInHost, TinyUNet, one_thread  # noqa: F401  (autouse fixture)
 from ultrares.models.gspn import GSPNConfig, GSPNLayers, find_attn1_layers, load_gspn_weights, save_gspn_weights
 from ultrares.models.gspn.distill import DistillSettings, distill, evaluate, trajectory_points
 from ultrares.models.gspn.loss_plot import draw_loss_plot
 
 FAMILY = "TinyStandIn"
 HELD_OUT_SEED = 10_000
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread only adds pool overhead (and stalls on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

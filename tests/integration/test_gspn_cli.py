@@ -5,9 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import torch
-
 import comfy_harness
+from gspn_standin import one_thread  # noqa: F401  (autouse fixture)
 
 
 class _PromptEncoder:
@@ -39,17 +38,12 @@ def test_cli_distils_the_checkpoint_it_loads_and_resumes(comfy_nodes, pack_nodes
     argv = ["--comfyui", str(comfyui_path), "--cpu", "--checkpoint", "sd15.safetensors", "--prompts", str(prompts),
             "--out", str(out), "--steps", "3", "--width", "64", "--height", "48", "--sampling-steps", "3",
             "--cfg", "1", "--proxy-ratio", "4", "--save-every", "0"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors
-    try:
-        assert gspn_cli.main(argv) == 0
-        assert loaded == ["sd15.safetensors"]
-        assert "step 3/3" in capsys.readouterr().out
-        _, record = load_gspn_weights(out, "SD15")
-        assert record.steps == 3 and record.finished and record.settings["steps"] == 3
-        assert gspn_cli.main(argv + ["--resume", "--steps", "2"]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert gspn_cli.main(argv) == 0
+    assert loaded == ["sd15.safetensors"]
+    assert "step 3/3" in capsys.readouterr().out
+    _, record = load_gspn_weights(out, "SD15")
+    assert record.steps == 3 and record.finished and record.settings["steps"] == 3
+    assert gspn_cli.main(argv + ["--resume", "--steps", "2"]) == 0
     assert load_gspn_weights(out, "SD15")[1].steps == 5
 
 

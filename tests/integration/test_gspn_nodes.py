@@ -7,25 +7,20 @@ import pytest
 import torch
 
 import comfy_harness
+from gspn_standin import one_thread  # noqa: F401  (autouse fixture)
 
 HELD_OUT_SEED = 500
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
-def gspn_folder(pack_nodes, tmp_path):
+def gspn_folder(pack_nodes, tmp_path, monkeypatch):
+    """models/gspn is an empty folder of this test only."""
     import folder_paths
 
     folder = tmp_path / "gspn"
     folder.mkdir()
-    folder_paths.folder_names_and_paths["gspn"] = ([str(folder)], set(folder_paths.supported_pt_extensions))
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "gspn",
+                        ([str(folder)], set(folder_paths.supported_pt_extensions)))
     return folder
 
 
@@ -134,13 +129,16 @@ def test_cancelled_distillation_leaves_a_checkpoint_that_resumes(pack_nodes, gsp
         if len(checks) > 3:
             raise comfy.model_management.InterruptProcessingException()
 
-    monkeypatch.setattr("ultrares.nodes.gspn.check_interrupt", cancel_after_three)
+    import ultrares.nodes.gspn as gspn_nodes
+
+    never_cancelled = gspn_nodes.check_interrupt
+    monkeypatch.setattr(gspn_nodes, "check_interrupt", cancel_after_three)
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         _distill(pack_nodes, model, "cancelled", steps=10)
     _, record = load_gspn_weights(gspn_folder / "cancelled.safetensors", "SD15")
     assert record.steps == 3 and not record.finished
 
-    monkeypatch.undo()
+    monkeypatch.setattr(gspn_nodes, "check_interrupt", never_cancelled)
     with pytest.raises(FileExistsError, match="turn on resume"):
         _distill(pack_nodes, model, "cancelled", steps=2)
     _distill(pack_nodes, model, "cancelled", steps=2, resume=True)
