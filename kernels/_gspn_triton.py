@@ -22,6 +22,8 @@ import triton.language as tl
 from ._gspn_reference import GATE_EPS, accumulation_dtype
 
 _TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
+TILE_ELEMENTS = 4096  # rows x channels of one step tile
+MAX_BLOCK_C = 32
 
 
 @triton.jit
@@ -148,8 +150,8 @@ def _launch(kernel, tensors: tuple[torch.Tensor, ...], shape: torch.Size, direct
             acc: torch.dtype) -> None:
     n, height, width, channels = shape
     steps, rows, origin, stride_s, stride_r = _geometry(shape, direction)
-    block_c = min(triton.next_power_of_2(channels), 32)
-    block_r = min(triton.next_power_of_2(rows), max(1, 4096 // block_c))
+    block_c = min(triton.next_power_of_2(channels), MAX_BLOCK_C)
+    block_r = min(triton.next_power_of_2(rows), max(1, TILE_ELEMENTS // block_c))
     n_cblocks = triton.cdiv(channels, block_c)
     grid = (n * n_cblocks, triton.cdiv(steps, chunk))
     kernel[grid](*tensors, height * width, channels, steps, rows, origin, stride_s, stride_r, chunk, n_cblocks,

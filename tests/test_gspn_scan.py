@@ -78,6 +78,21 @@ def test_triton_forward_and_gradients_equal_the_reference(shape, direction, trit
         torch.testing.assert_close(got, want, msg=lambda m: f"d{name}: {m}")
 
 
+@pytest.mark.parametrize("direction", [1, 2])
+def test_triton_tiles_of_rows_and_channel_blocks_cover_the_map(direction, triton_device, monkeypatch):
+    from ultrares.kernels import _gspn_triton
+
+    monkeypatch.setattr(_gspn_triton, "TILE_ELEMENTS", 8)  # 2 channels x 4 rows per tile
+    monkeypatch.setattr(_gspn_triton, "MAX_BLOCK_C", 2)
+    inputs = [t.requires_grad_() for t in _inputs(1, 9, 7, 3, seed=5, device=triton_device)]
+    out_ref = gspn_scan(*inputs, direction, 3, backend="torch")
+    out_tri = gspn_scan(*inputs, direction, 3, backend="triton")
+    torch.testing.assert_close(out_tri, out_ref)
+    grad = torch.randn_like(out_ref)
+    for got, want in zip(torch.autograd.grad(out_tri, inputs, grad), torch.autograd.grad(out_ref, inputs, grad)):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("shape, direction", [
     ((1, 2, 5, 1, 2), 0),   # W % L != 0 (the case the original CUDA backward gets wrong), H = 2
