@@ -8,3 +8,4 @@ the pack's download-free demo on built-in tiny models).
 from __future__ import annotations
 
 BENCHMARKS: dict[str, str] = {}
+BENCHMARKS["gspn"] = ".gspn"

@@ -18,3 +18,7 @@ class UltraResExtension(ComfyExtension):
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return list(NODE_LIST)
+
+from .gspn import NODES as _GSPN_NODES  # noqa: E402  (needs CATEGORY above)
+
+NODE_LIST += _GSPN_NODES

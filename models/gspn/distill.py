@@ -1,0 +1,173 @@
+"""Distillation: train GSPN modules to reproduce every self-attention output of the model they
+will replace, on that model's own sampling trajectories.
+
+The teacher is the unpatched model. It samples trajectories (Euler steps on the host's sigma
+schedule, one prompt after another); at every point the query, key, value and output of each
+``attn1`` are captured. Each GSPN module is then trained to turn its layer's q, k, v into
+that layer's attention output (before the shared output projection ``to_out``, which the
+host applies to both): layer-wise output matching, all layers at once from one teacher pass,
+with no gradient through the frozen UNet. Optionally a final-prediction term runs the whole
+model with GSPN in every ``attn1`` and matches the teacher's prediction (the paper's recipe
+matches layer outputs and predictions; this term needs gradients through the UNet).
+The loop is host-free: a :class:`DistillHost` runs the model; the ComfyUI node and the
+command line both drive this same function.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import NamedTuple, Protocol
+
+import torch
+
+from .layers import GSPNLayers
+from .weights import TrainingRecord
+
+
+class Capture(NamedTuple):
+    """One ``attn1`` call of the teacher: its inputs, its output (before ``to_out``) and its map size."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out: torch.Tensor
+    height: int
+    width: int
+
+
+class DistillHost(Protocol):
+    """What the loop needs from the model being distilled."""
+
+    prompt_count: int
+
+    def sigmas(self) -> torch.Tensor:
+        """Noise levels of one sampling trajectory, descending, ending at 0."""
+
+    def start(self, seed: int) -> torch.Tensor:
+        """The noisy latent at ``sigmas()[0]`` that a trajectory starts from."""
+
+    def teacher(self, x: torch.Tensor, sigma: torch.Tensor, prompt: int) -> tuple[torch.Tensor, dict[str, Capture]]:
+        """The unpatched model's denoised prediction and every ``attn1`` call, keyed by layer
+        module path. Runs without gradients; the captured tensors must be usable by autograd."""
+
+    def student(self, x: torch.Tensor, sigma: torch.Tensor, prompt: int, gspn: GSPNLayers) -> torch.Tensor:
+        """The denoised prediction with GSPN in every ``attn1``, differentiable w.r.t. ``gspn``."""
+
+
+@dataclass
+class DistillSettings:
+    steps: int = 1000                 # optimiser steps in this run
+    learning_rate: float = 1e-3
+    prediction_weight: float = 0.0    # weight of the final-prediction term (0 = layer outputs only)
+    seed: int = 0
+    save_every: int = 100             # also saved at the end and when stopped early
+    max_grad_norm: float = 1.0
+
+
+def relative_error(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the teacher's mean square: 1 = as far off as predicting zeros."""
+    teacher = teacher.float()
+    return (student.float() - teacher).pow(2).mean() / teacher.pow(2).mean().clamp(min=1e-12)
+
+
+def layer_matching_loss(gspn: GSPNLayers, captures: dict[str, Capture]) -> torch.Tensor:
+    """Mean over layers of the relative error of each GSPN module on its layer's captured call."""
+    missing = sorted({s.name for s in gspn.specs} - set(captures))
+    if missing:
+        raise RuntimeError(f"the teacher pass did not capture attn1 calls of {missing}")
+    losses = []
+    for spec, module in gspn.items():
+        c = captures[spec.name]
+        weight = module.to_proxy.weight
+        out = module(*(t.to(weight.device, weight.dtype) for t in (c.q, c.k, c.v)), c.height, c.width)
+        losses.append(relative_error(out, c.out.to(out.device)))
+    return torch.stack(losses).mean()
+
+
+class _Point(NamedTuple):
+    x: torch.Tensor
+    sigma: torch.Tensor
+    prompt: int
+    denoised: torch.Tensor
+    captures: dict[str, Capture]
+
+
+def trajectory_points(host: DistillHost, seed: int) -> Iterator[_Point]:
+    """The teacher's own sampling trajectories (Euler), one prompt after another, endlessly."""
+    index = 0
+    while True:
+        sigmas = host.sigmas()
+        x = host.start(seed + index)
+        prompt = index % host.prompt_count
+        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+            denoised, captures = host.teacher(x, sigma, prompt)
+            yield _Point(x, sigma, prompt, denoised, captures)
+            x = x + (x - denoised) / sigma * (sigma_next - sigma)
+        index += 1
+
+
+def evaluate(gspn: GSPNLayers, host: DistillHost, points: int, seed: int) -> float:
+    """Mean layer-matching loss of ``gspn`` over the first ``points`` trajectory points from ``seed``."""
+    with torch.no_grad():
+        losses = [layer_matching_loss(gspn, p.captures).item()
+                  for _, p in zip(range(points), trajectory_points(host, seed))]
+    return sum(losses) / len(losses)
+
+
+def distill(host: DistillHost, student: GSPNLayers, settings: DistillSettings,
+            record: TrainingRecord | None = None,
+            save: Callable[[TrainingRecord], None] | None = None,
+            on_progress: Callable[[int, int], None] | None = None,
+            check_interrupt: Callable[[], None] | None = None) -> TrainingRecord:
+    """Train ``student`` in place for ``settings.steps`` steps, continuing ``record`` (resume).
+
+    ``save(record)`` is called every ``save_every`` steps, at the end, and when anything
+    (``check_interrupt`` raising included) stops the run after at least one step, so a
+    stopped run leaves a usable checkpoint; the exception is then re-raised.
+    """
+    record = record or TrainingRecord()
+    record.finished = False
+    record.settings = asdict(settings)
+    student.train().requires_grad_(True)
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
+    points = trajectory_points(host, settings.seed + 1_000_003 * record.steps)
+    done = 0
+    try:
+        while done < settings.steps:
+            if check_interrupt is not None:
+                check_interrupt()
+            point = next(points)
+            layer_loss = layer_matching_loss(student, point.captures)
+            loss = layer_loss
+            if settings.prediction_weight > 0:
+                prediction = host.student(point.x, point.sigma, point.prompt, student)
+                prediction_loss = relative_error(prediction, point.denoised)
+                loss = loss + settings.prediction_weight * prediction_loss
+                record.prediction_losses.append(prediction_loss.item())
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"distillation loss became {loss.item()} at step {record.steps}; "
+                                         "lower the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+            optimizer.step()
+            record.layer_losses.append(layer_loss.item())
+            record.steps += 1
+            done += 1
+            if on_progress is not None:
+                on_progress(done, settings.steps)
+            if save is not None and settings.save_every and record.steps % settings.save_every == 0:
+                save(record)
+    except BaseException:
+        if save is not None and done:
+            save(record)
+        raise
+    finally:
+        student.eval().requires_grad_(False)
+    record.finished = True
+    if save is not None:
+        save(record)
+    return record

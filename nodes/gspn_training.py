@@ -1,0 +1,177 @@
+"""GSPN distillation inside ComfyUI: the host-free loop of ``models/gspn/distill.py`` driven
+through ComfyUI's own sampling machinery (the node and the command line share this).
+
+The loop runs inside a custom ``comfy.samplers.Sampler`` handed to a ``CFGGuider``, like
+ComfyUI's own LoRA trainer: the guider loads the model, turns the CONDITIONING into model
+inputs (SDXL's size conditioning included) and applies CFG; the loop only calls it. Each
+entry of the positive CONDITIONING is one prompt; trajectories take them in turn.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.samplers
+import torch
+
+from ..models.gspn import GSPNConfig, GSPNLayers, LayerSpec, TrainingRecord, load_gspn_weights, save_gspn_weights
+from ..models.gspn.distill import Capture, DistillSettings, distill, evaluate
+from .gspn_patch import comfy_attention_call, gspn_call, model_family, unet_layers
+
+
+@dataclass
+class TrajectorySettings:
+    width: int = 512
+    height: int = 512
+    batch_size: int = 1
+    sampling_steps: int = 20
+    cfg: float = 7.0
+    scheduler: str = "normal"
+
+
+class ComfyDistillHost:
+    """:class:`~ultrares.models.gspn.distill.DistillHost` over a ComfyUI guider (inside its sampler)."""
+
+    def __init__(self, guider: comfy.samplers.CFGGuider, sampler: comfy.samplers.Sampler, sigmas: torch.Tensor,
+                 extra_args: dict, noise: torch.Tensor, specs: list[LayerSpec]):
+        self.guider, self.extra_args, self.specs = guider, extra_args, specs
+        self.positive = list(guider.conds["positive"])
+        self.prompt_count = len(self.positive)
+        self._sigmas = sigmas
+        self._max_denoise = sampler.max_denoise(guider, sigmas)
+        self.shape, self.device = noise.shape, noise.device
+
+    def sigmas(self) -> torch.Tensor:
+        return self._sigmas
+
+    def start(self, seed: int) -> torch.Tensor:
+        noise = torch.randn(self.shape, generator=torch.Generator().manual_seed(seed)).to(self.device)
+        return self.guider.inner_model.model_sampling.noise_scaling(self._sigmas[0], noise, torch.zeros_like(noise),
+                                                                    self._max_denoise)
+
+    def _run(self, x: torch.Tensor, sigma: torch.Tensor, prompt: int, calls: dict[LayerSpec, Callable]):
+        self.guider.conds["positive"] = [self.positive[prompt]]
+        options = comfy.model_patcher.create_model_options_clone(self.extra_args["model_options"])
+        for spec, call in calls.items():
+            options = comfy.model_patcher.set_model_options_patch_replace(options, call, "attn1", *spec.block)
+        return self.guider(x, x.new_full((x.shape[0],), float(sigma)), model_options=options,
+                           seed=self.extra_args.get("seed"))
+
+    def teacher(self, x: torch.Tensor, sigma: torch.Tensor, prompt: int) -> tuple[torch.Tensor, dict[str, Capture]]:
+        calls: dict[str, list[Capture]] = {spec.name: [] for spec in self.specs}
+
+        def capturing(spec: LayerSpec):
+            def attn1(q, k, v, extra_options):
+                out = comfy_attention_call(q, k, v, extra_options)
+                calls[spec.name].append(Capture(q, k, v, out, *extra_options["activations_shape"][-2:]))
+                return out
+            return attn1
+
+        with torch.no_grad():
+            denoised = self._run(x, sigma, prompt, {spec: capturing(spec) for spec in self.specs})
+        # cond and uncond may run as separate batches: join them.
+        return denoised, {name: Capture(*(torch.cat(parts) for parts in zip(*(c[:4] for c in found))),
+                                        *found[0][4:]) for name, found in calls.items() if found}
+
+    def student(self, x: torch.Tensor, sigma: torch.Tensor, prompt: int, gspn: GSPNLayers) -> torch.Tensor:
+        return self._run(x, sigma, prompt, {spec: gspn_call(module) for spec, module in gspn.items()})
+
+
+class _HostSampler(comfy.samplers.Sampler):
+    """Calls ``run(host)`` where a sampler would sample (the guider calls it) and keeps the result."""
+
+    def __init__(self, run: Callable[[ComfyDistillHost], object], specs: list[LayerSpec]):
+        self.run, self.specs = run, specs
+        self.result = None
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        self.result = self.run(ComfyDistillHost(model_wrap, self, sigmas, extra_args, noise, self.specs))
+        return torch.zeros_like(noise)
+
+
+def _zeroed(conditioning: list) -> list:
+    """An empty-prompt stand-in for a missing negative: the first positive entry, all zeros."""
+    cond, extras = conditioning[0]
+    return [[torch.zeros_like(cond), {k: torch.zeros_like(v) if torch.is_tensor(v) else v for k, v in extras.items()}]]
+
+
+def with_host(model: comfy.model_patcher.ModelPatcher, positive: list, negative: list | None,
+              trajectory: TrajectorySettings, seed: int, run: Callable[[ComfyDistillHost], object]):
+    """Run ``run(host)`` inside ComfyUI's sampling of ``model`` with these prompts; returns its result."""
+    specs = unet_layers(model)
+    sampler = _HostSampler(run, specs)
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative if negative else _zeroed(positive))
+    guider.set_cfg(trajectory.cfg)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), trajectory.scheduler,
+                                             trajectory.sampling_steps)
+    channels = model.get_model_object("latent_format").latent_channels
+    latent = torch.zeros(trajectory.batch_size, channels, trajectory.height // 8, trajectory.width // 8)
+    guider.sample(torch.zeros_like(latent), latent, sampler, sigmas, disable_pbar=True, seed=seed)
+    return sampler.result
+
+
+def _make_autograd_capable(diffusion_model: torch.nn.Module) -> None:
+    """Replace weights created under ``torch.inference_mode`` (as ComfyUI loads them) by equal
+    ordinary tensors: the final-prediction term back-propagates through the frozen UNet."""
+    for module in diffusion_model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.is_inference():
+                setattr(module, name, torch.nn.Parameter(param.detach().clone(), requires_grad=False))
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer.is_inference():
+                module.register_buffer(name, buffer.clone())
+
+
+def output_path(folder: str | os.PathLike, name: str) -> Path:
+    """``<folder>/<name>.safetensors``; refuses names that would leave the folder."""
+    name = name.strip()
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise ValueError(f"output name {name!r} must be a plain file name (no folders)")
+    return Path(folder) / (name if name.endswith(".safetensors") else name + ".safetensors")
+
+
+def run_distillation(model: comfy.model_patcher.ModelPatcher, positive: list, negative: list | None,
+                     path: Path, settings: DistillSettings, trajectory: TrajectorySettings,
+                     config: GSPNConfig, resume: bool,
+                     on_progress: Callable[[int, int], None] | None = None,
+                     check_interrupt: Callable[[], None] | None = None) -> tuple[GSPNLayers, TrainingRecord]:
+    """Distil GSPN weights for ``model`` into ``path`` (resuming it when asked); returns them.
+
+    Runs outside ComfyUI's inference mode: the GSPN parameters, the captured activations and
+    (with the final-prediction term) the UNet weights must be usable by autograd.
+    """
+    family, specs = model_family(model), unet_layers(model)
+    if path.exists() and not resume:
+        raise FileExistsError(f"{path.name} already exists: turn on resume to continue training it, or choose "
+                              "another output name")
+    with torch.inference_mode(False), torch.enable_grad():
+        if resume and path.exists():
+            student, record = load_gspn_weights(path, family, specs)
+        else:
+            student, record = GSPNLayers(specs, config), TrainingRecord()
+        student.to(model.load_device, torch.float32)
+        if settings.prediction_weight > 0:
+            _make_autograd_capable(model.get_model_object("diffusion_model"))
+
+        def run(host: ComfyDistillHost) -> TrainingRecord:
+            return distill(host, student, settings, record,
+                           save=lambda r: save_gspn_weights(path, student, family, r),
+                           on_progress=on_progress, check_interrupt=check_interrupt)
+
+        record = with_host(model, positive, negative, trajectory, settings.seed, run)
+    student.to(comfy.model_management.intermediate_device())
+    return student, record
+
+
+def evaluate_gspn(model: comfy.model_patcher.ModelPatcher, positive: list, negative: list | None, gspn: GSPNLayers,
+                  trajectory: TrajectorySettings, points: int, seed: int) -> float:
+    """Mean attn1-matching loss of ``gspn`` on ``points`` points of the model's own trajectories."""
+    with torch.inference_mode(False):
+        return with_host(model, positive, negative, trajectory, seed, lambda host: evaluate(gspn, host, points, seed))

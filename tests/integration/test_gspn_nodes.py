@@ -1,0 +1,158 @@
+"""GSPN nodes on ComfyUI's real SD1.5 classes (tiny UNet, CPU): distil weights, load them into
+the patch node, sample through ComfyUI's KSampler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import comfy_harness
+from gspn_standin import one_thread  # noqa: F401  (autouse fixture)
+
+HELD_OUT_SEED = 500
+
+
+@pytest.fixture
+def gspn_folder(pack_nodes, tmp_path, monkeypatch):
+    """models/gspn is an empty folder of this test only."""
+    import folder_paths
+
+    folder = tmp_path / "gspn"
+    folder.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "gspn",
+                        ([str(folder)], set(folder_paths.supported_pt_extensions)))
+    return folder
+
+
+def _prompts(batch=1):
+    """Two prompts joined as two entries of one CONDITIONING (Conditioning (Combine))."""
+    return comfy_harness.sd15_conditioning(batch, seed=1) + comfy_harness.sd15_conditioning(batch, seed=2)
+
+
+def _distill(pack_nodes, model, name, steps, **overrides):
+    args = dict(model=model, positive=_prompts(), output_name=name, steps=steps, learning_rate=1e-2, width=64,
+                height=48, batch_size=1, sampling_steps=4, cfg=1.0, prediction_weight=0.0, chunk=4, proxy_ratio=4,
+                seed=0, resume=False, save_every=0)
+    args.update(overrides)
+    return pack_nodes["UltraResGSPNDistill"].execute(**args)
+
+
+def _attn1_patches(model):
+    return model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
+
+
+def test_distilled_weights_match_attn1_far_better_than_random_ones_and_sample_end_to_end(pack_nodes, gspn_folder):
+    from ultrares.models.gspn import GSPNConfig, GSPNLayers, load_gspn_weights
+    from ultrares.nodes.gspn_patch import unet_layers
+    from ultrares.nodes.gspn_training import TrajectorySettings, evaluate_gspn
+
+    model = comfy_harness.tiny_sd15_patcher(seed=1)
+    trajectory = TrajectorySettings(width=64, height=48, sampling_steps=4, cfg=1.0)
+    torch.manual_seed(0)
+    random_gspn = GSPNLayers(unet_layers(model), GSPNConfig(chunk=4, proxy_ratio=4))
+    random_loss = evaluate_gspn(model, _prompts(), None, random_gspn, trajectory, points=4, seed=HELD_OUT_SEED)
+
+    patched, plot = _distill(pack_nodes, model, "tiny_sd15", steps=40).result
+    trained, record = load_gspn_weights(gspn_folder / "tiny_sd15.safetensors", "SD15", unet_layers(model))
+    trained_loss = evaluate_gspn(model, _prompts(), None, trained, trajectory, points=4, seed=HELD_OUT_SEED)
+    assert trained_loss < 0.5 * random_loss, (random_loss, trained_loss)
+    assert record.steps == 40 and record.finished
+    assert plot.shape == (1, 360, 640, 3) and 0 <= plot.min() and plot.max() <= 1
+
+    (reloaded,) = pack_nodes["UltraResGSPNPatch"].execute(model, "tiny_sd15.safetensors", 0, "", 0).result
+    cond = comfy_harness.sd15_conditioning(batch=2)
+    latent = torch.zeros(2, 4, 6, 10)
+    with torch.inference_mode():  # as ComfyUI runs nodes
+        plain = comfy_harness.sample(model, cond, cond, latent, steps=3, seed=4, cfg=2.0)
+        gspn_out = comfy_harness.sample(reloaded, cond, cond, latent, steps=3, seed=4, cfg=2.0)
+        distill_out = comfy_harness.sample(patched, cond, cond, latent, steps=3, seed=4, cfg=2.0)
+    assert torch.isfinite(gspn_out).all() and not torch.equal(gspn_out, plain)
+    torch.testing.assert_close(distill_out, gspn_out)
+
+
+def test_patch_replaces_every_attn1_on_a_clone_and_manages_the_gspn_modules(pack_nodes, gspn_folder):
+    from ultrares.models.gspn import GSPNConfig, GSPNLayers, TrainingRecord, save_gspn_weights
+    from ultrares.nodes.gspn_patch import ADDITIONAL_MODELS_KEY, unet_layers
+
+    model = comfy_harness.tiny_sd15_patcher(seed=1)
+    specs = unet_layers(model)
+    save_gspn_weights(gspn_folder / "random.safetensors", GSPNLayers(specs, GSPNConfig()), "SD15", TrainingRecord())
+    patch = pack_nodes["UltraResGSPNPatch"]
+    (patched,) = patch.execute(model, "random.safetensors", 0, "", 0).result
+    assert set(_attn1_patches(patched)) == {s.block for s in specs} and len(specs) == 7
+    assert _attn1_patches(model) == {}, "the input model must stay unpatched"
+    (gspn_patcher,) = patched.get_additional_models_with_key(ADDITIONAL_MODELS_KEY)
+    assert sum(p.numel() for p in gspn_patcher.model.parameters()) > 0
+
+    (some_kept,) = patch.execute(model, "random.safetensors", 1, "input.1.0", 0).result
+    assert set(_attn1_patches(some_kept)) == {("output", 2, 0), ("output", 3, 0)}
+
+    cond = comfy_harness.sd15_conditioning()
+    latent = torch.zeros(1, 4, 6, 8)
+    plain = comfy_harness.sample(model, cond, cond, latent, seed=3)
+    (all_kept,) = patch.execute(model, "random.safetensors", 0, ", ".join(".".join(map(str, s.block)) for s in specs),
+                                0).result
+    (too_small,) = patch.execute(model, "random.safetensors", 0, "", 8 * 8 + 8).result
+    for same in (all_kept, too_small):
+        torch.testing.assert_close(comfy_harness.sample(same, cond, cond, latent, seed=3), plain, rtol=0, atol=0)
+    (large_enough,) = patch.execute(model, "random.safetensors", 0, "", 8 * 6).result
+    assert not torch.equal(comfy_harness.sample(large_enough, cond, cond, latent, seed=3), plain)
+
+
+def test_patch_refuses_weights_for_another_family_and_models_without_a_unet(pack_nodes, gspn_folder):
+    from ultrares.models.gspn import GSPNConfig, GSPNLayers, TrainingRecord, save_gspn_weights
+    from ultrares.nodes.gspn_patch import unet_layers
+
+    model = comfy_harness.tiny_sd15_patcher()
+    save_gspn_weights(gspn_folder / "xl.safetensors", GSPNLayers(unet_layers(model), GSPNConfig()), "SDXL",
+                      TrainingRecord())
+    patch = pack_nodes["UltraResGSPNPatch"]
+    with pytest.raises(ValueError, match="distilled for a SDXL model, but this model is SD15"):
+        patch.execute(model, "xl.safetensors", 0, "", 0)
+    with pytest.raises(ValueError, match="GSPN needs an SD1.5/SDXL-style UNet, but this Flux model"):
+        patch.execute(comfy_harness.tiny_flux_patcher(), "xl.safetensors", 0, "", 0)
+    save_gspn_weights(gspn_folder / "sd15.safetensors", GSPNLayers(unet_layers(model), GSPNConfig()), "SD15",
+                      TrainingRecord())
+    with pytest.raises(ValueError, match=r"unknown layer\(s\) \['middle.9.9'\] .* layers are input.1.0, "):
+        patch.execute(model, "sd15.safetensors", 0, "middle.9.9", 0)
+
+
+def test_cancelled_distillation_leaves_a_checkpoint_that_resumes(pack_nodes, gspn_folder, monkeypatch):
+    import comfy.model_management
+    from ultrares.models.gspn import load_gspn_weights
+
+    model = comfy_harness.tiny_sd15_patcher(seed=2)
+    checks = []
+
+    def cancel_after_three():
+        checks.append(1)
+        if len(checks) > 3:
+            raise comfy.model_management.InterruptProcessingException()
+
+    import ultrares.nodes.gspn as gspn_nodes
+
+    never_cancelled = gspn_nodes.check_interrupt
+    monkeypatch.setattr(gspn_nodes, "check_interrupt", cancel_after_three)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        _distill(pack_nodes, model, "cancelled", steps=10)
+    _, record = load_gspn_weights(gspn_folder / "cancelled.safetensors", "SD15")
+    assert record.steps == 3 and not record.finished
+
+    monkeypatch.setattr(gspn_nodes, "check_interrupt", never_cancelled)
+    with pytest.raises(FileExistsError, match="turn on resume"):
+        _distill(pack_nodes, model, "cancelled", steps=2)
+    _distill(pack_nodes, model, "cancelled", steps=2, resume=True)
+    _, record = load_gspn_weights(gspn_folder / "cancelled.safetensors", "SD15")
+    assert record.steps == 5 and record.finished and len(record.layer_losses) == 5
+
+
+def test_prediction_matching_trains_through_a_unet_loaded_in_inference_mode(pack_nodes, gspn_folder):
+    with torch.inference_mode():  # ComfyUI loads checkpoints and runs nodes like this
+        model = comfy_harness.tiny_sd15_patcher(seed=3)
+        _, plot = _distill(pack_nodes, model, "with_prediction", steps=2, prediction_weight=0.5, cfg=2.0,
+                           negative=comfy_harness.sd15_conditioning(seed=9)).result
+    from ultrares.models.gspn import load_gspn_weights
+
+    _, record = load_gspn_weights(gspn_folder / "with_prediction.safetensors", "SD15")
+    assert len(record.prediction_losses) == 2 and record.settings["prediction_weight"] == 0.5
+    assert plot.shape[0] == 1

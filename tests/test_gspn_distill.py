@@ -1,0 +1,124 @@
+"""Distillation on the tiny stand-in UNet: it learns, it saves usable checkpoints when stopped,
+it resumes, and it draws its loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gspn_standin import StandInHost, TinyUNet, one_thread  # noqa: F401  (autouse fixture)
+from ultrares.models.gspn import GSPNConfig, GSPNLayers, find_attn1_layers, load_gspn_weights, save_gspn_weights
+from ultrares.models.gspn.distill import DistillSettings, distill, evaluate, trajectory_points
+from ultrares.models.gspn.loss_plot import draw_loss_plot
+
+FAMILY = "TinyStandIn"
+HELD_OUT_SEED = 10_000
+
+
+@pytest.fixture(scope="module")
+def host():
+    return StandInHost(TinyUNet(seed=0))
+
+
+def _student(host, seed=0):
+    torch.manual_seed(seed)
+    return GSPNLayers(find_attn1_layers(host.model), GSPNConfig(chunk=4, proxy_ratio=4))
+
+
+def _saver(path, student):
+    saves = []
+
+    def save(record):
+        saves.append(record.steps)
+        save_gspn_weights(path, student, FAMILY, record)
+
+    return save, saves
+
+
+class Stop(Exception):
+    pass
+
+
+def test_distillation_brings_attn1_matching_loss_well_below_random_gspn_weights(host, tmp_path):
+    student = _student(host)
+    random_loss = evaluate(student, host, points=6, seed=HELD_OUT_SEED)
+    save, saves = _saver(tmp_path / "gspn.safetensors", student)
+    record = distill(host, student, DistillSettings(steps=50, learning_rate=1e-2, save_every=20), save=save)
+    trained_loss = evaluate(student, host, points=6, seed=HELD_OUT_SEED)
+    assert trained_loss < 0.5 * random_loss, (random_loss, trained_loss)
+    assert record.steps == 50 and record.finished and len(record.layer_losses) == 50
+    assert saves == [20, 40, 50]
+    loaded, saved_record = load_gspn_weights(tmp_path / "gspn.safetensors", FAMILY, student.specs)
+    assert saved_record.finished and saved_record.steps == 50
+    assert evaluate(loaded, host, points=6, seed=HELD_OUT_SEED) == pytest.approx(trained_loss, rel=1e-5)
+
+
+def test_trajectories_follow_the_teacher_and_cycle_through_the_prompts(host):
+    points = trajectory_points(host, seed=3)
+    first = [next(points) for _ in range(host.sampling_steps * 2)]
+    assert [p.prompt for p in first] == [0] * host.sampling_steps + [1] * host.sampling_steps
+    sigmas = host.sigmas()
+    a, b = first[0], first[1]
+    expected = a.x + (a.x - a.denoised) / sigmas[0] * (sigmas[1] - sigmas[0])
+    torch.testing.assert_close(b.x, expected)
+    assert set(a.captures) == {s.name for s in find_attn1_layers(host.model)}
+    capture = a.captures["middle_block.1.transformer_blocks.0.attn1"]
+    assert (capture.height, capture.width) == (4, 6) and capture.q.shape == (1, 24, 32)
+
+
+def test_interruption_still_saves_a_checkpoint_that_loads_and_resumes(host, tmp_path):
+    path = tmp_path / "gspn.safetensors"
+    student = _student(host)
+    save, saves = _saver(path, student)
+    calls = []
+
+    def check_interrupt():
+        calls.append(1)
+        if len(calls) > 3:
+            raise Stop("cancelled")
+
+    with pytest.raises(Stop):
+        distill(host, student, DistillSettings(steps=10, learning_rate=1e-2, save_every=0), save=save,
+                check_interrupt=check_interrupt)
+    assert saves == [3]
+    resumed, record = load_gspn_weights(path, FAMILY, student.specs)
+    assert record.steps == 3 and not record.finished and len(record.layer_losses) == 3
+    for key, value in student.named_state().items():
+        torch.testing.assert_close(resumed.named_state()[key], value, rtol=0, atol=0)
+
+    progress = []
+    save, _ = _saver(path, resumed)
+    record = distill(host, resumed, DistillSettings(steps=2, learning_rate=1e-2, save_every=0), record=record,
+                     save=save, on_progress=lambda done, total: progress.append((done, total)))
+    assert progress == [(1, 2), (2, 2)]
+    assert record.steps == 5 and record.finished and len(record.layer_losses) == 5
+    assert load_gspn_weights(path)[1].steps == 5
+
+
+def test_an_interruption_before_the_first_step_writes_nothing(host, tmp_path):
+    student = _student(host)
+    save, saves = _saver(tmp_path / "gspn.safetensors", student)
+
+    def stop():
+        raise Stop("cancelled")
+
+    with pytest.raises(Stop):
+        distill(host, student, DistillSettings(steps=3), save=save, check_interrupt=stop)
+    assert saves == [] and not (tmp_path / "gspn.safetensors").exists()
+
+
+def test_final_prediction_matching_is_added_when_weighted(host):
+    student = _student(host)
+    record = distill(host, student, DistillSettings(steps=2, learning_rate=1e-3, prediction_weight=0.5))
+    assert len(record.prediction_losses) == 2 and all(v > 0 for v in record.prediction_losses)
+    assert record.settings["prediction_weight"] == 0.5
+
+
+def test_loss_plot_is_an_rgb_image_with_one_colour_per_series():
+    image = draw_loss_plot({"attn1": [1.0 / (i + 1) for i in range(40)], "prediction": [0.5] * 40},
+                           width=320, height=200)
+    assert image.shape == (200, 320, 3) and image.dtype == np.uint8
+    colours = {tuple(c) for c in image.reshape(-1, 3)}
+    assert (31, 119, 180) in colours and (255, 127, 14) in colours
+    assert draw_loss_plot({"attn1": []}).shape == (360, 640, 3)

@@ -1,0 +1,92 @@
+"""The GSPN weight file: what it stores, and the loader refusing files made for another model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from gspn_standin import TinyUNet
+from ultrares.models.gspn import (GSPNConfig, GSPNLayers, GSPNWeightsError, TrainingRecord, find_attn1_layers,
+                                  load_gspn_weights, save_gspn_weights)
+
+
+@pytest.fixture
+def specs():
+    return find_attn1_layers(TinyUNet())
+
+
+@pytest.fixture
+def saved(specs, tmp_path):
+    torch.manual_seed(0)
+    layers = GSPNLayers(specs, GSPNConfig(chunk=3, proxy_ratio=4))
+    path = tmp_path / "gspn_tiny.safetensors"
+    save_gspn_weights(path, layers, "TinyStandIn", TrainingRecord(steps=7, layer_losses=[0.5, 0.25]))
+    return path, layers
+
+
+def test_saved_file_loads_back_to_the_same_modules_config_and_record(saved, specs):
+    path, layers = saved
+    loaded, record = load_gspn_weights(path, "TinyStandIn", specs)
+    assert loaded.config == GSPNConfig(chunk=3, proxy_ratio=4) and loaded.specs == specs
+    assert record.steps == 7 and record.layer_losses == [0.5, 0.25]
+    for key, value in layers.named_state().items():
+        torch.testing.assert_close(loaded.named_state()[key], value, rtol=0, atol=0)
+
+
+def test_file_names_tensors_by_layer_path_and_carries_family_layers_and_config(saved):
+    path, _ = saved
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        keys = set(f.keys())
+    assert "input_blocks.1.1.transformer_blocks.0.attn1.to_proxy.weight" in keys
+    assert meta["base_model"] == "TinyStandIn"
+    assert json.loads(meta["config"]) == {"chunk": 3, "proxy_ratio": 4}
+    assert json.loads(meta["layers"])[1] == {"name": "middle_block.1.transformer_blocks.0.attn1",
+                                             "block": ["middle", 0, 0], "dim": 32, "level": 1}
+
+
+def test_file_made_for_another_model_family_is_refused_naming_both(saved):
+    path, _ = saved
+    with pytest.raises(GSPNWeightsError, match="distilled for a TinyStandIn model, but this model is SDXL"):
+        load_gspn_weights(path, "SDXL")
+
+
+def test_file_for_other_layers_is_refused_naming_the_first_differences(saved, specs):
+    path, _ = saved
+    other = [s for s in specs if s.block[0] != "middle"] + [
+        type(specs[0])(name="middle_block.1.transformer_blocks.1.attn1", block=("middle", 0, 1), dim=32, level=1)]
+    wider = [type(s)(s.name, s.block, 64, s.level) if s.block == ("input", 1, 0) else s for s in specs]
+    with pytest.raises(GSPNWeightsError, match=r"missing from the file: middle_block\.1\.transformer_blocks\.1"):
+        load_gspn_weights(path, "TinyStandIn", other)
+    with pytest.raises(GSPNWeightsError, match=r"another width: input_blocks\.1\.1\.transformer_blocks\.0\.attn1 "
+                                               r"\(file width 16, model width 64\)"):
+        load_gspn_weights(path, "TinyStandIn", wider)
+
+
+def test_damaged_file_is_refused_naming_missing_keys(saved, tmp_path):
+    path, layers = saved
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        state = {k: f.get_tensor(k) for k in f.keys() if not k.endswith("merge")}
+    damaged = tmp_path / "damaged.safetensors"
+    save_file(state, str(damaged), metadata=meta)
+    with pytest.raises(GSPNWeightsError, match=r"missing keys: input_blocks\.1\.1\.transformer_blocks\.0\.attn1\.merge"):
+        load_gspn_weights(damaged)
+
+
+def test_safetensors_that_are_not_gspn_weights_are_refused(tmp_path):
+    path = tmp_path / "lora.safetensors"
+    save_file({"lora_up.weight": torch.zeros(2, 2)}, str(path))
+    with pytest.raises(GSPNWeightsError, match="not a GSPN weight file"):
+        load_gspn_weights(path)
+
+
+def test_saving_replaces_the_file_in_one_step(saved):
+    path, layers = saved
+    save_gspn_weights(path, layers, "TinyStandIn", TrainingRecord(steps=8))
+    assert load_gspn_weights(path)[1].steps == 8
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
