@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-CATEGORY = "UltraRes"
+from .gspn import NODES as GSPN_NODES
 
-NODE_LIST: list[type[io.ComfyNode]] = []
+NODE_LIST: list[type[io.ComfyNode]] = [*GSPN_NODES]
 
 
 class UltraResExtension(ComfyExtension):
@@ -18,7 +18,3 @@ class UltraResExtension(ComfyExtension):
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return list(NODE_LIST)
-
-from .gspn import NODES as _GSPN_NODES  # noqa: E402  (needs CATEGORY above)
-
-NODE_LIST += _GSPN_NODES

@@ -11,7 +11,7 @@ from comfy_api.latest import io
 from ..models.gspn import GSPNConfig, load_gspn_weights
 from ..models.gspn.distill import DistillSettings
 from ..models.gspn.loss_plot import draw_loss_plot
-from . import CATEGORY
+from .category import CATEGORY
 from .gspn_patch import apply_gspn, model_family, unet_layers
 from .gspn_training import TrajectorySettings, output_path, run_distillation
 from .runtime import check_interrupt, progress_callback

@@ -24,6 +24,7 @@ def server(comfyui_path, tmp_path_factory):
 
 @pytest.mark.server
 def test_running_server_lists_every_node_of_the_pack(server, pack_nodes):
+    assert pack_nodes, "the pack declares no nodes"
     object_info = server.get("/object_info")
     missing = sorted(set(pack_nodes) - set(object_info))
     assert not missing, f"not listed by ComfyUI: {missing}\n{server.log()[-4000:]}"
