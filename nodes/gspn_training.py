@@ -117,16 +117,25 @@ def with_host(model: comfy.model_patcher.ModelPatcher, positive: list, negative:
     return sampler.result
 
 
-def _make_autograd_capable(diffusion_model: torch.nn.Module) -> None:
-    """Replace weights created under ``torch.inference_mode`` (as ComfyUI loads them) by equal
-    ordinary tensors: the final-prediction term back-propagates through the frozen UNet."""
-    for module in diffusion_model.modules():
-        for name, param in list(module.named_parameters(recurse=False)):
-            if param.is_inference():
-                setattr(module, name, torch.nn.Parameter(param.detach().clone(), requires_grad=False))
-        for name, buffer in list(module.named_buffers(recurse=False)):
-            if buffer.is_inference():
-                module.register_buffer(name, buffer.clone())
+def _with_weight_copies(model: comfy.model_patcher.ModelPatcher) -> comfy.model_patcher.ModelPatcher:
+    """A clone whose layers use a fresh copy of each weight on every call.
+
+    The final-prediction term back-propagates through the frozen UNet, and autograd cannot
+    keep weights that ComfyUI created under ``torch.inference_mode``. A weight wrapper makes
+    ComfyUI's ops cast a copy per call (as in its low-VRAM mode), made here outside inference
+    mode; the wrappers live on the clone only, so the caller's model is untouched.
+    """
+    copying = model.clone()
+    for name, module in model.get_model_object("diffusion_model").named_modules():
+        if hasattr(module, "weight_function"):
+            for kind in ("weight", "bias"):
+                if getattr(module, kind, None) is not None:
+                    copying.add_weight_wrapper(f"diffusion_model.{name}.{kind}", _same)
+    return copying
+
+
+def _same(weight: torch.Tensor) -> torch.Tensor:
+    return weight
 
 
 def output_path(folder: str | os.PathLike, name: str) -> Path:
@@ -145,7 +154,7 @@ def run_distillation(model: comfy.model_patcher.ModelPatcher, positive: list, ne
     """Distil GSPN weights for ``model`` into ``path`` (resuming it when asked); returns them.
 
     Runs outside ComfyUI's inference mode: the GSPN parameters, the captured activations and
-    (with the final-prediction term) the UNet weights must be usable by autograd.
+    (with the final-prediction term) the UNet's weight copies must be usable by autograd.
     """
     family, specs = model_family(model), unet_layers(model)
     if path.exists() and not resume:
@@ -158,7 +167,7 @@ def run_distillation(model: comfy.model_patcher.ModelPatcher, positive: list, ne
             student, record = GSPNLayers(specs, config), TrainingRecord()
         student.to(model.load_device, torch.float32)
         if settings.prediction_weight > 0:
-            _make_autograd_capable(model.get_model_object("diffusion_model"))
+            model = _with_weight_copies(model)
 
         def run(host: ComfyDistillHost) -> TrainingRecord:
             return distill(host, student, settings, record,

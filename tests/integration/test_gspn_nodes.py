@@ -156,3 +156,5 @@ def test_prediction_matching_trains_through_a_unet_loaded_in_inference_mode(pack
     _, record = load_gspn_weights(gspn_folder / "with_prediction.safetensors", "SD15")
     assert len(record.prediction_losses) == 2 and record.settings["prediction_weight"] == 0.5
     assert plot.shape[0] == 1
+    weights = list(model.get_model_object("diffusion_model").parameters())
+    assert all(w.is_inference() for w in weights), "the caller's model must be left as it was"
