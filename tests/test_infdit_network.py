@@ -12,7 +12,8 @@ from ultrares.models.infdit.network import modulate
 from ultrares.models.infdit.plan import BlockBatch
 from ultrares.models.infdit.rope import apply_rope, rope_cos_sin
 from ultrares.models.infdit.tiny import TINY, tiny_weights
-from ultrares.models.infdit.uniba import SEGMENTS, blocks_to_image, gather_segments, to_blocks
+from ultrares.models.infdit.uniba import SEGMENTS, blocks_to_image, gather_segments, to_blocks, token_positions
+from test_infdit_support import one_cpu_thread  # noqa: F401  (autouse fixture)
 
 
 def reference_rope_table(period: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,16 +109,18 @@ def test_block_layout_round_trips_the_token_grid():
                                               grid[0, 0, 3, 4].item(), grid[0, 0, 3, 5].item()]
 
 
+def clamped_extension(k: torch.Tensor) -> torch.Tensor:
+    """The extended grid of a whole image: each cell holds its clamped source block."""
+    rows, cols = k.shape[1:3]
+    batch = BlockBatch(range(rows), range(cols))
+    cells = [[k[:, i, j] for i, j in (batch.extended_source(a, b) for b in range(cols + 1))] for a in range(rows + 1)]
+    return torch.stack([torch.stack(row, dim=1) for row in cells], dim=1)
+
+
 def _captured_segments(grid_blocks):
     """Random block keys of a whole image and their gathered segments ``[1, R, C, 4, L, H, d]``."""
-    rows, cols = grid_blocks
-    k = torch.randn(1, rows, cols, TINY.block_tokens, TINY.heads, TINY.head_dim)
-    extended = torch.empty((1, rows + 1, cols + 1) + k.shape[3:])
-    batch = BlockBatch(range(rows), range(cols))
-    for a in range(rows + 1):
-        for b in range(cols + 1):
-            extended[:, a, b] = k[:, batch.extended_source(a, b)[0], batch.extended_source(a, b)[1]]
-    return k, gather_segments(extended).unflatten(3, (len(SEGMENTS), TINY.block_tokens))
+    k = torch.randn(1, *grid_blocks, TINY.block_tokens, TINY.heads, TINY.head_dim)
+    return k, gather_segments(clamped_extension(k)).unflatten(3, (len(SEGMENTS), TINY.block_tokens))
 
 
 def test_border_blocks_see_clamped_copies_of_themselves_and_their_neighbours():
@@ -137,29 +140,31 @@ def test_border_blocks_see_clamped_copies_of_themselves_and_their_neighbours():
 
 
 def _one_layer(net, h, cond, cos, sin, capture=None):
-    def neighbours(layer, k, v):  # a lone block: its extended grid is four copies of itself
+    def neighbours(layer, k, v):
         if capture is not None:
             capture.append(k)
-        return tuple(gather_segments(t.expand(1, 2, 2, *t.shape[3:])) for t in (k, v))
+        return gather_segments(clamped_extension(k)), gather_segments(clamped_extension(v))
     return net.layer(1, h, cond, cos, sin, neighbours)
 
 
 @pytest.fixture
 def layer_inputs():
+    """A 2x2-block image: block (1, 1) has four distinct neighbour segments."""
     net = tiny_weights(seed=2).net
     cond = net.conditioning(torch.tensor([0.2]), torch.randn(1, TINY.vector_dim))
-    h = torch.randn(1, 1, 1, TINY.block_tokens, TINY.hidden)
-    cos, sin = rope_cos_sin(torch.arange(TINY.block_tokens) // 4, torch.arange(TINY.block_tokens) % 4,
-                            TINY.head_dim, 64, torch.float32)
-    return net, h, cond, cos[:, None, :], sin[:, None, :]
+    h = torch.randn(1, 2, 2, TINY.block_tokens, TINY.hidden)
+    rows, cols = token_positions(range(2), range(2), TINY.block)
+    cos, sin = rope_cos_sin(rows, cols, TINY.head_dim, 64, torch.float32)
+    return net, h, cond, cos[..., None, :], sin[..., None, :]
 
 
-def test_swapping_two_block_bias_segments_changes_the_output(layer_inputs):
+@pytest.mark.parametrize("a, b", [(0, 1), (1, 2), (2, 3), (1, 3)])
+def test_swapping_two_block_bias_segments_changes_the_output(layer_inputs, a, b):
     net, h, cond, cos, sin = layer_inputs
     before = _one_layer(net, h, cond, cos, sin)
     with torch.no_grad():
-        net.blocks[1].block_bias[[1, 2]] = net.blocks[1].block_bias[[2, 1]].clone()
-    assert not torch.allclose(_one_layer(net, h, cond, cos, sin), before)
+        net.blocks[1].block_bias[[a, b]] = net.blocks[1].block_bias[[b, a]].clone()
+    assert not torch.allclose(_one_layer(net, h, cond, cos, sin)[:, 1, 1], before[:, 1, 1])
 
 
 def test_keys_are_normalised_with_the_query_layernorm(layer_inputs):

@@ -20,6 +20,7 @@ from ultrares.models.infdit.rope import rope_cos_sin
 from ultrares.models.infdit.sampler import edm_precondition
 from ultrares.models.infdit.tiny import tiny_weights
 from ultrares.models.infdit.uniba import to_blocks
+from test_infdit_support import one_cpu_thread  # noqa: F401  (autouse fixture)
 
 CPU = torch.device("cpu")
 GRID = (5, 7)
