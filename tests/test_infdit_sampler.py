@@ -15,6 +15,7 @@ from ultrares.models.infdit.plan import plan_batches
 from ultrares.models.infdit.sampler import edm_precondition, edm_sigmas, evaluations, heun_sample, initial_state
 from ultrares.models.infdit.tiny import TINY, tiny_weights
 from ultrares.models.infdit.upscale import UpscaleOptions, upscale
+from test_infdit_support import one_cpu_thread  # noqa: F401  (autouse fixture)
 
 CPU = torch.device("cpu")
 

@@ -5,9 +5,9 @@ image (the cached K/V strip, the LR cross-attention keys, the sampler's full-ima
 lives in host memory and only the slices a batch needs travel to the device, so device memory
 stays flat as the image grows.
 
-An optional :class:`HostObserver` is told about every host tensor created here and wraps
-host-side preparation work; on a CPU-only machine, where host and device are the same
-memory, a memory meter (:class:`.meter.LiveTensorMeter`) uses it to tell the two apart.
+An optional :class:`HostObserver` wraps every host allocation made here and the host-side
+preparation work; on a CPU-only machine, where host and device are the same memory, a memory
+meter (:class:`.meter.LiveTensorMeter`) uses it to tell the two apart.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ HOST = torch.device("cpu")
 
 
 class HostObserver(Protocol):
-    def exclude(self, t: torch.Tensor) -> None: ...
-
     def host_work(self) -> ContextManager[None]: ...
 
 
@@ -42,18 +40,14 @@ class Placement:
         """Device of tensors that grow with the image: the host when offloading."""
         return HOST if self.offload else self.device
 
-    def _pin(self) -> bool:
-        return self.device.type == "cuda"
-
-    def _register(self, t: torch.Tensor) -> torch.Tensor:
-        if self.observer is not None:
-            self.observer.exclude(t)
-        return t
+    def _empty_host(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        with self.host_work():
+            return torch.empty(shape, dtype=dtype, device=HOST, pin_memory=self.device.type == "cuda")
 
     def empty_store(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised image-sized buffer on :attr:`store_device`."""
         if self.offload:
-            return self._register(torch.empty(shape, dtype=dtype, device=HOST, pin_memory=self._pin()))
+            return self._empty_host(shape, dtype)
         return torch.empty(shape, dtype=dtype, device=self.device)
 
     def to_store(self, t: torch.Tensor) -> torch.Tensor:
@@ -64,7 +58,7 @@ class Placement:
 
     def to_host(self, t: torch.Tensor) -> torch.Tensor:
         """A host copy of ``t`` (used for cache entries the next batch does not need)."""
-        out = self._register(torch.empty(tuple(t.shape), dtype=t.dtype, device=HOST, pin_memory=self._pin()))
+        out = self._empty_host(tuple(t.shape), t.dtype)
         out.copy_(t)
         return out
 
