@@ -12,6 +12,10 @@ CATEGORY = "UltraRes"
 
 NODE_LIST: list[type[io.ComfyNode]] = []
 
+from .infdit import UltraResInfDiTLoader, UltraResInfDiTUpscale  # noqa: E402  (they read CATEGORY)
+
+NODE_LIST += [UltraResInfDiTLoader, UltraResInfDiTUpscale]
+
 
 class UltraResExtension(ComfyExtension):
     """The pack's V3 extension: ComfyUI reads the node list from it at start-up."""
