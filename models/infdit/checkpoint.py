@@ -152,7 +152,7 @@ def _load_pickle(path: Path, allow_globals: tuple[str, ...]) -> dict:
                 f"{path.name} contains the pickled Python object {name}, which is not on the list of types "
                 "this loader builds (tensors, and the numpy types DeepSpeed stores its RNG state with). "
                 "Loading it would run code from the file. If you trust the file, convert it with "
-                f"'python -m ultrares.models.infdit.convert --allow-global {name} ...'.") from error
+                f"'python -m {__package__}.convert --allow-global {name} ...'.") from error
 
 
 def read_state_dict(path: str | Path, allow_globals: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], dict]:

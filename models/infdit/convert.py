@@ -1,6 +1,8 @@
 """Convert the released Inf-DiT checkpoint to a safetensors file with this pack's key names.
 
-    python -m ultrares.models.infdit.convert ckpt/mp_rank_00_model_states.pt models/infdit/infdit.safetensors
+    python -m models.infdit.convert mp_rank_00_model_states.pt ../../models/infdit/infdit.safetensors
+
+(from the pack's folder; ``python -m ultrares.models.infdit.convert`` where the pack is installed).
 
 The source is verified first (every DiT key present, every shape consistent); the CLIP tower
 is taken from the checkpoint, or from ``--clip open_clip_pytorch_model.bin`` when given.
@@ -19,7 +21,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ultrares.models.infdit.convert", description=__doc__,
+    parser = argparse.ArgumentParser(prog=f"python -m {__package__}.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="released mp_rank_00_model_states.pt (or any Inf-DiT file)")
     parser.add_argument("target", help="output .safetensors")
