@@ -56,6 +56,12 @@ def model_bytes(weights: InfDiTWeights, lr_side: int, options: UpscaleOptions) -
     return plan_stage(weights, 4 * lr_side, 4 * lr_side, options).total
 
 
+def fits(weights: InfDiTWeights, need: float, device: torch.device) -> bool:
+    """On a GPU, whether ``need`` bytes fit at all: a run that does not would fall back to a
+    smaller n (on out-of-memory) and measure something else. The CPU meter has no limit."""
+    return device.type != "cuda" or need <= torch.cuda.mem_get_info(device)[0] + weight_bytes(weights)
+
+
 def _row(cells: list) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
@@ -75,9 +81,10 @@ def full_vs_scheduled(weights, sides, n, device) -> None:
         for options in (UpscaleOptions(scale=4, steps=1, batch_blocks=4 * side // block_px),
                         UpscaleOptions(scale=4, steps=1, batch_blocks=n),
                         UpscaleOptions(scale=4, steps=1, batch_blocks=n, offload=True)):
-            peak = measure(weights, side, options, device)
+            need = model_bytes(weights, side, options)
+            peak = measure(weights, side, options, device) if fits(weights, need, device) else float("nan")
             peaks.append(peak)
-            cells.append(f"{_mb(peak)} ({_mb(model_bytes(weights, side, options))})")
+            cells.append(f"{_mb(peak)} ({_mb(need)})")
         cells += [f"{peaks[0] / peaks[1]:.1f}x", f"{peaks[0] / peaks[2]:.1f}x"]
         columns.append(peaks)
         print(_row(cells))
@@ -101,6 +108,9 @@ def budgets(weights, side, device, offload: bool) -> None:
         except BudgetTooSmall:
             print(_row([_mb(budget), "refused: below the minimum", "", "", ""]))
             continue
+        if not fits(weights, budget, device):
+            print(_row([_mb(budget), plan.n, _mb(plan.total), "more than this GPU has free", ""]))
+            continue
         peak = measure(weights, side, options, device)
         print(_row([_mb(budget), plan.n, _mb(plan.total), _mb(peak), "yes" if peak <= budget else "NO"]))
 
@@ -113,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     if torch.cuda.is_available():
         device = torch.device("cuda")
         weights = tiny_weights(cfg=RELEASED, clip_cfg=ClipVisionConfig(), dtype=torch.bfloat16)
-        weights.net.to(device), weights.clip.to(device)
+        weights.net.to(device)
+        weights.clip.to(device)
         sides = [256, 512] if args.quick else [256, 512, 1024]
         label = "released configuration (754 M DiT + ViT-L/14), random weights, bf16"
         threads = contextlib.nullcontext()

@@ -7,7 +7,7 @@ progress bar and cancel button are wired in.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import comfy.model_management as mm
 import comfy.model_patcher
@@ -155,8 +155,7 @@ class UltraResInfDiTUpscale(io.ComfyNode):
             working = _working_memory(weights, image, options)
             mm.load_models_gpu([patcher], memory_required=working, force_full_load=True)
             if options.budget_bytes is None:
-                options = UpscaleOptions(**{**options.__dict__,
-                                            "budget_bytes": mm.get_free_memory(device) + weight_bytes(weights)})
+                options = replace(options, budget_bytes=mm.get_free_memory(device) + weight_bytes(weights))
             bar = _LazyProgress()
             out = upscale(weights, image.movedim(-1, 1), options, device, bar, check_interrupt)
         except BudgetTooSmall as error:

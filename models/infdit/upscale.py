@@ -115,9 +115,11 @@ class _BlockScheduledDenoiser:
                          self.progress.step, self.check_interrupt)
                 self.evaluations_left -= 1
                 return out
-            except torch.OutOfMemoryError:
+            except torch.OutOfMemoryError as error:
                 if self.n == 1:
-                    raise
+                    raise torch.OutOfMemoryError(
+                        "Inf-DiT ran out of device memory even with one block per batch: free memory used by "
+                        "other models, enable offloading, or lower the budget's other claims") from error
             self._shrink(self.progress.done - done_before)
 
     def _shrink(self, batches_done: int) -> None:
