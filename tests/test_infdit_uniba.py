@@ -61,12 +61,11 @@ def reference_evaluation(net, x, sigma, concat_lr, lr_image, vector) -> torch.Te
     return c_skip * x + c_out * net.output(h, cond)
 
 
-@pytest.fixture(scope="module")
-def case():
+def make_case(grid: tuple[int, int]):
     weights = tiny_weights(seed=3)
     cfg = weights.net.cfg
     g = torch.Generator().manual_seed(0)
-    height, width = GRID[0] * cfg.block_px, GRID[1] * cfg.block_px
+    height, width = grid[0] * cfg.block_px, grid[1] * cfg.block_px
     lr_image = torch.rand(1, 3, height // cfg.lr_scale, width // cfg.lr_scale, generator=g) * 2 - 1
     concat_lr = torch.nn.functional.interpolate(lr_image, size=(height, width), mode="bicubic").clamp(-1, 1)
     x = concat_lr + 2.5 * torch.randn(concat_lr.shape, generator=g)
@@ -74,6 +73,11 @@ def case():
     with torch.inference_mode():
         full = reference_evaluation(weights.net, x, 2.5, concat_lr, lr_image, vector)
     return weights.net, x, concat_lr, lr_image, vector, full
+
+
+@pytest.fixture(scope="module")
+def case():
+    return make_case(GRID)
 
 
 def scheduled(net, x, concat_lr, lr_image, vector, batches, offload=False, sigma=2.5) -> torch.Tensor:
@@ -95,6 +99,14 @@ def test_one_batch_over_the_whole_image_is_the_released_full_mode(case):
 def test_block_batches_equal_the_full_evaluation(case, n, scan, offload):
     net, x, concat_lr, lr_image, vector, full = case
     out = scheduled(net, x, concat_lr, lr_image, vector, plan_batches(*GRID, n, scan), offload)
+    assert (out - full).abs().max() <= 1e-5
+
+
+def test_rope_positions_wrap_identically_beyond_the_period():
+    # 18 blocks of 4 tokens: 72 token columns, past the tiny model's 64-token RoPE period.
+    net, x, concat_lr, lr_image, vector, full = make_case((2, 18))
+    assert 18 * net.cfg.block > net.cfg.rope_period
+    out = scheduled(net, x, concat_lr, lr_image, vector, plan_batches(2, 18, 3, "auto"), offload=True)
     assert (out - full).abs().max() <= 1e-5
 
 
