@@ -95,14 +95,16 @@ def test_running_out_of_memory_retries_with_smaller_batches_and_the_same_result(
     small = tiny_weights(seed=8)
     small.net = RunsOutOfMemoryAbove(TINY)
     small.net.load_state_dict(weights.net.state_dict())
-    image = torch.rand(1, 3, 20, 24)
+    image = torch.rand(2, 3, 20, 24)
     reports = []
     out = upscale(small, image, UpscaleOptions(scale=4, steps=2, batch_blocks=4), CPU,
                   on_progress=lambda done, total: reports.append((done, total)))
     reference = upscale(weights, image, UpscaleOptions(scale=4, steps=2), CPU)
     assert (out - reference).abs().max() <= 1e-5
     done, total = reports[-1]
-    assert done == total == 3 * 9  # 3 evaluations of a 5x6-block image in 2x2 batches
+    # 2 images x 3 evaluations of a 5x6-block image in 2x2 batches: the second image starts at n = 2.
+    assert done == total == 2 * 3 * 9
+    assert reports[0] == (1, total)  # n = 4 and n = 3 failed before their first batch
     small.net.limit = 0
     with pytest.raises(torch.OutOfMemoryError):
         upscale(small, image, UpscaleOptions(scale=4, steps=1, batch_blocks=2), CPU)

@@ -96,16 +96,21 @@ def plan_stage(weights: InfDiTWeights, height: int, width: int, options: Upscale
     return choose_batch_size(cfg, height, width, options.budget_bytes, margin=options.margin, **kwargs)
 
 
-class _BlockScheduledDenoiser:
-    """D(x; sigma) for one image, with the out-of-memory fallback to smaller batches."""
+class _StageSweep:
+    """D(x; sigma) for one stage, block batch by block batch, shared by the images of a batch.
 
-    def __init__(self, weights: InfDiTWeights, context: ImageContext, grid: tuple[int, int], n: int,
-                 options: UpscaleOptions, placement: Placement, progress: Progress,
-                 check_interrupt: Callable[[], None] | None):
-        self.weights, self.context, self.grid, self.n = weights, context, grid, n
-        self.options, self.placement, self.progress, self.check_interrupt = options, placement, progress, check_interrupt
+    On out-of-memory the evaluation restarts with n - 1, and the smaller n is kept for the
+    remaining evaluations and images; the progress total follows.
+    """
+
+    def __init__(self, weights: InfDiTWeights, grid: tuple[int, int], n: int, options: UpscaleOptions,
+                 placement: Placement, progress: Progress, check_interrupt: Callable[[], None] | None,
+                 images: int):
+        self.weights, self.grid, self.n, self.options = weights, grid, n, options
+        self.placement, self.progress, self.check_interrupt = placement, progress, check_interrupt
         self.batches = plan_batches(*grid, n, options.scan)
-        self.evaluations_left = evaluations(options.steps)
+        self.evaluations_left = evaluations(options.steps) * images
+        self.context: ImageContext | None = None
 
     def __call__(self, x: torch.Tensor, sigma: float, out: torch.Tensor) -> torch.Tensor:
         while True:
@@ -147,11 +152,10 @@ def _initial_state(concat_lr: torch.Tensor, generator: torch.Generator, init_noi
     return x
 
 
-def _upscale_stage(weights: InfDiTWeights, lr: torch.Tensor, factor: int, n: int, options: UpscaleOptions,
-                   placement: Placement, generator: torch.Generator, progress: Progress,
-                   check_interrupt: Callable[[], None] | None) -> torch.Tensor:
+def _upscale_stage(weights: InfDiTWeights, lr: torch.Tensor, factor: int, sweep: _StageSweep,
+                   generator: torch.Generator) -> torch.Tensor:
     """One 2x/4x pass of a ``[1, 3, h, w]`` image in [-1, 1] (CPU) -> ``[1, 3, h*f, w*f]`` (CPU)."""
-    cfg = weights.net.cfg
+    cfg, placement, options = weights.net.cfg, sweep.placement, sweep.options
     height, width = lr.shape[-2:]
     with placement.host_work():
         padded = pad_to_multiple(lr, cfg.block_px // factor)
@@ -162,14 +166,13 @@ def _upscale_stage(weights: InfDiTWeights, lr: torch.Tensor, factor: int, n: int
         clip_lr = resize_bicubic(lr, (height * factor // cfg.lr_scale, width * factor // cfg.lr_scale))
         pixels = clip_view(clip_lr, weights.clip.cfg.image_size)
     vector = weights.clip.encode(pixels)
-    context = ImageContext(placement.to_store(concat_lr), LRContext(weights.net, cross_lr, placement),
-                           vector)
+    sweep.context = ImageContext(placement.to_store(concat_lr), LRContext(weights.net, cross_lr, placement),
+                                 vector)
     del concat_lr
-    x = _initial_state(context.concat_lr, generator, options.init_noise, placement)
-    grid = (out_h // cfg.block_px, out_w // cfg.block_px)
-    denoiser = _BlockScheduledDenoiser(weights, context, grid, n, options, placement, progress, check_interrupt)
-    sample = heun_sample(denoiser, x, edm_sigmas(options.steps),
+    x = _initial_state(sweep.context.concat_lr, generator, options.init_noise, placement)
+    sample = heun_sample(sweep, x, edm_sigmas(options.steps),
                          lambda: placement.empty_store(tuple(x.shape), torch.float32))
+    sweep.context = None
     with placement.host_work():
         return sample[..., :height * factor, :width * factor].clamp(-1, 1).cpu()
 
@@ -193,20 +196,19 @@ def upscale(weights: InfDiTWeights, images: torch.Tensor, options: UpscaleOption
     factors = stage_factors(options.scale)
     placement = Placement(torch.device(device), options.offload, observer)
     sizes = stage_sizes(weights, tuple(images.shape[-2:]), factors)
-    plans = [plan_stage(weights, height, width, options) for height, width in sizes]
-    block_px = weights.net.cfg.block_px
-    per_image = sum(len(plan_batches(height // block_px, width // block_px, plan.n, options.scan))
-                    for plan, (height, width) in zip(plans, sizes))
-    progress = Progress(per_image * evaluations(options.steps) * images.shape[0], on_progress)
+    block_px, count = weights.net.cfg.block_px, images.shape[0]
+    progress = Progress(0, on_progress)
+    sweeps = [_StageSweep(weights, (height // block_px, width // block_px), plan_stage(weights, height, width, options).n,
+                          options, placement, progress, check_interrupt, count) for height, width in sizes]
+    progress.total = sum(len(sweep.batches) * sweep.evaluations_left for sweep in sweeps)
     generator = torch.Generator().manual_seed(options.seed)
     results = []
     with torch.inference_mode():
         for image in images.float().cpu():
             with placement.host_work():
                 rgb = image[None, :3] * 2 - 1
-            for factor, plan in zip(factors, plans):
-                rgb = _upscale_stage(weights, rgb, factor, plan.n, options, placement, generator, progress,
-                                     check_interrupt)
+            for factor, sweep in zip(factors, sweeps):
+                rgb = _upscale_stage(weights, rgb, factor, sweep, generator)
             with placement.host_work():
                 result = (rgb + 1) / 2
                 if image.shape[0] == 4:
