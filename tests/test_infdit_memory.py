@@ -108,3 +108,28 @@ def test_running_out_of_memory_retries_with_smaller_batches_and_the_same_result(
     small.net.limit = 0
     with pytest.raises(torch.OutOfMemoryError):
         upscale(small, image, UpscaleOptions(scale=4, steps=1, batch_blocks=2), CPU)
+
+
+class RunsOutOfMemoryOnTheThirdBatch(InfDiT):
+    calls = 0
+
+    def embed(self, x):
+        self.calls += 1
+        if self.calls == 3:
+            raise torch.OutOfMemoryError("simulated: fragmentation")
+        return super().embed(x)
+
+
+def test_an_evaluation_that_fails_midway_is_redone_and_progress_rewinds(weights):
+    flaky = tiny_weights(seed=8)
+    flaky.net = RunsOutOfMemoryOnTheThirdBatch(TINY)
+    flaky.net.load_state_dict(weights.net.state_dict())
+    image = torch.rand(1, 3, 20, 24)
+    reports = []
+    out = upscale(flaky, image, UpscaleOptions(scale=4, steps=2, batch_blocks=3), CPU,
+                  on_progress=lambda done, total: reports.append((done, total)))
+    reference = upscale(weights, image, UpscaleOptions(scale=4, steps=2), CPU)
+    assert (out - reference).abs().max() <= 1e-5
+    # n = 3 (2x2 batches): two batches done, then n = 2 (3x3 batches) from the start.
+    assert reports[:3] == [(1, 12), (2, 12), (1, 27)]
+    assert reports[-1] == (27, 27)
