@@ -91,23 +91,29 @@ class RunsOutOfMemoryAbove(InfDiT):
         return super().embed(x)
 
 
-def test_running_out_of_memory_retries_with_smaller_batches_and_the_same_result(weights):
-    small = tiny_weights(seed=8)
-    small.net = RunsOutOfMemoryAbove(TINY)
-    small.net.load_state_dict(weights.net.state_dict())
-    image = torch.rand(2, 3, 20, 24)
+def upscale_with(weights, net_class, images, n):
+    """Upscale with the same weights in a failing network; returns the result, the progress
+    reports and the result of the normal network without a batch size."""
+    failing = tiny_weights(seed=8)
+    failing.net = net_class(TINY)
+    failing.net.load_state_dict(weights.net.state_dict())
     reports = []
-    out = upscale(small, image, UpscaleOptions(scale=4, steps=2, batch_blocks=4), CPU,
+    out = upscale(failing, images, UpscaleOptions(scale=4, steps=2, batch_blocks=n), CPU,
                   on_progress=lambda done, total: reports.append((done, total)))
-    reference = upscale(weights, image, UpscaleOptions(scale=4, steps=2), CPU)
+    return out, reports, upscale(weights, images, UpscaleOptions(scale=4, steps=2), CPU), failing
+
+
+def test_running_out_of_memory_retries_with_smaller_batches_and_the_same_result(weights):
+    images = torch.rand(2, 3, 20, 24)
+    out, reports, reference, failing = upscale_with(weights, RunsOutOfMemoryAbove, images, 4)
     assert (out - reference).abs().max() <= 1e-5
     done, total = reports[-1]
     # 2 images x 3 evaluations of a 5x6-block image in 2x2 batches: the second image starts at n = 2.
     assert done == total == 2 * 3 * 9
     assert reports[0] == (1, total)  # n = 4 and n = 3 failed before their first batch
-    small.net.limit = 0
-    with pytest.raises(torch.OutOfMemoryError):
-        upscale(small, image, UpscaleOptions(scale=4, steps=1, batch_blocks=2), CPU)
+    failing.net.limit = 0
+    with pytest.raises(torch.OutOfMemoryError, match="even with one block per batch"):
+        upscale(failing, images, UpscaleOptions(scale=4, steps=1, batch_blocks=2), CPU)
 
 
 class RunsOutOfMemoryOnTheThirdBatch(InfDiT):
@@ -121,14 +127,7 @@ class RunsOutOfMemoryOnTheThirdBatch(InfDiT):
 
 
 def test_an_evaluation_that_fails_midway_is_redone_and_progress_rewinds(weights):
-    flaky = tiny_weights(seed=8)
-    flaky.net = RunsOutOfMemoryOnTheThirdBatch(TINY)
-    flaky.net.load_state_dict(weights.net.state_dict())
-    image = torch.rand(1, 3, 20, 24)
-    reports = []
-    out = upscale(flaky, image, UpscaleOptions(scale=4, steps=2, batch_blocks=3), CPU,
-                  on_progress=lambda done, total: reports.append((done, total)))
-    reference = upscale(weights, image, UpscaleOptions(scale=4, steps=2), CPU)
+    out, reports, reference, _ = upscale_with(weights, RunsOutOfMemoryOnTheThirdBatch, torch.rand(1, 3, 20, 24), 3)
     assert (out - reference).abs().max() <= 1e-5
     # n = 3 (2x2 batches): two batches done, then n = 2 (3x3 batches) from the start.
     assert reports[:3] == [(1, 12), (2, 12), (1, 27)]
