@@ -30,10 +30,10 @@ class LRContext:
         batch, _, height, width = lr_image.shape
         if height % px or width % px:
             raise ValueError(f"LR image {height}x{width} is not a whole number of {px}-px LR blocks")
-        self.grid = (height // px, width // px)
+        grid_rows, grid_cols = height // px, width // px
         xattn = net.lr_xattn
         zero_token = torch.zeros(cfg.hidden, dtype=net.dtype, device=placement.device)
-        shape = (batch, (self.grid[0] + 2) * self.lb, (self.grid[1] + 2) * self.lb, 2, cfg.heads, cfg.head_dim)
+        shape = (batch, (grid_rows + 2) * self.lb, (grid_cols + 2) * self.lb, 2, cfg.heads, cfg.head_dim)
         self.map = placement.empty_store(shape, net.dtype)
         self.map[:] = xattn.token_key_values(zero_token).to(self.map.device)
         step = TILE_BLOCKS * px

@@ -76,6 +76,3 @@ class LiveTensorMeter(TorchDispatchMode):
             yield
         finally:
             self._paused -= 1
-
-    def reset_peak(self) -> None:
-        self.peak = self.current
