@@ -9,8 +9,9 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .gspn import NODES as GSPN_NODES
+from .infdit import NODES as INFDIT_NODES
 
-NODE_LIST: list[type[io.ComfyNode]] = [*GSPN_NODES]
+NODE_LIST: list[type[io.ComfyNode]] = [*GSPN_NODES, *INFDIT_NODES]
 
 
 class UltraResExtension(ComfyExtension):
