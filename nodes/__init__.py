@@ -18,3 +18,7 @@ class UltraResExtension(ComfyExtension):
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return list(NODE_LIST)
+
+from .clear import UltraResClearPatch  # noqa: E402  (needs CATEGORY above)
+
+NODE_LIST.append(UltraResClearPatch)
