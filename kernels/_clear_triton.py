@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ._clear_tiles import Tile, tile_counts
+from .backend import triton_interpreting
 from ._clear_torch import dense_rows, global_rows
 
 # 128 queries (8 rows x 16 columns) per program and 64-key (8 x 8) image tiles: the query tile
@@ -32,21 +33,32 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _online_step(acc, m_i, l_i, q, k, v, allowed, qk_scale, PRECISION: tl.constexpr):
-    """One online-softmax step (base-2 exponentials, float32 state) over a block of keys."""
+def _online_step(acc, m_i, l_i, q, k, v, allowed, qk_scale, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """One online-softmax step (base-2 exponentials, float32 state) over a block of keys.
+
+    ``UPCAST`` feeds the dots float32 operands: Triton's CPU interpreter multiplies bfloat16
+    as raw integers, so interpreted bfloat16 runs upcast (GPU runs keep bfloat16 MMAs).
+    """
+    if UPCAST:
+        q = q.to(tl.float32)
+        k = k.to(tl.float32)
     s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
     s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    if UPCAST:
+        pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision=PRECISION)
+    else:
+        pv = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    acc = acc * alpha[:, None] + pv
     return acc, m_new, l_i
 
 
 @triton.jit
 def _attend_run(acc, m_i, l_i, q, k_base, v_base, sk_l, sk_d, sv_l, sv_d, offs_d, d_ok, start, count, qk_scale,
-                BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+                BLOCK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """Attend to ``count`` contiguous keys from position ``start``, all of them allowed."""
     for off in range(0, count, BLOCK):
         idx = off + tl.arange(0, BLOCK)
@@ -54,7 +66,7 @@ def _attend_run(acc, m_i, l_i, q, k_base, v_base, sk_l, sk_d, sv_l, sv_d, offs_d
         pos = start + idx
         k = tl.load(k_base + pos[None, :] * sk_l + offs_d[:, None] * sk_d, mask=ok[None, :] & d_ok[:, None], other=0.0)
         v = tl.load(v_base + pos[:, None] * sv_l + offs_d[None, :] * sv_d, mask=ok[:, None] & d_ok[None, :], other=0.0)
-        acc, m_i, l_i = _online_step(acc, m_i, l_i, q, k, v, ok[None, :], qk_scale, PRECISION)
+        acc, m_i, l_i = _online_step(acc, m_i, l_i, q, k, v, ok[None, :], qk_scale, PRECISION, UPCAST)
     return acc, m_i, l_i
 
 
@@ -65,7 +77,7 @@ def _window_fwd(
     sdk_b, sdk_h, sdk_l, sdk_d, sdv_b, sdv_h, sdv_l, sdv_d, so_b, so_h, so_l, so_d,
     n_heads, head_dim, n_txt, n_ref, n_down, grid_h, grid_w, reach, r2, qk_scale, tiles_x,
     QTH: tl.constexpr, QTW: tl.constexpr, KTH: tl.constexpr, KTW: tl.constexpr, BLOCK_D: tl.constexpr,
-    SIDE: tl.constexpr, COUNT_VISITS: tl.constexpr, PRECISION: tl.constexpr,
+    SIDE: tl.constexpr, COUNT_VISITS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -94,11 +106,11 @@ def _window_fwd(
 
     n_img = grid_h * grid_w
     acc, m_i, l_i = _attend_run(acc, m_i, l_i, q, k_base, v_base, sk_l, sk_d, sv_l, sv_d, offs_d, d_ok,
-                                0, n_txt, qk_scale, SIDE, PRECISION)
+                                0, n_txt, qk_scale, SIDE, PRECISION, UPCAST)
     acc, m_i, l_i = _attend_run(acc, m_i, l_i, q, k_base, v_base, sk_l, sk_d, sv_l, sv_d, offs_d, d_ok,
-                                n_txt + n_img, n_ref, qk_scale, SIDE, PRECISION)
+                                n_txt + n_img, n_ref, qk_scale, SIDE, PRECISION, UPCAST)
     acc, m_i, l_i = _attend_run(acc, m_i, l_i, q, DK + b * sdk_b + hh * sdk_h, DV + b * sdv_b + hh * sdv_h,
-                                sdk_l, sdk_d, sdv_l, sdv_d, offs_d, d_ok, 0, n_down, qk_scale, SIDE, PRECISION)
+                                sdk_l, sdk_d, sdv_l, sdv_d, offs_d, d_ok, 0, n_down, qk_scale, SIDE, PRECISION, UPCAST)
 
     # Image key tiles: bounding box of the windows, then the exact tile-gap test.
     qy0 = ty * QTH
@@ -126,7 +138,7 @@ def _window_fwd(
                 dy = qy[:, None] - ky[None, :]
                 dx = qx[:, None] - kx[None, :]
                 allowed = (dy * dy + dx * dx < r2) & k_ok[None, :]
-                acc, m_i, l_i = _online_step(acc, m_i, l_i, q, k, v, allowed, qk_scale, PRECISION)
+                acc, m_i, l_i = _online_step(acc, m_i, l_i, q, k, v, allowed, qk_scale, PRECISION, UPCAST)
 
     out = acc / tl.where(q_ok, l_i, 1.0)[:, None]  # padding rows saw nothing
     o_ptrs = O + b * so_b + hh * so_h + q_pos[:, None] * so_l + offs_d[None, :] * so_d
@@ -176,6 +188,7 @@ def window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
         heads, dim, n_txt, n_ref, n_down, h, w, radius - 1, radius * radius, scale * LOG2E, tiles_x,
         QTH=q_tile.rows, QTW=q_tile.cols, KTH=k_tile.rows, KTW=k_tile.cols, BLOCK_D=block_d,
         SIDE=SIDE_BLOCK, COUNT_VISITS=count, PRECISION=precision,
+        UPCAST=q.dtype == torch.bfloat16 and triton_interpreting(),
         num_warps=8 if q_tile.size * block_d > 8192 else 4,
     )
     return out

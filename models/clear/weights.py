@@ -144,7 +144,8 @@ def plan_weights(state_dict: Mapping[str, torch.Tensor], key_map: KeyMap, model_
         got = tuple(state_dict[key].shape)
         if want != got:
             where = target if offset is None else f"{target}[dim {offset[0]}: {offset[1]}:{offset[1] + offset[2]}]"
-            bad.append(f"{key} {got} vs {where} {want if want is not None else '(absent)'}")
+            found = want if want is not None else "(absent)" if shape is None else f"(outside its shape {shape})"
+            bad.append(f"{key} {got} vs {where} {found}")
             continue
         patches.append(WeightPatch(target, offset, state_dict[key]))
         if on_progress is not None:
