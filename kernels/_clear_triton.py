@@ -63,7 +63,7 @@ def _attend_run(acc, m_i, l_i, q, k_base, v_base, sk_l, sk_d, sv_l, sv_d, offs_d
     for off in range(0, count, BLOCK):
         idx = off + tl.arange(0, BLOCK)
         ok = idx < count
-        pos = start + idx
+        pos = (start + idx).to(tl.int64)
         k = tl.load(k_base + pos[None, :] * sk_l + offs_d[:, None] * sk_d, mask=ok[None, :] & d_ok[:, None], other=0.0)
         v = tl.load(v_base + pos[:, None] * sv_l + offs_d[None, :] * sv_d, mask=ok[:, None] & d_ok[None, :], other=0.0)
         acc, m_i, l_i = _online_step(acc, m_i, l_i, q, k, v, ok[None, :], qk_scale, PRECISION, UPCAST)
@@ -81,8 +81,9 @@ def _window_fwd(
 ):
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads
-    hh = pid_bh % n_heads
+    # 64-bit offsets: a q/k/v view of a fused [B, L, 3, H, D] tensor exceeds 2**31 elements at 8K.
+    b = (pid_bh // n_heads).to(tl.int64)
+    hh = (pid_bh % n_heads).to(tl.int64)
     ty = pid_t // tiles_x
     tx = pid_t % tiles_x
 
@@ -90,7 +91,7 @@ def _window_fwd(
     qy = ty * QTH + offs_m // QTW
     qx = tx * QTW + offs_m % QTW
     q_ok = (qy < grid_h) & (qx < grid_w)
-    q_pos = n_txt + qy * grid_w + qx
+    q_pos = (n_txt + qy * grid_w + qx).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
 
@@ -130,7 +131,7 @@ def _window_fwd(
                 ky = ky0 + offs_n // KTW
                 kx = kx0 + offs_n % KTW
                 k_ok = (ky < grid_h) & (kx < grid_w)
-                k_pos = n_txt + ky * grid_w + kx
+                k_pos = (n_txt + ky * grid_w + kx).to(tl.int64)
                 k = tl.load(k_base + k_pos[None, :] * sk_l + offs_d[:, None] * sk_d,
                             mask=k_ok[None, :] & d_ok[:, None], other=0.0)
                 v = tl.load(v_base + k_pos[:, None] * sv_l + offs_d[None, :] * sv_d,

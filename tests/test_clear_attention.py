@@ -187,3 +187,17 @@ def test_bad_layouts_are_refused(change, message):
     args = {**dict(grid=(4, 5), n_txt=3, radius=2), **change}
     with pytest.raises(ValueError, match=message):
         circular_window_attention(q, k, v, **args)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_strided_views_of_a_fused_qkv_tensor_are_read_in_place(triton_device, backend):
+    # ComfyUI's Flux hands over q/k/v as views of one [B, L, 3, H, D] projection.
+    device = triton_device if backend == "triton" else "cpu"
+    grid, n_txt = (6, 7), 3
+    fused = torch.randn(2, n_txt + 42, 3, 2, 16, device=device)
+    q, k, v = fused.permute(2, 0, 3, 1, 4)
+    assert not v.is_contiguous()
+    layout = dict(grid=grid, n_txt=n_txt, radius=3)
+    out = circular_window_attention(q, k, v, backend=backend, **layout)
+    expected = dense_reference(q.contiguous(), k.contiguous(), v.contiguous(), **layout)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
