@@ -113,8 +113,10 @@ class LayoutWrapper:
         if grid in self.logged or not pattern.covers(grid):
             return
         self.logged.add(grid)
-        rest = ("so CLEAR runs the model's own attention here (exact)" if self.attention.is_plain_attention(TokenLayout(grid))
-                else "so only the down-sampled keys and the softmax scale differ from dense attention")
+        extras = [name for name, on in (("the down-sampled keys", pattern.down_factor > 1),
+                                        ("the proportional softmax scale", self.attention.proportional)) if on]
+        rest = (f"so only {' and '.join(extras)} differ from dense attention" if extras
+                else "so CLEAR runs the model's own attention here (exact)")
         log.info("CLEAR: the window radius %d covers the whole %dx%d token grid, %s", pattern.radius, *grid, rest)
 
 
