@@ -223,10 +223,13 @@ class ComfyServer:
             return response.read()
 
     def post(self, route: str, payload: dict) -> Any:
+        return json.loads(self.post_bytes(route, payload))
+
+    def post_bytes(self, route: str, payload: dict) -> bytes:
         request = urllib.request.Request(self.url + route, data=json.dumps(payload).encode(),
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read())
+            return response.read()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

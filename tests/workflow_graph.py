@@ -159,6 +159,30 @@ def _strip_spec(spec: list) -> list:
     return [spec[0], {key: value for key, value in spec[1].items() if key not in DROPPED_OPTIONS}, *spec[2:]]
 
 
+def interface_differences(snapshot: dict, live: dict) -> list[str]:
+    """How a live ``/object_info`` entry (passed through :func:`snapshot_entry`) differs from the
+    snapshot's. File lists are compared by their fixed entries: the files differ per install."""
+    problems = [f"{key}: {snapshot.get(key)!r} != {live.get(key)!r}" for key in DEFINITION_KEYS
+                if key != "input" and snapshot.get(key) != live.get(key)]
+    ours, theirs = node_def(snapshot).inputs, node_def(live).inputs
+    if [item.name for item in ours] != [item.name for item in theirs]:
+        return problems + [f"inputs {[i.name for i in ours]} != {[i.name for i in theirs]}"]
+    for mine, other in zip(ours, theirs):
+        if mine.is_file_list:
+            same = (mine.type, _without_choices(mine.options), mine.required) == (
+                other.type, _without_choices(other.options), other.required) and (
+                set(mine.fixed_choices) <= set(other.choices or ()))
+        else:
+            same = mine == other
+        if not same:
+            problems.append(f"input {mine.name}: {mine} != {other}")
+    return problems
+
+
+def _without_choices(options: dict) -> dict:
+    return {key: value for key, value in options.items() if key != "options"}
+
+
 def load_definitions(path: Path = DEFINITIONS_PATH) -> dict[str, NodeDef]:
     """The committed snapshot of node definitions, by class name."""
     return {name: node_def(raw) for name, raw in json.loads(path.read_text())["nodes"].items()}
