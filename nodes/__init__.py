@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .clear import NODES as CLEAR_NODES
 from .gspn import NODES as GSPN_NODES
+from .infdit import NODES as INFDIT_NODES
 
-NODE_LIST: list[type[io.ComfyNode]] = [*GSPN_NODES]
+NODE_LIST: list[type[io.ComfyNode]] = [*CLEAR_NODES, *GSPN_NODES, *INFDIT_NODES]
 
 
 class UltraResExtension(ComfyExtension):

@@ -246,3 +246,21 @@ class ComfyServer:
                 self.process.wait()
         self._log.close()
         self.process = None
+
+
+def clear_released_state_dict(depth: int, depth_single: int, hidden: int, down_factor: int = 1, seed: int = 0,
+                              dtype: torch.dtype = torch.float32, std: float = 0.05) -> dict[str, torch.Tensor]:
+    """A random CLEAR file in the released layout (diffusers names, every attention projection
+    of every block, per-layer ``spatial_weight`` when ``down_factor > 1``) for a Flux of this size."""
+    from ultrares.models.clear.weights import SPATIAL_SUFFIX, released_keys
+
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key in released_keys(depth, depth_single, down_factor > 1):
+        if key.endswith(SPATIAL_SUFFIX):
+            cell = 1.0 / down_factor ** 2 + 0.1 * torch.randn(down_factor, down_factor, generator=g)
+            state[key] = cell.reshape(1, 1, 1, down_factor, 1, down_factor, 1).to(dtype)
+        else:
+            shape = (hidden, hidden) if key.endswith(".weight") else (hidden,)
+            state[key] = (torch.randn(shape, generator=g) * std).to(dtype)
+    return state

@@ -1,0 +1,196 @@
+"""Triton block-sparse forward kernel of circular-window attention.
+
+One program per (2D query tile, batch x head). A query tile is a compact ``QTH x QTW``
+rectangle of the image grid; its tokens are gathered in place from the raster layout (the
+2D order exists only in the kernel's iteration, so q/k/v are never permuted or copied). The
+program attends, with an online softmax accumulated in float32, to:
+
+1. the text keys and the reference keys (contiguous runs, all allowed),
+2. the down-sampled keys (a separate tensor, all allowed),
+3. only the ``KTH x KTW`` image key tiles that intersect some query's window: the loops run
+   over the tiles' bounding box and skip every tile whose gap to the query tile is
+   ``>= radius`` (see :mod:`._clear_tiles`, which counts exactly these tiles).
+
+Global query rows (text, reference tokens) attend to everything and run as dense attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._clear_tiles import Tile, tile_counts
+from .backend import triton_interpreting
+from ._clear_torch import dense_rows, global_rows
+
+# 128 queries (8 rows x 16 columns) per program and 64-key (8 x 8) image tiles: the query tile
+# fills a tensor-core MMA and the small key tiles hug the circle.
+DEFAULT_Q_TILE = Tile(8, 16)
+DEFAULT_K_TILE = Tile(8, 8)
+SIDE_BLOCK = 64  # keys per step over the text, reference and down-sampled keys
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _online_step(acc, m_i, l_i, q, k, v, allowed, qk_scale, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """One online-softmax step (base-2 exponentials, float32 state) over a block of keys.
+
+    ``UPCAST`` feeds the dots float32 operands: Triton's CPU interpreter multiplies bfloat16
+    as raw integers, so interpreted bfloat16 runs upcast (GPU runs keep bfloat16 MMAs).
+    """
+    if UPCAST:
+        q = q.to(tl.float32)
+        k = k.to(tl.float32)
+    s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+    s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if UPCAST:
+        pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision=PRECISION)
+    else:
+        pv = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    acc = acc * alpha[:, None] + pv
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attend_run(acc, m_i, l_i, q, k_base, v_base, sk_l, sk_d, sv_l, sv_d, offs_d, d_ok, start, count, qk_scale,
+                BLOCK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Attend to ``count`` contiguous keys from position ``start``, all of them allowed."""
+    for off in range(0, count, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        ok = idx < count
+        pos = (start + idx).to(tl.int64)
+        k = tl.load(k_base + pos[None, :] * sk_l + offs_d[:, None] * sk_d, mask=ok[None, :] & d_ok[:, None], other=0.0)
+        v = tl.load(v_base + pos[:, None] * sv_l + offs_d[None, :] * sv_d, mask=ok[:, None] & d_ok[None, :], other=0.0)
+        acc, m_i, l_i = _online_step(acc, m_i, l_i, q, k, v, ok[None, :], qk_scale, PRECISION, UPCAST)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _window_fwd(
+    Q, K, V, DK, DV, O, VISITS,
+    sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d,
+    sdk_b, sdk_h, sdk_l, sdk_d, sdv_b, sdv_h, sdv_l, sdv_d, so_b, so_h, so_l, so_d,
+    n_heads, head_dim, n_txt, n_ref, n_down, grid_h, grid_w, reach, r2, qk_scale, tiles_x,
+    QTH: tl.constexpr, QTW: tl.constexpr, KTH: tl.constexpr, KTW: tl.constexpr, BLOCK_D: tl.constexpr,
+    SIDE: tl.constexpr, COUNT_VISITS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    # 64-bit offsets: a q/k/v view of a fused [B, L, 3, H, D] tensor exceeds 2**31 elements at 8K.
+    b = (pid_bh // n_heads).to(tl.int64)
+    hh = (pid_bh % n_heads).to(tl.int64)
+    ty = pid_t // tiles_x
+    tx = pid_t % tiles_x
+
+    offs_m = tl.arange(0, QTH * QTW)
+    qy = ty * QTH + offs_m // QTW
+    qx = tx * QTW + offs_m % QTW
+    q_ok = (qy < grid_h) & (qx < grid_w)
+    q_pos = (n_txt + qy * grid_w + qx).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+
+    q_base = Q + b * sq_b + hh * sq_h
+    k_base = K + b * sk_b + hh * sk_h
+    v_base = V + b * sv_b + hh * sv_h
+    q = tl.load(q_base + q_pos[:, None] * sq_l + offs_d[None, :] * sq_d, mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+
+    # A finite start for the running max keeps rows whose first block is fully masked NaN-free.
+    m_i = tl.full([QTH * QTW], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([QTH * QTW], dtype=tl.float32)
+    acc = tl.zeros([QTH * QTW, BLOCK_D], dtype=tl.float32)
+
+    n_img = grid_h * grid_w
+    acc, m_i, l_i = _attend_run(acc, m_i, l_i, q, k_base, v_base, sk_l, sk_d, sv_l, sv_d, offs_d, d_ok,
+                                0, n_txt, qk_scale, SIDE, PRECISION, UPCAST)
+    acc, m_i, l_i = _attend_run(acc, m_i, l_i, q, k_base, v_base, sk_l, sk_d, sv_l, sv_d, offs_d, d_ok,
+                                n_txt + n_img, n_ref, qk_scale, SIDE, PRECISION, UPCAST)
+    acc, m_i, l_i = _attend_run(acc, m_i, l_i, q, DK + b * sdk_b + hh * sdk_h, DV + b * sdv_b + hh * sdv_h,
+                                sdk_l, sdk_d, sdv_l, sdv_d, offs_d, d_ok, 0, n_down, qk_scale, SIDE, PRECISION, UPCAST)
+
+    # Image key tiles: bounding box of the windows, then the exact tile-gap test.
+    qy0 = ty * QTH
+    qy1 = tl.minimum(qy0 + QTH, grid_h) - 1
+    qx0 = tx * QTW
+    qx1 = tl.minimum(qx0 + QTW, grid_w) - 1
+    offs_n = tl.arange(0, KTH * KTW)
+    n_visits = 0
+    for kty in range(tl.maximum(qy0 - reach, 0) // KTH, tl.minimum(qy1 + reach, grid_h - 1) // KTH + 1):
+        ky0 = kty * KTH
+        gap_y = tl.maximum(tl.maximum(ky0 - qy1, qy0 - (tl.minimum(ky0 + KTH, grid_h) - 1)), 0)
+        for ktx in range(tl.maximum(qx0 - reach, 0) // KTW, tl.minimum(qx1 + reach, grid_w - 1) // KTW + 1):
+            kx0 = ktx * KTW
+            gap_x = tl.maximum(tl.maximum(kx0 - qx1, qx0 - (tl.minimum(kx0 + KTW, grid_w) - 1)), 0)
+            if gap_y * gap_y + gap_x * gap_x < r2:
+                n_visits += 1
+                ky = ky0 + offs_n // KTW
+                kx = kx0 + offs_n % KTW
+                k_ok = (ky < grid_h) & (kx < grid_w)
+                k_pos = (n_txt + ky * grid_w + kx).to(tl.int64)
+                k = tl.load(k_base + k_pos[None, :] * sk_l + offs_d[:, None] * sk_d,
+                            mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+                v = tl.load(v_base + k_pos[:, None] * sv_l + offs_d[None, :] * sv_d,
+                            mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+                dy = qy[:, None] - ky[None, :]
+                dx = qx[:, None] - kx[None, :]
+                allowed = (dy * dy + dx * dx < r2) & k_ok[None, :]
+                acc, m_i, l_i = _online_step(acc, m_i, l_i, q, k, v, allowed, qk_scale, PRECISION, UPCAST)
+
+    out = acc / tl.where(q_ok, l_i, 1.0)[:, None]  # padding rows saw nothing
+    o_ptrs = O + b * so_b + hh * so_h + q_pos[:, None] * so_l + offs_d[None, :] * so_d
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
+    if COUNT_VISITS:
+        tl.store(VISITS + pid_t, n_visits)
+
+
+def _check_tile(tile: Tile, name: str) -> None:
+    for side in (tile.rows, tile.cols):
+        if side < 1 or side & (side - 1):
+            raise ValueError(f"{name} sides must be powers of two, got {tile}")
+    if tile.size < 16:
+        raise ValueError(f"{name} must hold at least 16 tokens (tensor-core minimum), got {tile}")
+
+
+def window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: tuple[int, int],
+                            n_txt: int, radius: int, n_ref: int, down_k: torch.Tensor | None,
+                            down_v: torch.Tensor | None, scale: float, q_tile: Tile = DEFAULT_Q_TILE,
+                            k_tile: Tile = DEFAULT_K_TILE, visits: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel path; arguments as in :func:`ultrares.kernels.clear_attention.circular_window_attention`.
+
+    ``visits``, when given, is an int32 tensor with one slot per query tile that receives the
+    number of image key tiles the kernel visited for it (tests compare it with the counter).
+    """
+    _check_tile(q_tile, "q_tile")
+    _check_tile(k_tile, "k_tile")
+    b, heads, _, dim = q.shape
+    h, w = grid
+    out = torch.empty_like(q)
+    for rows in global_rows(q.shape[2], n_txt, h * w):
+        dense_rows(q, k, v, out, rows, scale)
+    if down_k is None:
+        down_k, down_v, n_down = k, v, 0
+    else:
+        down_k, down_v, n_down = down_k.to(k.dtype), down_v.to(v.dtype), down_k.shape[2]
+    tiles_y, tiles_x = tile_counts(grid, q_tile)
+    n_tiles = tiles_y * tiles_x
+    count = visits is not None
+    if count and (visits.dtype != torch.int32 or visits.numel() != n_tiles):
+        raise ValueError(f"visits must be an int32 tensor with {n_tiles} elements")
+    block_d = max(16, triton.next_power_of_2(dim))
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    _window_fwd[(n_tiles, b * heads)](
+        q, k, v, down_k, down_v, out, visits if count else out,
+        *q.stride(), *k.stride(), *v.stride(), *down_k.stride(), *down_v.stride(), *out.stride(),
+        heads, dim, n_txt, n_ref, n_down, h, w, radius - 1, radius * radius, scale * LOG2E, tiles_x,
+        QTH=q_tile.rows, QTW=q_tile.cols, KTH=k_tile.rows, KTW=k_tile.cols, BLOCK_D=block_d,
+        SIDE=SIDE_BLOCK, COUNT_VISITS=count, PRECISION=precision,
+        UPCAST=q.dtype == torch.bfloat16 and triton_interpreting(),
+        num_warps=8 if q_tile.size * block_d > 8192 else 4,
+    )
+    return out
+

@@ -1,0 +1,383 @@
+"""Inf-DiT weight files: the released DeepSpeed/SAT pickle and the pack's safetensors.
+
+The release is ``mp_rank_00_model_states.pt``: a DeepSpeed checkpoint whose ``['module']``
+holds SwissArmyTransformer (SAT) names (``transformer.layers.{i}.attention.query_key_value``,
+``mixins.adaln_layer.re_pos_embed`` ...) plus the frozen OpenCLIP tower under
+``image_encoder.model.visual``. :func:`convert_checkpoint` rewrites it once into a
+safetensors file with this pack's names; :func:`load_infdit` accepts either, infers the
+sizes from the shapes, checks every tensor against them and refuses missing or unexpected
+keys by name.
+
+The pickle is opened with ``torch.load(weights_only=True)``: besides tensors it may only
+build the numpy types DeepSpeed stores its RNG state with. Any other pickled global is
+refused by name (running it could execute code from the file), unless the caller names it
+in ``allow_globals`` after deciding to trust the file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .clip_vision import ClipVisionConfig, ClipVisionEncoder
+from .config import InfDiTConfig
+from .network import InfDiT
+
+PACK_FORMAT = "ultrares-infdit"
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+CLIP_PREFIX = "clip."
+SAT_CLIP_PREFIX = "image_encoder.model.visual."
+SAT_BLOCK_BIAS = "mixins.adaln_layer.re_pos_embed"
+SAT_ROPE_TABLE = "mixins.adaln_layer.rope.freqs_cos"
+DEFAULT_ROPE_PERIOD = 1024
+
+# (SAT name, pack name); {i} is a layer index, {p} "weight" or "bias".
+KEY_MAP: tuple[tuple[str, str], ...] = (
+    ("mixins.patch_embed.proj.{p}", "patch_embed.{p}"),
+    ("time_embed.mlp.0.{p}", "time_embed.fc1.{p}"),
+    ("time_embed.mlp.2.{p}", "time_embed.fc2.{p}"),
+    ("cond_embed.map_vector.0.{p}", "vector_embed.fc1.{p}"),
+    ("cond_embed.map_vector.2.{p}", "vector_embed.fc2.{p}"),
+    ("transformer.layers.{i}.attention.query_key_value.{p}", "blocks.{i}.qkv.{p}"),
+    ("transformer.layers.{i}.attention.dense.{p}", "blocks.{i}.attn_out.{p}"),
+    ("transformer.layers.{i}.mlp.dense_h_to_4h.{p}", "blocks.{i}.fc1.{p}"),
+    ("transformer.layers.{i}.mlp.dense_4h_to_h.{p}", "blocks.{i}.fc2.{p}"),
+    ("mixins.adaln_layer.adaLN_modulations.{i}.1.{p}", "blocks.{i}.ada.{p}"),
+    ("mixins.adaln_layer.q_layer_norm.{i}.{p}", "blocks.{i}.qk_norm.{p}"),
+    ("mixins.adaln_layer.proj_lr.{p}", "lr_xattn.proj_lr.{p}"),
+    ("mixins.adaln_layer.cross_attention.query.{p}", "lr_xattn.query.{p}"),
+    ("mixins.adaln_layer.cross_attention.key_value.{p}", "lr_xattn.key_value.{p}"),
+    ("mixins.adaln_layer.cross_attention.dense.{p}", "lr_xattn.dense.{p}"),
+    ("mixins.adaln_layer.post_cross_attention_layernorm.{p}", "lr_xattn.post_norm.{p}"),
+    ("mixins.adaln_layer.cross_q_ln.{p}", "lr_xattn.q_norm.{p}"),
+    ("mixins.adaln_layer.cross_k_ln.{p}", "lr_xattn.k_norm.{p}"),
+    ("mixins.adaln_layer.lr_query_position_embedding", "lr_xattn.query_pos"),
+    ("mixins.adaln_layer.lr_key_position_embedding", "lr_xattn.key_pos"),
+    ("mixins.final_layer.adaLN_modulation.1.{p}", "final.ada.{p}"),
+    ("mixins.final_layer.linear.{p}", "final.linear.{p}"),
+)
+
+# SAT entries the released model never reads: the RoPE tables (recomputed), the key
+# LayerNorms (the model normalises keys with the query LayerNorm), SAT's unused position
+# embedding and the leftovers of the deleted CLIP text tower.
+SAT_IGNORED: tuple[str, ...] = (
+    r"mixins\.adaln_layer\.rope\.freqs_(cos|sin)",
+    r"mixins\.adaln_layer\.k_layer_norm\.\d+\.(weight|bias)",
+    r"transformer\.position_embeddings\.weight",
+    r"image_encoder\.model\.(token_embedding\.weight|positional_embedding|text_projection|logit_scale|attn_mask)",
+)
+
+# OpenCLIP checkpoints: the image tower under "visual.", the text tower around it.
+OPENCLIP_TEXT = r"(token_embedding\.weight|positional_embedding|text_projection|logit_scale|attn_mask|ln_final\..*|transformer\..*)"
+
+
+class CheckpointError(ValueError):
+    """A weight file that is not (or not entirely) what the loader needs; the message says why."""
+
+
+def _template_regex(template: str) -> re.Pattern[str]:
+    pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
+    return re.compile(pattern + r"\Z")
+
+
+_SAT_TO_PACK = [(_template_regex(sat), pack) for sat, pack in KEY_MAP]
+_PACK_TO_SAT = [(_template_regex(pack), sat) for sat, pack in KEY_MAP]
+_SAT_IGNORED = [re.compile(p + r"\Z") for p in SAT_IGNORED]
+
+
+def _rename(key: str, rules: list[tuple[re.Pattern[str], str]]) -> str | None:
+    for regex, template in rules:
+        if match := regex.match(key):
+            return template.format(**match.groupdict())
+    return None
+
+
+def _describe(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files
+
+
+def _allowed_pickle_globals(extra: tuple[str, ...]) -> list:
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+
+    allowed: list = [(_reconstruct, "numpy.core.multiarray._reconstruct"),
+                     (_reconstruct, "numpy._core.multiarray._reconstruct"), np.ndarray, np.dtype]
+    allowed += [cls for name in dir(np.dtypes) if isinstance(cls := getattr(np.dtypes, name), type)]
+    for name in extra:
+        module, _, attr = name.rpartition(".")
+        try:
+            allowed.append((getattr(importlib.import_module(module), attr), name))
+        except (ImportError, AttributeError) as error:
+            raise CheckpointError(f"cannot allow pickled global {name!r}: {error}") from error
+    return allowed
+
+
+def _refused_global(error: Exception) -> str | None:
+    text = str(error)
+    match = (re.search(r"GLOBAL ([\w.]+) was not an allowed global", text)
+             or re.search(r"but got <class '([\w.]+)'>", text))
+    return match.group(1) if match else None
+
+
+def _load_pickle(path: Path, allow_globals: tuple[str, ...]) -> dict:
+    with torch.serialization.safe_globals(_allowed_pickle_globals(allow_globals)):
+        try:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as error:
+                if "mmap" not in str(error):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            name = _refused_global(error)
+            if name is None:
+                raise CheckpointError(f"{path.name}: cannot read the file as a torch checkpoint ({error})") from error
+            raise CheckpointError(
+                f"{path.name} contains the pickled Python object {name}, which is not on the list of types "
+                "this loader builds (tensors, and the numpy types DeepSpeed stores its RNG state with). "
+                "Loading it would run code from the file. If you trust the file, convert it with "
+                f"'python -m {__package__}.convert --allow-global {name} ...'.") from error
+
+
+def read_state_dict(path: str | Path, allow_globals: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors of a weight file and its metadata (safetensors only).
+
+    DeepSpeed/SAT pickles keep the weights under ``'module'`` (also accepted: ``'state_dict'``
+    or a bare state dict); everything else in them (optimizer and RNG states) is dropped.
+    """
+    path = Path(path)
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})
+    data = _load_pickle(path, allow_globals)
+    for wrapper in ("module", "state_dict"):
+        if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
+            data = data[wrapper]
+            break
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path.name}: expected a state dict, found {type(data).__name__}")
+    tensors = {key: value for key, value in data.items() if isinstance(value, torch.Tensor)}
+    others = sorted(key for key in data if key not in tensors)
+    if others:
+        raise CheckpointError(f"{path.name}: entries that are not tensors in the state dict: {_describe(others)}")
+    return tensors, {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Key names
+
+
+@dataclass
+class SplitCheckpoint:
+    """A weight file's tensors sorted by purpose, in the pack's names."""
+
+    dit: dict[str, torch.Tensor]
+    clip: dict[str, torch.Tensor]
+    rope_period: int
+    sat: bool = False
+    """Whether the file used the released SAT names (error messages then use them too)."""
+
+
+def split_sat(state: dict[str, torch.Tensor]) -> SplitCheckpoint:
+    """SAT names (the released ``['module']``) -> pack names; refuses keys it does not know."""
+    dit: dict[str, torch.Tensor] = {}
+    clip: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    for key, value in state.items():
+        if key.startswith(SAT_CLIP_PREFIX):
+            clip[key[len(SAT_CLIP_PREFIX):]] = value
+        elif key == SAT_BLOCK_BIAS:
+            for layer, bias in enumerate(value.unbind(0)):
+                dit[f"blocks.{layer}.block_bias"] = bias
+        elif (name := _rename(key, _SAT_TO_PACK)) is not None:
+            dit[name] = value
+        elif not any(regex.match(key) for regex in _SAT_IGNORED):
+            unknown.append(key)
+    if unknown:
+        raise CheckpointError(f"unexpected keys in the SAT checkpoint: {_describe(sorted(unknown))}")
+    rope = state.get(SAT_ROPE_TABLE)
+    return SplitCheckpoint(dit, clip, rope.shape[0] if rope is not None else DEFAULT_ROPE_PERIOD, sat=True)
+
+
+def sat_name(key: str) -> str:
+    """The released (SAT) name of a pack key, for messages about SAT files."""
+    if match := re.fullmatch(r"blocks\.(\d+)\.block_bias", key):
+        return f"{SAT_BLOCK_BIAS}[{match.group(1)}]"
+    return _rename(key, _PACK_TO_SAT) or key
+
+
+def pack_to_sat(dit: dict[str, torch.Tensor], clip: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The inverse naming (pack -> SAT), e.g. to write a file in the released layout."""
+    state: dict[str, torch.Tensor] = {}
+    biases = {}
+    for key, value in dit.items():
+        if match := re.fullmatch(r"blocks\.(\d+)\.block_bias", key):
+            biases[int(match.group(1))] = value
+        elif (name := _rename(key, _PACK_TO_SAT)) is not None:
+            state[name] = value
+        else:
+            raise CheckpointError(f"no SAT name for {key!r}")
+    if biases:
+        state[SAT_BLOCK_BIAS] = torch.stack([biases[i] for i in range(len(biases))])
+    state.update({SAT_CLIP_PREFIX + key: value for key, value in (clip or {}).items()})
+    return state
+
+
+def split_checkpoint(state: dict[str, torch.Tensor], metadata: dict) -> SplitCheckpoint:
+    """Tensors in either naming -> :class:`SplitCheckpoint`; refuses a file that is not Inf-DiT."""
+    if any(key.startswith(("transformer.layers.", "mixins.")) for key in state):
+        return split_sat(state)
+    if not any(key.startswith("blocks.") for key in state):
+        raise CheckpointError(
+            "this is not an Inf-DiT checkpoint: it has neither the released (SAT) keys such as "
+            "'transformer.layers.0.attention.query_key_value.weight' nor this pack's 'blocks.0.qkv.weight' "
+            f"(first keys: {_describe(sorted(state), 5)})")
+    dit = {key: value for key, value in state.items() if not key.startswith(CLIP_PREFIX)}
+    clip = {key[len(CLIP_PREFIX):]: value for key, value in state.items() if key.startswith(CLIP_PREFIX)}
+    return SplitCheckpoint(dit, clip, int(metadata.get("rope_period", DEFAULT_ROPE_PERIOD)))
+
+
+def clip_state_from_file(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A separate OpenCLIP file (``visual.*`` with its text tower, bare tower keys, or the SAT
+    or pack prefixes) -> the image tower's tensors in OpenCLIP naming."""
+    for prefix in (SAT_CLIP_PREFIX, CLIP_PREFIX):
+        if tower := {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}:
+            return tower
+    for prefix in ("visual.",):
+        if tower := {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}:
+            rest = [key for key in state if not key.startswith(prefix)
+                    and not re.match(OPENCLIP_TEXT + r"\Z", key.removeprefix("image_encoder.model."))]
+            if rest:
+                raise CheckpointError(f"unexpected keys beside the CLIP image tower: {_describe(sorted(rest))}")
+            return tower
+    if "conv1.weight" in state:
+        return dict(state)
+    raise CheckpointError("this is not an OpenCLIP ViT image tower: no 'visual.conv1.weight' or 'conv1.weight' "
+                          f"(first keys: {_describe(sorted(state), 5)})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration from shapes, and strict verification
+
+
+def _shape(state: dict[str, torch.Tensor], key: str) -> tuple[int, ...]:
+    if key not in state:
+        raise CheckpointError(f"missing key {key!r}: cannot infer the model size")
+    return tuple(state[key].shape)
+
+
+def infer_config(dit: dict[str, torch.Tensor], rope_period: int = DEFAULT_ROPE_PERIOD) -> InfDiTConfig:
+    """Sizes from the shapes (layers, width, heads, patch, block ...), so any size loads."""
+    hidden, in_channels, patch, _ = _shape(dit, "patch_embed.weight")
+    layer_ids = {int(m.group(1)) for key in dit if (m := re.match(r"blocks\.(\d+)\.", key))}
+    if layer_ids != set(range(len(layer_ids))) or not layer_ids:
+        raise CheckpointError(f"layers are not numbered 0..n-1: found {sorted(layer_ids)}")
+    head_dim = _shape(dit, "blocks.0.qk_norm.weight")[0]
+    block_tokens = _shape(dit, "lr_xattn.query_pos")[1]
+    window_tokens = _shape(dit, "lr_xattn.key_pos")[1]
+    block, window = math.isqrt(block_tokens), math.isqrt(window_tokens)
+    if block * block != block_tokens or window * window != window_tokens or window % 3:
+        raise CheckpointError(f"LR position embeddings {block_tokens} / {window_tokens} tokens are not square blocks")
+    try:
+        return InfDiTConfig(
+            hidden=hidden, layers=len(layer_ids), heads=hidden // head_dim, patch=patch, block=block,
+            lr_patch=_shape(dit, "lr_xattn.proj_lr.weight")[-1], lr_block=window // 3,
+            time_channels=_shape(dit, "time_embed.fc1.weight")[1], vector_dim=_shape(dit, "vector_embed.fc1.weight")[1],
+            in_channels=in_channels, out_channels=_shape(dit, "final.linear.weight")[0] // (patch * patch),
+            mlp_ratio=_shape(dit, "blocks.0.fc1.weight")[0] // hidden, rope_period=rope_period)
+    except ValueError as error:
+        raise CheckpointError(f"inconsistent sizes in the checkpoint: {error}") from error
+
+
+def infer_clip_config(clip: dict[str, torch.Tensor]) -> ClipVisionConfig:
+    width, _, patch, _ = _shape(clip, "conv1.weight")
+    tokens = _shape(clip, "positional_embedding")[0] - 1
+    side = math.isqrt(tokens)
+    layers = len({int(m.group(1)) for key in clip if (m := re.match(r"transformer\.resblocks\.(\d+)\.", key))})
+    return ClipVisionConfig(width=width, layers=layers, patch=patch, image_size=side * patch,
+                            embed_dim=_shape(clip, "proj")[1], mlp_width=_shape(clip, "transformer.resblocks.0.mlp.c_fc.weight")[0])
+
+
+def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str,
+                source_name: Callable[[str], str] = str) -> None:
+    """Copy ``state`` into ``module``; every key must exist on both sides with the same shape.
+
+    ``source_name`` renders a key as the file names it (e.g. the SAT name), for the messages.
+    """
+    expected = module.state_dict()
+    missing = [source_name(key) for key in sorted(set(expected) - set(state))]
+    unexpected = [source_name(key) for key in sorted(set(state) - set(expected))]
+    wrong = [f"{source_name(key)} {tuple(state[key].shape)} (expected {tuple(expected[key].shape)})"
+             for key in sorted(set(state) & set(expected)) if state[key].shape != expected[key].shape]
+    problems = ([f"missing {what} keys: {_describe(missing)}"] if missing else []) + \
+               ([f"unexpected {what} keys: {_describe(unexpected)}"] if unexpected else []) + \
+               ([f"{what} shapes that do not fit the inferred configuration: {_describe(wrong)}"] if wrong else [])
+    if problems:
+        raise CheckpointError("; ".join(problems))
+    module.load_state_dict(state, assign=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points
+
+
+@dataclass
+class InfDiTWeights:
+    """A loaded upsampler: the DiT and (when available) its CLIP image tower."""
+
+    net: InfDiT
+    clip: ClipVisionEncoder | None
+
+
+def _build(cls, cfg, state: dict[str, torch.Tensor], what: str, dtype: torch.dtype,
+           source_name: Callable[[str], str] = str) -> torch.nn.Module:
+    with torch.device("meta"):
+        module = cls(cfg)
+    load_strict(module, {key: value.to(dtype) for key, value in state.items()}, what, source_name)
+    return module.eval().requires_grad_(False)
+
+
+def load_clip(state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> ClipVisionEncoder:
+    return _build(ClipVisionEncoder, infer_clip_config(state), state, "CLIP image tower", dtype)
+
+
+def load_infdit(path: str | Path, dtype: torch.dtype = torch.float32, clip_path: str | Path | None = None,
+                allow_globals: tuple[str, ...] = ()) -> InfDiTWeights:
+    """Load an Inf-DiT file (released pickle or converted safetensors) on the CPU.
+
+    The CLIP tower comes from ``clip_path`` when given, else from the checkpoint if it has
+    one; otherwise :attr:`InfDiTWeights.clip` is ``None``.
+    """
+    state, metadata = read_state_dict(path, allow_globals)
+    parts = split_checkpoint(state, metadata)
+    net = _build(InfDiT, infer_config(parts.dit, parts.rope_period), parts.dit, "Inf-DiT", dtype,
+                 sat_name if parts.sat else str)
+    clip_state = clip_state_from_file(read_state_dict(clip_path)[0]) if clip_path is not None else parts.clip
+    return InfDiTWeights(net, load_clip(clip_state, dtype) if clip_state else None)
+
+
+def convert_checkpoint(source: str | Path, target: str | Path, dtype: torch.dtype = torch.bfloat16,
+                       clip_path: str | Path | None = None, allow_globals: tuple[str, ...] = ()) -> InfDiTConfig:
+    """Rewrite a released checkpoint as a safetensors file in the pack's names (verified first)."""
+    weights = load_infdit(source, dtype, clip_path, allow_globals)
+    tensors = {key: value.contiguous() for key, value in weights.net.state_dict().items()}
+    if weights.clip is not None:
+        tensors.update({CLIP_PREFIX + key: value.contiguous() for key, value in weights.clip.state_dict().items()})
+    save_file(tensors, str(target), metadata={"format": PACK_FORMAT, "rope_period": str(weights.net.cfg.rope_period)})
+    return weights.net.cfg

@@ -1,0 +1,219 @@
+"""Upscale images with Inf-DiT: preparation, block-scheduled Heun sampling, and the result.
+
+One *stage* is one 2x or 4x pass, as in the reference script: the input is padded (not
+cropped) to whole blocks, bicubic-upsampled for the concatenated LR channels, fed to layer 0's
+cross-attention at 1/4 of the output size, and its unpadded version goes to CLIP; after
+sampling the padding is cropped off. Larger factors repeat stages (8 = 4 then 2, 16 = 4 then
+4). Images are sampled one at a time; an alpha channel is resized bicubically.
+
+The batch size n comes from the memory model and the budget (or is given); if the device
+still runs out of memory, the evaluation restarts with n - 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .checkpoint import InfDiTWeights
+from .evaluate import ImageContext, evaluate
+from .lr_context import LRContext
+from .memory import MemoryEstimate, choose_batch_size, estimate_memory
+from .placement import HostObserver, Placement
+from .plan import ScanOrder, plan_batches
+from .preprocess import clip_view, pad_to_multiple, resize_bicubic
+from .sampler import SIGMA_MAX, edm_sigmas, evaluations, heun_sample
+
+STAGES: dict[int, tuple[int, ...]] = {2: (2,), 4: (4,), 8: (4, 2), 16: (4, 4)}
+NOISE_CHUNK = 1 << 16
+
+
+@dataclass(frozen=True)
+class UpscaleOptions:
+    scale: int = 4
+    steps: int = 20
+    seed: int = 0
+    init_noise: bool = True
+    """Start from the upsampled LR plus noise (the released setting) instead of pure noise."""
+    budget_bytes: float | None = None
+    """Device memory for the whole sample; ``None``: no limit (one batch if nothing is given)."""
+    batch_blocks: int | None = None
+    """Fixed n (blocks per batch side), overriding the budget."""
+    scan: ScanOrder = "auto"
+    offload: bool = False
+    margin: float = 0.0
+    """Headroom on top of the memory model when choosing n (fraction)."""
+
+
+class Progress:
+    """Counts (evaluation, batch) steps across images and stages; totals change when n does."""
+
+    def __init__(self, total: int, on_progress: Callable[[int, int], None] | None):
+        self.done, self.total, self._report = 0, total, on_progress
+
+    def step(self) -> None:
+        self.done += 1
+        if self._report is not None:
+            self._report(self.done, self.total)
+
+    def rewind(self, steps: int, total_change: int) -> None:
+        self.done -= steps
+        self.total += total_change
+
+
+def weight_bytes(weights: InfDiTWeights) -> int:
+    modules = [weights.net] + ([weights.clip] if weights.clip is not None else [])
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+
+def stage_factors(scale: int) -> tuple[int, ...]:
+    if scale not in STAGES:
+        raise ValueError(f"scale must be one of {sorted(STAGES)} (2x and 4x passes), got {scale}")
+    return STAGES[scale]
+
+
+def stage_sizes(weights: InfDiTWeights, size: tuple[int, int], factors: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Sampled (padded) output size of each stage: the input of a stage is padded to whole blocks."""
+    sizes, (height, width) = [], size
+    for factor in factors:
+        multiple = weights.net.cfg.block_px // factor
+        sizes.append((-(-height // multiple) * multiple * factor, -(-width // multiple) * multiple * factor))
+        height, width = height * factor, width * factor
+    return sizes
+
+
+def plan_stage(weights: InfDiTWeights, height: int, width: int, options: UpscaleOptions) -> MemoryEstimate:
+    """The batch size n for one stage's padded output, from the options and the memory model."""
+    cfg = weights.net.cfg
+    kwargs = dict(weight_bytes=weight_bytes(weights), dtype=weights.net.dtype, offload=options.offload,
+                  scan=options.scan)
+    if options.batch_blocks is not None:
+        return estimate_memory(cfg, height, width, options.batch_blocks, **kwargs)
+    if options.budget_bytes is None:
+        return estimate_memory(cfg, height, width, max(height, width) // cfg.block_px, **kwargs)
+    return choose_batch_size(cfg, height, width, options.budget_bytes, margin=options.margin, **kwargs)
+
+
+class _StageSweep:
+    """D(x; sigma) for one stage, block batch by block batch, shared by the images of a batch.
+
+    On out-of-memory the evaluation restarts with n - 1, and the smaller n is kept for the
+    remaining evaluations and images; the progress total follows.
+    """
+
+    def __init__(self, weights: InfDiTWeights, grid: tuple[int, int], n: int, options: UpscaleOptions,
+                 placement: Placement, progress: Progress, check_interrupt: Callable[[], None] | None,
+                 images: int):
+        self.weights, self.grid, self.n, self.options = weights, grid, n, options
+        self.placement, self.progress, self.check_interrupt = placement, progress, check_interrupt
+        self.batches = plan_batches(*grid, n, options.scan)
+        self.evaluations_left = evaluations(options.steps) * images
+        self.context: ImageContext | None = None
+
+    def __call__(self, x: torch.Tensor, sigma: float, out: torch.Tensor) -> torch.Tensor:
+        while True:
+            done_before = self.progress.done
+            try:
+                evaluate(self.weights.net, x, sigma, self.context, self.batches, self.placement, out,
+                         self.progress.step, self.check_interrupt)
+                self.evaluations_left -= 1
+                return out
+            except torch.OutOfMemoryError as error:
+                if self.n == 1:
+                    raise torch.OutOfMemoryError(
+                        "Inf-DiT ran out of device memory even with one block per batch: free memory used by "
+                        "other models, enable offloading, or lower the budget's other claims") from error
+            self._shrink(self.progress.done - done_before)
+
+    def _shrink(self, batches_done: int) -> None:
+        if self.placement.device.type == "cuda":
+            torch.cuda.empty_cache()
+        old = len(self.batches)
+        self.n -= 1
+        self.batches = plan_batches(*self.grid, self.n, self.options.scan)
+        self.progress.rewind(batches_done, (len(self.batches) - old) * self.evaluations_left)
+
+
+def _initial_state(concat_lr: torch.Tensor, generator: torch.Generator, init_noise: bool,
+                   placement: Placement) -> torch.Tensor:
+    """x_T = [LR +] 40 N(0, I) on the store device, drawn on the CPU in fixed-size chunks so no
+    image-sized temporary is created (the draw depends on the seed and the size only)."""
+    x = placement.empty_store(tuple(concat_lr.shape), torch.float32)
+    flat, lr_flat = x.view(-1), concat_lr.view(-1)
+    for start in range(0, flat.numel(), NOISE_CHUNK):
+        stop = min(start + NOISE_CHUNK, flat.numel())
+        with placement.host_work():
+            chunk = torch.randn(stop - start, generator=generator) * SIGMA_MAX
+            if init_noise:
+                chunk += lr_flat[start:stop].cpu()
+        flat[start:stop] = chunk
+    return x
+
+
+def _upscale_stage(weights: InfDiTWeights, lr: torch.Tensor, factor: int, sweep: _StageSweep,
+                   generator: torch.Generator) -> torch.Tensor:
+    """One 2x/4x pass of a ``[1, 3, h, w]`` image in [-1, 1] (CPU) -> ``[1, 3, h*f, w*f]`` (CPU)."""
+    cfg, placement, options = weights.net.cfg, sweep.placement, sweep.options
+    height, width = lr.shape[-2:]
+    with placement.host_work():
+        padded = pad_to_multiple(lr, cfg.block_px // factor)
+        out_h, out_w = padded.shape[-2] * factor, padded.shape[-1] * factor
+        concat_lr = resize_bicubic(padded, (out_h, out_w)).clamp(-1, 1)
+        lr_size = (out_h // cfg.lr_scale, out_w // cfg.lr_scale)
+        cross_lr = resize_bicubic(padded, lr_size)
+        clip_lr = resize_bicubic(lr, (height * factor // cfg.lr_scale, width * factor // cfg.lr_scale))
+        pixels = clip_view(clip_lr, weights.clip.cfg.image_size)
+    vector = weights.clip.encode(pixels)
+    sweep.context = ImageContext(placement.to_store(concat_lr), LRContext(weights.net, cross_lr, placement),
+                                 vector)
+    del concat_lr
+    x = _initial_state(sweep.context.concat_lr, generator, options.init_noise, placement)
+    sample = heun_sample(sweep, x, edm_sigmas(options.steps),
+                         lambda: placement.empty_store(tuple(x.shape), torch.float32))
+    sweep.context = None
+    with placement.host_work():
+        return sample[..., :height * factor, :width * factor].clamp(-1, 1).cpu()
+
+
+def upscale(weights: InfDiTWeights, images: torch.Tensor, options: UpscaleOptions, device: torch.device,
+            on_progress: Callable[[int, int], None] | None = None,
+            check_interrupt: Callable[[], None] | None = None,
+            observer: HostObserver | None = None) -> torch.Tensor:
+    """``[B, C, H, W]`` images in [0, 1] (C = 3, or 4 with alpha) -> ``[B, C, H*scale, W*scale]``.
+
+    ``on_progress(done, total)`` counts (network evaluation, block batch) steps; ``check_interrupt``
+    is called before every block batch and may raise to stop.
+    """
+    if weights.clip is None:
+        raise ValueError("Inf-DiT needs its CLIP image encoder (OpenCLIP ViT-L/14): the checkpoint has none, "
+                         "so load one from a separate file")
+    if images.dim() != 4 or images.shape[1] not in (3, 4):
+        raise ValueError(f"expected images [B, 3 or 4 channels, H, W], got shape {tuple(images.shape)}")
+    if min(images.shape[-2:]) < 1 or images.shape[0] < 1:
+        raise ValueError(f"empty image batch {tuple(images.shape)}")
+    factors = stage_factors(options.scale)
+    placement = Placement(torch.device(device), options.offload, observer)
+    sizes = stage_sizes(weights, tuple(images.shape[-2:]), factors)
+    block_px, count = weights.net.cfg.block_px, images.shape[0]
+    progress = Progress(0, on_progress)
+    sweeps = [_StageSweep(weights, (height // block_px, width // block_px), plan_stage(weights, height, width, options).n,
+                          options, placement, progress, check_interrupt, count) for height, width in sizes]
+    progress.total = sum(len(sweep.batches) * sweep.evaluations_left for sweep in sweeps)
+    generator = torch.Generator().manual_seed(options.seed)
+    results = []
+    with torch.inference_mode():
+        for image in images.float().cpu():
+            with placement.host_work():
+                rgb = image[None, :3] * 2 - 1
+            for factor, sweep in zip(factors, sweeps):
+                rgb = _upscale_stage(weights, rgb, factor, sweep, generator)
+            with placement.host_work():
+                result = (rgb + 1) / 2
+                if image.shape[0] == 4:
+                    alpha = resize_bicubic(image[None, 3:], tuple(result.shape[-2:])).clamp(0, 1)
+                    result = torch.cat([result, alpha], dim=1)
+                results.append(result)
+    with placement.host_work():
+        return torch.cat(results)

@@ -1,0 +1,267 @@
+"""CLEAR in ComfyUI: the patch node and the hooks it puts on a clone of a Flux model.
+
+- Weights: the file's fine-tuned projections become ModelPatcher "set" weight patches placed
+  in front of the clone's other patches, so LoRAs on the same tensors still add on top
+  whatever the node order, and the unpatched model stays the original.
+- Token grid: an ``APPLY_MODEL`` wrapper reads the latent (and Kontext reference latents)
+  and hands the layout to the attention calls of that forward pass.
+- Attention: an ``optimized_attention_override`` runs CLEAR on the model's joint
+  ``[text | image | reference]`` calls and sends every other call (and everything while the
+  image is small) to the previous override or ComfyUI's own attention.
+- Block identity (per-layer ``spatial_weight``): newer ComfyUI puts ``block_type`` /
+  ``block_index`` in ``transformer_options``; where it does not, ``patches_replace["dit"]``
+  entries (wrapping any that were there) tag each block's options.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+
+import comfy.ldm.flux.model
+import comfy.model_patcher
+import comfy.patcher_extension
+import comfy.utils
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ..kernels.backend import BACKENDS
+from ..models.clear.attention import ClearAttention, TokenLayout
+from ..models.clear.pattern import ClearPattern, ntk_theta, resolve_pattern
+from ..models.clear.weights import Block, ClearWeights, plan_weights
+from .category import CATEGORY
+from .runtime import check_interrupt, progress_callback
+
+WRAPPER_KEY = "ultrares_clear"
+LAYOUT_KEY = "ultrares_clear_layout"
+BLOCK_KEY = "ultrares_clear_block"
+NO_FILE = "none"
+THETA_ATTRIBUTE = "diffusion_model.pe_embedder.theta"
+
+log = logging.getLogger(__name__)
+
+
+def flux_module(model: comfy.model_patcher.ModelPatcher) -> comfy.ldm.flux.model.Flux:
+    """The model's Flux network, or a clear error for any other model."""
+    network = model.get_model_object("diffusion_model")
+    if not isinstance(network, comfy.ldm.flux.model.Flux):
+        raise ValueError(f"CLEAR patches FLUX models only; this model is {type(model.model.model_config).__name__} "
+                         f"({type(network).__name__})")
+    return network
+
+
+def load_clear_file(model: comfy.model_patcher.ModelPatcher, filename: str) -> tuple[ClearWeights, dict]:
+    """Read a file from ``models/clear`` and check it against ``model``; returns the weights and
+    the file's metadata."""
+    network = flux_module(model)
+    path = folder_paths.get_full_path_or_raise("clear", filename)
+    state_dict, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
+    depth, depth_single = len(network.double_blocks), len(network.single_blocks)
+    key_map = comfy.utils.flux_to_diffusers(
+        {"depth": depth, "depth_single_blocks": depth_single, "hidden_size": network.hidden_size},
+        output_prefix="diffusion_model.")
+    shapes = {key: tuple(value.shape) for key, value in model.model.state_dict().items()}
+    weights = plan_weights(state_dict, key_map, shapes, depth, depth_single, filename,
+                           on_progress=progress_callback(len(state_dict)), check_interrupt=check_interrupt)
+    return weights, metadata or {}
+
+
+def add_weights_first(model: comfy.model_patcher.ModelPatcher, weights: ClearWeights) -> None:
+    """Add the file's tensors as "set" patches and move them in front of the patches already
+    on those tensors (a LoRA loaded before this node then still applies on top)."""
+    patches = {(p.target, p.offset) if p.offset else p.target: ("set", (p.tensor,)) for p in weights.patches}
+    added = model.add_patches(patches, strength_patch=1.0)
+    if len(added) != len(patches):
+        absent = sorted({p.target for p in weights.patches} - {k if isinstance(k, str) else k[0] for k in added})
+        raise ValueError(f"the model has no parameter(s) {absent[:5]} for the CLEAR weights")
+    for target, count in collections.Counter(p.target for p in weights.patches).items():
+        entries = model.patches[target]
+        model.patches[target] = entries[-count:] + entries[:-count]
+
+
+def token_layout(x: torch.Tensor, patch_size: int, ref_latents: list | None) -> TokenLayout:
+    """Image token grid of a ``[B, C, H, W]`` latent and the Kontext reference tokens after it
+    (Flux pads every latent to the patch size before cutting tokens)."""
+    grid = (math.ceil(x.shape[-2] / patch_size), math.ceil(x.shape[-1] / patch_size))
+    n_ref = sum(math.ceil(r.shape[-2] / patch_size) * math.ceil(r.shape[-1] / patch_size) for r in ref_latents or [])
+    return TokenLayout(grid, n_ref)
+
+
+class LayoutWrapper:
+    """``APPLY_MODEL`` wrapper: puts the call's token layout into (a copy of) the transformer
+    options when the image has more than ``min_image_tokens`` tokens."""
+
+    def __init__(self, attention: ClearAttention, patch_size: int, min_image_tokens: int):
+        self.attention = attention
+        self.patch_size = patch_size
+        self.min_image_tokens = min_image_tokens
+        self.logged: set[tuple[int, int]] = set()
+
+    def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
+                 **kwargs):
+        options = dict(transformer_options or {})
+        layout = token_layout(x, self.patch_size, kwargs.get("ref_latents"))
+        if layout.n_img > self.min_image_tokens:
+            options[LAYOUT_KEY] = layout
+            self._log_dense_grid(layout.grid)
+        return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+
+    def _log_dense_grid(self, grid: tuple[int, int]) -> None:
+        pattern = self.attention.pattern
+        if grid in self.logged or not pattern.covers(grid):
+            return
+        self.logged.add(grid)
+        extras = [name for name, on in (("the down-sampled keys", pattern.down_factor > 1),
+                                        ("the proportional softmax scale", self.attention.proportional)) if on]
+        rest = (f"so only {' and '.join(extras)} differ from dense attention" if extras
+                else "so CLEAR runs the model's own attention here (exact)")
+        log.info("CLEAR: the window radius %d covers the whole %dx%d token grid, %s", pattern.radius, *grid, rest)
+
+
+def calling_block(options: dict) -> Block | None:
+    """The block an attention call comes from: this pack's tag, else the host's own keys."""
+    block = options.get(BLOCK_KEY)
+    if block is None and options.get("block_type") in ("double", "single") and "block_index" in options:
+        block = (options["block_type"], int(options["block_index"]))
+    return block
+
+
+class ClearOverride:
+    """``optimized_attention_override``: CLEAR on the joint Flux calls, the previous override
+    (or ComfyUI's attention) on everything else."""
+
+    def __init__(self, attention: ClearAttention, previous=None):
+        self.attention = attention
+        self.previous = previous
+
+    def dense(self, func, *args, **kwargs):
+        if self.previous is not None:
+            return self.previous(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+    def __call__(self, func, *args, **kwargs):
+        options = kwargs.get("transformer_options") or {}
+        layout = options.get(LAYOUT_KEY)
+        if layout is None or len(args) != 4 or not kwargs.get("skip_reshape") or kwargs.get("mask") is not None:
+            return self.dense(func, *args, **kwargs)
+        q, k, v, heads = args
+        joint = (q.ndim == 4 and q.shape == k.shape == v.shape and q.shape[1] == heads
+                 and layout.text_tokens(q.shape[2]) is not None)
+        if not joint or self.attention.is_plain_attention(layout):
+            return self.dense(func, *args, **kwargs)
+        out = self.attention(q, k, v, layout, calling_block(options))
+        if kwargs.get("skip_output_reshape"):
+            return out
+        return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+class BlockTag:
+    """``patches_replace["dit"]`` entry that names its block in the transformer options, then
+    runs the entry that was there before or the block itself."""
+
+    def __init__(self, block: Block, inner=None):
+        self.block = block
+        self.inner = inner
+
+    def __call__(self, args: dict, extra: dict) -> dict:
+        options = {**(args.get("transformer_options") or {}), BLOCK_KEY: self.block}
+        args = {**args, "transformer_options": options}
+        return self.inner(args, extra) if self.inner is not None else extra["original_block"](args)
+
+
+def tag_blocks(model: comfy.model_patcher.ModelPatcher, depth: int, depth_single: int) -> None:
+    """Register a :class:`BlockTag` for every double and single block of ``model``."""
+    existing = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+    for kind, count in (("double", depth), ("single", depth_single)):
+        for i in range(count):
+            name = f"{kind}_block"
+            model.set_model_patch_replace(BlockTag((kind, i), existing.get((name, i))), "dit", name, i)
+
+
+def apply_clear(model: comfy.model_patcher.ModelPatcher, pattern: ClearPattern, weights: ClearWeights | None = None,
+                ntk_factor: float = 1.0, proportional: bool = False, min_image_tokens: int = 0,
+                backend: str = "auto") -> comfy.model_patcher.ModelPatcher:
+    """A clone of ``model`` running CLEAR (the caller's model is left as it was)."""
+    network = flux_module(model)
+    patched = model.clone()
+    spatial = weights.spatial_weights if weights is not None and pattern.down_factor > 1 else {}
+    attention = ClearAttention(pattern, spatial, proportional, backend, check_interrupt)
+    if weights is not None:
+        add_weights_first(patched, weights)
+    if ntk_factor != 1.0:
+        # The network's configured base, never the live attribute (a loaded model may carry
+        # another patcher's value).
+        patched.add_object_patch(THETA_ATTRIBUTE, ntk_theta(network.params.theta, ntk_factor))
+    transformer_options = patched.model_options.setdefault("transformer_options", {})
+    transformer_options["optimized_attention_override"] = ClearOverride(
+        attention, transformer_options.get("optimized_attention_override"))
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY,
+                                 LayoutWrapper(attention, network.patch_size, min_image_tokens))
+    if attention.needs_block():
+        tag_blocks(patched, len(network.double_blocks), len(network.single_blocks))
+    return patched
+
+
+class UltraResClearPatch(io.ComfyNode):
+    """Patch a FLUX model with CLEAR's circular-window attention and its fine-tuned weights."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="UltraResClearPatch",
+            display_name="CLEAR attention (FLUX)",
+            category=f"{CATEGORY}/CLEAR",
+            description=(
+                "CLEAR (arXiv 2412.16112): every image token attends only to the image tokens inside a "
+                "circle around it, to all text tokens and, in the _down_ variants, to a learned down-sampled "
+                "copy of the image; attention cost then grows linearly with the image size. Loads the "
+                "fine-tuned attention weights from models/clear. For 2K-8K: generate at ~1K, upscale, then "
+                "img2img with this patch (the reference uses ntk_factor 10 and proportional attention there)."),
+            inputs=[
+                io.Model.Input("model", tooltip="A FLUX model (FLUX.1-dev, the model CLEAR was distilled from)."),
+                io.Combo.Input("clear_weights", options=[NO_FILE] + folder_paths.get_filename_list("clear"),
+                               default=NO_FILE,
+                               tooltip="A released CLEAR file (clear_local_<r>[_down_<d>].safetensors) from "
+                                       "models/clear. 'none' applies the window without the fine-tuned weights: "
+                                       "the model was not trained for it and quality drops; use the weights."),
+                io.Int.Input("window_radius", default=0, min=0, max=1024,
+                             tooltip="Radius r in image tokens (16 px each): a token sees the tokens with "
+                                     "dy^2 + dx^2 < r^2. 0 = the file's radius (needed with 'none')."),
+                io.Int.Input("down_factor", default=0, min=0, max=64,
+                             tooltip="Size d of the d x d cells of the down-sampled keys; 1 = none. "
+                                     "0 = the file's factor (1 with 'none')."),
+                io.Float.Input("ntk_factor", default=1.0, min=1.0, max=100.0, step=0.5,
+                               tooltip="Multiplies the RoPE base (theta) of every axis for every call of this "
+                                       "model; the reference's high-resolution recipe uses 10. 1 = unchanged."),
+                io.Boolean.Input("proportional_attention", default=False,
+                                 tooltip="Softmax scale sqrt(log_4608(N) / head_dim) with N the number of tokens "
+                                         "(x10 with down-sampled keys), as in the reference's high-resolution "
+                                         "recipe; off = 1/sqrt(head_dim)."),
+                io.Int.Input("min_image_tokens", default=0, min=0, max=1 << 24,
+                             tooltip="Use CLEAR attention only when the image has more than this many tokens "
+                                     "(width/16 x height/16); smaller images get the model's usual attention "
+                                     "(the file's weights and the NTK factor still apply)."),
+                io.Combo.Input("backend", options=list(BACKENDS), default="auto",
+                               tooltip="auto: the Triton kernel on CUDA GPUs, the exact tiled PyTorch path "
+                                       "elsewhere; torch/triton force one."),
+            ],
+            outputs=[io.Model.Output(tooltip="The patched FLUX model.")],
+        )
+
+    @classmethod
+    def execute(cls, model, clear_weights: str, window_radius: int, down_factor: int, ntk_factor: float,
+                proportional_attention: bool, min_image_tokens: int, backend: str) -> io.NodeOutput:
+        flux_module(model)
+        weights, metadata, filename = None, {}, None
+        if clear_weights != NO_FILE:
+            filename = clear_weights
+            weights, metadata = load_clear_file(model, clear_weights)
+        pattern = resolve_pattern(filename, metadata, weights.spatial_size if weights else None,
+                                  radius=window_radius, down_factor=down_factor)
+        return io.NodeOutput(apply_clear(model, pattern, weights, ntk_factor, proportional_attention,
+                                         min_image_tokens, backend))
+
+
+NODES: list[type[io.ComfyNode]] = [UltraResClearPatch]

@@ -1,0 +1,187 @@
+"""ComfyUI nodes for the Inf-DiT upsampler: a loader and the block-scheduled upscale node.
+
+Thin glue: weights are read by :mod:`..models.infdit.checkpoint`, sampling is
+:func:`..models.infdit.upscale.upscale`; here only ComfyUI's folders, device management,
+progress bar and cancel button are wired in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ..models.infdit.checkpoint import InfDiTWeights, load_infdit
+from ..models.infdit.memory import GiB, BudgetTooSmall
+from ..models.infdit.plan import SCAN_ORDERS
+from ..models.infdit.upscale import UpscaleOptions, plan_stage, stage_factors, stage_sizes, upscale, weight_bytes
+from .category import CATEGORY
+from .runtime import check_interrupt, progress_callback
+
+INFDIT_CATEGORY = f"{CATEGORY}/Inf-DiT"
+InfDiTModel = io.Custom("INFDIT_MODEL")
+FROM_CHECKPOINT = "from checkpoint"
+CLIP_VISION_PREFIX = "clip_vision/"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CUDA_HEADROOM = 0.1
+"""Fraction added to the memory model on CUDA for the caching allocator's fragmentation."""
+
+
+class _Modules(torch.nn.Module):
+    """The DiT and its CLIP tower as one module, so ComfyUI moves and frees them together."""
+
+    def __init__(self, weights: InfDiTWeights):
+        super().__init__()
+        self.net = weights.net
+        self.clip = weights.clip
+
+
+@dataclass
+class LoadedInfDiT:
+    """What flows along an INFDIT_MODEL wire."""
+
+    weights: InfDiTWeights
+    patcher: comfy.model_patcher.ModelPatcher
+    name: str
+
+
+def _clip_options() -> list[str]:
+    return ([FROM_CHECKPOINT] + folder_paths.get_filename_list("infdit")
+            + [CLIP_VISION_PREFIX + name for name in folder_paths.get_filename_list("clip_vision")])
+
+
+def _compute_dtype(choice: str, device: torch.device) -> torch.dtype:
+    if choice != "auto":
+        return DTYPES[choice]
+    if mm.should_use_bf16(device):
+        return torch.bfloat16
+    return torch.float16 if mm.should_use_fp16(device) else torch.float32
+
+
+class UltraResInfDiTLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="UltraResInfDiTLoader",
+            display_name="Load Inf-DiT upsampler",
+            category=INFDIT_CATEGORY,
+            description=("Loads an Inf-DiT upsampler from models/infdit: the released mp_rank_00_model_states.pt "
+                         "or a file converted with 'python -m ultrares.models.infdit.convert'. Sizes are read from "
+                         "the weights; a file with missing or unexpected keys is refused with their names."),
+            inputs=[
+                io.Combo.Input("checkpoint", options=folder_paths.get_filename_list("infdit"),
+                               tooltip="Inf-DiT weights in models/infdit (released .pt or converted .safetensors)."),
+                io.Combo.Input("clip_vision", options=_clip_options(), default=FROM_CHECKPOINT,
+                               tooltip=("OpenCLIP ViT-L/14 DataComp-XL image tower (open_clip_pytorch_model.bin) that "
+                                        "describes the input: taken from the checkpoint when it has one, or from "
+                                        "this file (models/infdit or models/clip_vision).")),
+                io.Combo.Input("dtype", options=["auto", *DTYPES], default="auto",
+                               tooltip="Weight and compute precision. auto: bf16 where supported (as trained), "
+                                       "else fp16 on GPUs, fp32 on the CPU."),
+            ],
+            outputs=[InfDiTModel.Output(display_name="infdit_model")],
+        )
+
+    @classmethod
+    def execute(cls, checkpoint: str, clip_vision: str, dtype: str) -> io.NodeOutput:
+        device = mm.get_torch_device()
+        path = folder_paths.get_full_path_or_raise("infdit", checkpoint)
+        if clip_vision == FROM_CHECKPOINT:
+            clip_path = None
+        elif clip_vision.startswith(CLIP_VISION_PREFIX):
+            clip_path = folder_paths.get_full_path_or_raise("clip_vision", clip_vision[len(CLIP_VISION_PREFIX):])
+        else:
+            clip_path = folder_paths.get_full_path_or_raise("infdit", clip_vision)
+        weights = load_infdit(path, _compute_dtype(dtype, device), clip_path)
+        if weights.clip is None:
+            raise ValueError(f"{checkpoint} has no CLIP image tower: choose the OpenCLIP ViT-L/14 DataComp-XL file "
+                             "(open_clip_pytorch_model.bin) as clip_vision")
+        patcher = comfy.model_patcher.ModelPatcher(_Modules(weights), load_device=device,
+                                                   offload_device=mm.unet_offload_device())
+        return io.NodeOutput(LoadedInfDiT(weights, patcher, checkpoint))
+
+
+class UltraResInfDiTUpscale(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="UltraResInfDiTUpscale",
+            display_name="Inf-DiT upscale (VRAM budget)",
+            category=INFDIT_CATEGORY,
+            description=("Upscales images 2x/4x (8x and 16x by repeating) with Inf-DiT. The image is generated a few "
+                         "128-px blocks at a time; the batch size is the largest that fits the VRAM budget, and the "
+                         "result equals generating the whole image at once. Any size works: the input is padded to "
+                         "whole blocks and the result cropped; an alpha channel is resized."),
+            inputs=[
+                InfDiTModel.Input("infdit_model", tooltip="From 'Load Inf-DiT upsampler'."),
+                io.Image.Input("image", tooltip="Images to upscale (a batch is processed one image at a time)."),
+                io.Combo.Input("scale", options=["2", "4", "8", "16"], default="4",
+                               tooltip="Upscale factor. The model does 2x and 4x; 8x = 4x then 2x, 16x = 4x twice."),
+                io.Int.Input("steps", default=20, min=1, max=200,
+                             tooltip="Heun steps (20 as released: 39 network evaluations)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of the initial noise (drawn for the whole image, so results do not "
+                                     "depend on the batch size)."),
+                io.Boolean.Input("init_noise", default=True,
+                                 tooltip="Start from the upsampled input plus noise (as released; avoids colour "
+                                         "shifts) instead of pure noise."),
+                io.Float.Input("vram_budget_gb", default=0.0, min=0.0, max=1024.0, step=0.5,
+                               tooltip="Device memory (GiB) the upscale may use, weights included; picks how many "
+                                       "blocks are generated at once. 0: whatever is free after loading the model."),
+                io.Combo.Input("scan", options=list(SCAN_ORDERS), default="auto",
+                               tooltip="Order of block batches. auto scans along the shorter side, which keeps "
+                                       "the smallest cache of neighbour keys."),
+                io.Boolean.Input("offload_cache", default=False,
+                                 tooltip="Keep cached neighbour keys, LR keys and full-image buffers in CPU RAM: "
+                                         "VRAM then stays flat however large the image (slower, needs RAM)."),
+            ],
+            outputs=[io.Image.Output()],
+        )
+
+    @classmethod
+    def execute(cls, infdit_model: LoadedInfDiT, image: torch.Tensor, scale: str, steps: int, seed: int,
+                init_noise: bool, vram_budget_gb: float, scan: str, offload_cache: bool) -> io.NodeOutput:
+        weights, patcher = infdit_model.weights, infdit_model.patcher
+        device = patcher.load_device
+        margin = CUDA_HEADROOM if torch.device(device).type == "cuda" else 0.0
+        options = UpscaleOptions(scale=int(scale), steps=steps, seed=seed, init_noise=init_noise, scan=scan,
+                                 offload=offload_cache, margin=margin,
+                                 budget_bytes=vram_budget_gb * GiB if vram_budget_gb > 0 else None)
+        try:
+            working = _working_memory(weights, image, options)
+            mm.load_models_gpu([patcher], memory_required=working, force_full_load=True)
+            if options.budget_bytes is None:
+                options = replace(options, budget_bytes=mm.get_free_memory(device) + weight_bytes(weights))
+            bar = _LazyProgress()
+            out = upscale(weights, image.movedim(-1, 1), options, device, bar, check_interrupt)
+        except BudgetTooSmall as error:
+            raise ValueError(f"Inf-DiT: {error}") from error
+        return io.NodeOutput(out.movedim(1, -1).to(mm.intermediate_device()))
+
+
+def _working_memory(weights: InfDiTWeights, image: torch.Tensor, options: UpscaleOptions) -> int:
+    """Bytes beyond the weights that the largest stage needs (0 without a budget: decided after loading)."""
+    if options.budget_bytes is None:
+        return 0
+    factors = stage_factors(options.scale)
+    sizes = stage_sizes(weights, tuple(image.shape[1:3]), factors)
+    return max(plan_stage(weights, h, w, options).total for h, w in sizes) - weight_bytes(weights)
+
+
+class _LazyProgress:
+    """ComfyUI's progress bar, created on the first report (when the total is known)."""
+
+    def __init__(self) -> None:
+        self._report = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._report is None:
+            self._report = progress_callback(total)
+        self._report(done, total)
+
+
+NODES: list[type[io.ComfyNode]] = [UltraResInfDiTLoader, UltraResInfDiTUpscale]

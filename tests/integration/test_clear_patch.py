@@ -1,0 +1,282 @@
+"""The CLEAR patch node on a tiny real ComfyUI Flux (CPU): released-layout files load onto the
+model, the patched model equals a hand-built CLEAR forward through ComfyUI's sampler, and the
+original model, other patches and other attention overrides are left intact."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import comfy_harness
+
+CFG = comfy_harness.TINY_FLUX_CONFIG
+HIDDEN = CFG["hidden_size"]
+HEADS = CFG["num_heads"]
+DEPTH, DEPTH_SINGLE = CFG["depth"], CFG["depth_single_blocks"]
+LATENT = (1, 16, 14, 20)  # -> a 7 x 10 token grid (odd height: the last row feeds no 2x2 cell)
+GRID = (7, 10)
+TEXT_TOKENS = 7
+
+
+@pytest.fixture
+def clear_dir(pack_nodes, tmp_path):
+    """An empty ``models/clear`` folder registered with ComfyUI for this test."""
+    import folder_paths
+
+    folder = tmp_path / "clear"
+    folder.mkdir()
+    folder_paths.add_model_folder_path("clear", str(folder))
+    yield folder
+    paths, extensions = folder_paths.folder_names_and_paths["clear"]
+    folder_paths.folder_names_and_paths["clear"] = ([p for p in paths if p != str(folder)], extensions)
+
+
+def write_file(folder, name: str, state: dict, metadata: dict | None = None) -> str:
+    save_file(state, str(folder / name), metadata=metadata)
+    return name
+
+
+def patch(pack_nodes, model, weights="none", radius=0, down=0, ntk=1.0, proportional=False, min_tokens=0,
+          backend="auto"):
+    node = pack_nodes["UltraResClearPatch"]
+    (patched,) = node.execute(model, weights, radius, down, ntk, proportional, min_tokens, backend).result
+    return patched
+
+
+def run(model, latent_shape=LATENT, reference_latents=None, seed=3, cfg=1.0) -> torch.Tensor:
+    """Sample with ComfyUI's KSampler; ``cfg > 1`` batches cond and uncond into each call."""
+    cond = comfy_harness.flux_conditioning(batch=latent_shape[0], tokens=TEXT_TOKENS)
+    uncond = comfy_harness.flux_conditioning(batch=latent_shape[0], tokens=TEXT_TOKENS, seed=1)
+    if reference_latents is not None:
+        cond[0][1]["reference_latents"] = reference_latents
+    return comfy_harness.sample(model, cond, uncond, torch.zeros(latent_shape), seed=seed, cfg=cfg)
+
+
+class HandBuiltClear:
+    """CLEAR attention written out from the reference repository, independent of the pack: the
+    mask of ``local_dwonsample_mask`` on token indices (reference tokens global like text), the
+    ``spatial_weight`` cell sum, the proportional scale, and the block known from the call order
+    (double blocks, then single blocks, once per forward)."""
+
+    def __init__(self, grid, radius, down=1, spatial=None, proportional=False, n_ref=0):
+        self.grid, self.radius, self.down, self.spatial = grid, radius, down, spatial or {}
+        self.proportional, self.n_ref = proportional, n_ref
+        self.order = [("double", i) for i in range(DEPTH)] + [("single", i) for i in range(DEPTH_SINGLE)]
+        self.calls = 0
+
+    def __call__(self, func, q, k, v, heads, **kwargs):
+        block = self.order[self.calls % len(self.order)]
+        self.calls += 1
+        h, w = self.grid
+        length, dim = q.shape[2], q.shape[3]
+        n_txt = length - h * w - self.n_ref
+        d = self.down
+        if d > 1:
+            weight = self.spatial.get(block, torch.full((d, d), 1.0 / d ** 2)).reshape(1, 1, 1, d, 1, d, 1)
+            rows, cols = h // d, w // d
+            cells = [(t[:, :, n_txt:n_txt + h * w].unflatten(2, (h, w))[:, :, :rows * d, :cols * d]
+                      .reshape(*t.shape[:2], rows, d, cols, d, dim) * weight).sum(dim=(3, 5)).flatten(2, 3)
+                     for t in (k, v)]
+            k, v = torch.cat([k, cells[0]], dim=2), torch.cat([v, cells[1]], dim=2)
+        q_idx = torch.arange(length)[:, None]
+        kv_idx = torch.arange(k.shape[2])[None, :]
+        q_y, q_x = (q_idx - n_txt) // w, (q_idx - n_txt) % w
+        kv_y, kv_x = (kv_idx - n_txt) // w, (kv_idx - n_txt) % w
+        q_global = (q_idx < n_txt) | (q_idx >= n_txt + h * w)
+        kv_global = (kv_idx < n_txt) | ((kv_idx >= n_txt + h * w) & (kv_idx < length))
+        mask = torch.where(q_global, kv_idx < length,
+                           kv_global | (kv_idx >= length) | ((q_y - kv_y) ** 2 + (q_x - kv_x) ** 2 < self.radius ** 2))
+        n_keys = length * (10 if d > 1 else 1)
+        scale = math.sqrt(math.log(n_keys, 64 ** 2 + 512) / dim) if self.proportional else dim ** -0.5
+        scores = (q.double() @ k.double().transpose(-1, -2)) * scale
+        out = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v.double()
+        return out.to(q.dtype).transpose(1, 2).reshape(q.shape[0], length, -1)
+
+
+def hand_patched_flux(state: dict, ntk: float, attention: HandBuiltClear):
+    """A fresh tiny Flux with the file's tensors written into its fused layers by hand (q, k, v
+    are consecutive row blocks of ``img_attn.qkv`` and of ``linear1``), the RoPE base scaled, and
+    :class:`HandBuiltClear` as its attention."""
+    model = comfy_harness.tiny_flux_patcher(seed=0)
+    net = model.model.diffusion_model
+    with torch.no_grad():
+        for prefix, blocks in (("transformer_blocks", net.double_blocks), ("single_transformer_blocks", net.single_blocks)):
+            for i, block in enumerate(blocks):
+                fused = block.img_attn.qkv if prefix == "transformer_blocks" else block.linear1
+                for j, name in enumerate(("to_q", "to_k", "to_v")):
+                    fused.weight[j * HIDDEN:(j + 1) * HIDDEN] = state[f"{prefix}.{i}.attn.{name}.weight"]
+                    fused.bias[j * HIDDEN:(j + 1) * HIDDEN] = state[f"{prefix}.{i}.attn.{name}.bias"]
+                if prefix == "transformer_blocks":
+                    block.img_attn.proj.weight.copy_(state[f"{prefix}.{i}.attn.to_out.0.weight"])
+                    block.img_attn.proj.bias.copy_(state[f"{prefix}.{i}.attn.to_out.0.bias"])
+    net.pe_embedder.theta = CFG["theta"] * ntk
+    model.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = attention
+    return model
+
+
+def spatial_of(state: dict) -> dict:
+    return {(("double" if key.startswith("transformer_blocks") else "single"), int(key.split(".")[1])):
+            tensor.reshape(int(tensor.numel() ** 0.5), -1)
+            for key, tensor in state.items() if key.endswith("spatial_weight")}
+
+
+def test_the_file_list_offers_none_and_the_files_in_models_clear(pack_nodes, clear_dir):
+    write_file(clear_dir, "clear_local_8.safetensors", comfy_harness.clear_released_state_dict(DEPTH, DEPTH_SINGLE, HIDDEN))
+    schema = pack_nodes["UltraResClearPatch"].GET_SCHEMA()
+    options = next(item for item in schema.inputs if item.id == "clear_weights").options
+    assert options[0] == "none" and "clear_local_8.safetensors" in options
+
+
+def test_a_window_larger_than_the_grid_gives_the_unpatched_output_and_says_so(pack_nodes, caplog):
+    model = comfy_harness.tiny_flux_patcher(seed=0)
+    expected = run(model)
+    with caplog.at_level(logging.INFO):
+        patched = patch(pack_nodes, model, radius=13)  # 13**2 > 6**2 + 9**2
+        out = run(patched)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert "covers the whole 7x10 token grid" in caplog.text and "exact" in caplog.text
+
+
+@pytest.mark.parametrize("name, down, ntk, proportional, cfg", [
+    ("clear_local_3.safetensors", 1, 1.0, False, 1.0),
+    ("clear_local_3_down_2.safetensors", 2, 10.0, True, 2.0),  # cond + uncond: batch 2 per call
+])
+def test_the_patched_model_equals_a_hand_built_clear_forward_through_the_sampler(pack_nodes, clear_dir, name, down,
+                                                                                 ntk, proportional, cfg):
+    state = comfy_harness.clear_released_state_dict(DEPTH, DEPTH_SINGLE, HIDDEN, down_factor=down, seed=5)
+    write_file(clear_dir, name, state)
+    patched = patch(pack_nodes, comfy_harness.tiny_flux_patcher(seed=0), name, ntk=ntk, proportional=proportional)
+    reference = hand_patched_flux(state, ntk, HandBuiltClear(GRID, 3, down, spatial_of(state), proportional))
+    out = run(patched, cfg=cfg)
+    torch.testing.assert_close(out, run(reference, cfg=cfg), rtol=1e-4, atol=1e-4)
+    # and it is not just the plain model
+    assert (out - run(comfy_harness.tiny_flux_patcher(seed=0), cfg=cfg)).abs().max() > 1e-2
+
+
+def test_kontext_reference_tokens_are_global_like_text(pack_nodes, clear_dir):
+    state = comfy_harness.clear_released_state_dict(DEPTH, DEPTH_SINGLE, HIDDEN, down_factor=2, seed=6)
+    name = write_file(clear_dir, "clear_local_2_down_2.safetensors", state)
+    reference_latents = [torch.randn(1, 16, 6, 8, generator=torch.Generator().manual_seed(1))]  # 3 x 4 tokens
+    patched = patch(pack_nodes, comfy_harness.tiny_flux_patcher(seed=0), name)
+    reference = hand_patched_flux(state, 1.0, HandBuiltClear(GRID, 2, 2, spatial_of(state), n_ref=12))
+    out = run(patched, reference_latents=reference_latents)
+    torch.testing.assert_close(out, run(reference, reference_latents=reference_latents), rtol=1e-4, atol=1e-4)
+    assert (out - run(patched)).abs().max() > 1e-3  # the reference image does reach the image tokens
+
+
+def test_the_original_model_is_unchanged_after_the_patched_one_ran(pack_nodes, clear_dir):
+    name = write_file(clear_dir, "clear_local_2_down_2.safetensors",
+                      comfy_harness.clear_released_state_dict(DEPTH, DEPTH_SINGLE, HIDDEN, down_factor=2))
+    model = comfy_harness.tiny_flux_patcher(seed=0)
+    before = run(model)
+    weights = {k: v.clone() for k, v in model.model.state_dict().items()}
+    patched = patch(pack_nodes, model, name, ntk=10.0, proportional=True)
+    assert not torch.equal(run(patched), before)
+    torch.testing.assert_close(run(model), before, rtol=0, atol=0)
+    assert model.model.diffusion_model.pe_embedder.theta == CFG["theta"]
+    for key, value in model.model.state_dict().items():
+        assert torch.equal(value, weights[key]), key
+    assert "optimized_attention_override" not in model.model_options.get("transformer_options", {})
+
+
+def test_lora_style_patches_add_on_top_of_the_clear_weights_in_either_node_order(pack_nodes, clear_dir):
+    name = write_file(clear_dir, "clear_local_3.safetensors",
+                      comfy_harness.clear_released_state_dict(DEPTH, DEPTH_SINGLE, HIDDEN))
+    key = "diffusion_model.double_blocks.0.img_attn.qkv.weight"
+    delta = {key: ("diff", (torch.randn(3 * HIDDEN, HIDDEN, generator=torch.Generator().manual_seed(2)) * 0.05,))}
+    lora_first = comfy_harness.tiny_flux_patcher(seed=0).clone()
+    lora_first.add_patches(delta)
+    lora_first = patch(pack_nodes, lora_first, name)
+    lora_last = patch(pack_nodes, comfy_harness.tiny_flux_patcher(seed=0), name).clone()
+    lora_last.add_patches(delta)
+    clear_only = patch(pack_nodes, comfy_harness.tiny_flux_patcher(seed=0), name)
+    out = run(lora_first)
+    torch.testing.assert_close(out, run(lora_last), rtol=0, atol=0)
+    assert (out - run(clear_only)).abs().max() > 1e-3
+
+
+def recording_override():
+    """A previous attention override (e.g. another pack's) that counts its calls. A function, so
+    that ``ModelPatcher.clone`` (which deep-copies the options) keeps this very counter."""
+    calls = []
+
+    def override(func, *args, **kwargs):
+        calls.append(1)
+        return func(*args, **kwargs)
+
+    return override, calls
+
+
+def test_small_images_and_foreign_calls_go_to_the_previous_override(pack_nodes):
+    model = comfy_harness.tiny_flux_patcher(seed=0)
+    previous, calls = recording_override()
+    model.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = previous
+    expected = run(model)
+    calls_per_run = len(calls)
+    gated = patch(pack_nodes, model, radius=2, min_tokens=GRID[0] * GRID[1])
+    torch.testing.assert_close(run(gated), expected, rtol=0, atol=0)
+    assert len(calls) == 2 * calls_per_run
+    active = patch(pack_nodes, model, radius=2, min_tokens=GRID[0] * GRID[1] - 1)
+    assert not torch.equal(run(active), expected)
+    assert len(calls) == 2 * calls_per_run  # every call was the joint attention, none went through
+
+
+def test_block_entries_of_other_packs_keep_running_under_the_block_tags(pack_nodes, clear_dir):
+    name = write_file(clear_dir, "clear_local_2_down_2.safetensors",
+                      comfy_harness.clear_released_state_dict(DEPTH, DEPTH_SINGLE, HIDDEN, down_factor=2, seed=7))
+    seen = []
+
+    def other_pack(args, extra):
+        seen.append(args["transformer_options"].get("ultrares_clear_block"))
+        return extra["original_block"](args)
+
+    plain = patch(pack_nodes, comfy_harness.tiny_flux_patcher(seed=0), name)
+    model = comfy_harness.tiny_flux_patcher(seed=0)
+    model.set_model_patch_replace(other_pack, "dit", "single_block", 1)
+    out = run(patch(pack_nodes, model, name))
+    assert seen and set(seen) == {("single", 1)}
+    torch.testing.assert_close(out, run(plain), rtol=0, atol=0)
+
+
+def test_newer_comfyui_block_keys_are_understood():
+    from ultrares.nodes.clear import calling_block
+
+    assert calling_block({"block_type": "single", "block_index": 3}) == ("single", 3)
+    assert calling_block({"ultrares_clear_block": ("double", 1), "block_type": "single", "block_index": 3}) == ("double", 1)
+    assert calling_block({}) is None
+
+
+def test_bad_inputs_are_refused_with_the_reason(pack_nodes, clear_dir):
+    write_file(clear_dir, "clear_local_8.safetensors", comfy_harness.clear_released_state_dict(DEPTH, DEPTH_SINGLE, HIDDEN))
+    write_file(clear_dir, "clear_local_8_wide.safetensors",
+               comfy_harness.clear_released_state_dict(DEPTH, DEPTH_SINGLE, 2 * HIDDEN))
+    write_file(clear_dir, "clear_local_8_deep.safetensors",
+               comfy_harness.clear_released_state_dict(DEPTH + 1, DEPTH_SINGLE, HIDDEN))
+    write_file(clear_dir, "mystery.safetensors", comfy_harness.clear_released_state_dict(DEPTH, DEPTH_SINGLE, HIDDEN))
+    flux = comfy_harness.tiny_flux_patcher(seed=0)
+    with pytest.raises(ValueError, match="FLUX models only.*SD15"):
+        patch(pack_nodes, comfy_harness.tiny_sd15_patcher(seed=0), "clear_local_8.safetensors")
+    with pytest.raises(ValueError, match=r"transformer_blocks\.0\.attn\.to_q\.weight \(128, 128\) vs "
+                                         r"diffusion_model\.double_blocks\.0\.img_attn\.qkv\.weight\[dim 0: 0:64\] \(64, 64\)"):
+        patch(pack_nodes, flux, "clear_local_8_wide.safetensors")
+    with pytest.raises(ValueError, match=r"unexpected transformer_blocks\.2\.attn\.to_k\.bias"):
+        patch(pack_nodes, flux, "clear_local_8_deep.safetensors")
+    with pytest.raises(ValueError, match="window radius.*mystery.safetensors.*set window_radius"):
+        patch(pack_nodes, flux, "mystery.safetensors")
+    with pytest.raises(ValueError, match="no CLEAR weights file is selected"):
+        patch(pack_nodes, flux, "none")
+
+
+def test_metadata_and_overrides_choose_the_pattern(pack_nodes, clear_dir):
+    state = comfy_harness.clear_released_state_dict(DEPTH, DEPTH_SINGLE, HIDDEN)
+    name = write_file(clear_dir, "renamed.safetensors", state, metadata={"window_size": "3"})
+    write_file(clear_dir, "clear_local_3.safetensors", state)
+    flux = comfy_harness.tiny_flux_patcher(seed=0)
+    from_metadata = run(patch(pack_nodes, flux, name))
+    torch.testing.assert_close(from_metadata, run(patch(pack_nodes, flux, "clear_local_3.safetensors")), rtol=0, atol=0)
+    overridden = run(patch(pack_nodes, flux, name, radius=13))
+    assert not torch.equal(overridden, from_metadata)

@@ -1,0 +1,212 @@
+"""The Inf-DiT nodes inside a real ComfyUI (in-process, CPU) with a tiny random model.
+
+Prompts run through ComfyUI's own validation and ``PromptExecutor``: the loader reads a file
+in the released DeepSpeed layout from a ``models/infdit`` folder, the upscaler reports
+progress through ComfyUI's progress-bar hook and stops when the cancel flag is raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import torch
+
+from ultrares.models.infdit.checkpoint import convert_checkpoint, load_infdit
+from ultrares.models.infdit.preprocess import clip_view, resize_bicubic
+from ultrares.models.infdit.tiny import TINY_CLIP, released_state_dict, save_released_layout, tiny_weights
+from ultrares.models.infdit.upscale import UpscaleOptions, upscale
+
+RELEASED = "mp_rank_00_model_states.pt"
+CONVERTED = "infdit_tiny.safetensors"
+
+
+@pytest.fixture(scope="module")
+def model_folder(pack_nodes, tmp_path_factory):
+    import folder_paths
+
+    folder = tmp_path_factory.mktemp("models") / "infdit"
+    folder.mkdir()
+    weights = tiny_weights(seed=5)
+    save_released_layout({k: v.bfloat16() for k, v in released_state_dict(weights).items()}, folder / RELEASED)
+    convert_checkpoint(folder / RELEASED, folder / CONVERTED, torch.float32)
+    state = released_state_dict(weights)
+    del state["transformer.layers.1.attention.dense.bias"]
+    save_released_layout(state, folder / "broken.pt")
+    folder_paths.add_model_folder_path("infdit", str(folder))
+    folder_paths.set_temp_directory(str(tmp_path_factory.mktemp("comfy_temp")))
+    nodes = __import__("nodes")
+    nodes.NODE_CLASS_MAPPINGS.update(pack_nodes)  # as ComfyUI's loader does (checked in test_comfyui_pack)
+    return folder
+
+
+class RecordingServer:
+    """What ``PromptExecutor`` needs from the server: it records the messages sent to the UI."""
+
+    def __init__(self) -> None:
+        self.client_id = self.last_node_id = self.last_prompt_id = None
+        self.messages: list[tuple[str, dict]] = []
+
+    def send_sync(self, event: str, data: dict, sid=None) -> None:
+        self.messages.append((event, data))
+
+    def queue_updated(self) -> None:
+        pass
+
+
+def upscale_prompt(checkpoint: str, image: torch.Tensor, **upscale_inputs) -> dict:
+    inputs = dict(scale="4", steps=2, seed=3, init_noise=True, vram_budget_gb=0.0, scan="auto", offload_cache=False)
+    inputs.update(upscale_inputs)
+    return {
+        "1": {"class_type": "UltraResInfDiTLoader", "inputs": {"checkpoint": checkpoint, "clip_vision": "from checkpoint",
+                                                                "dtype": "fp32"}},
+        "2": {"class_type": "UltraResTestImage", "inputs": {}},
+        "3": {"class_type": "UltraResInfDiTUpscale", "inputs": {"infdit_model": ["1", 0], "image": ["2", 0], **inputs}},
+        "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}},
+    }
+
+
+def run_prompt(comfy_nodes, prompt: dict, image: torch.Tensor, on_progress=None):
+    """Validate and execute ``prompt`` like the server does; returns (executor, server, upscaled image)."""
+    import comfy.utils
+    import execution
+    from comfy_api.latest import io
+
+    results = {}
+
+    class UltraResTestImage(io.ComfyNode):  # feeds the test image (ComfyUI's LoadImage needs a file)
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(node_id="UltraResTestImage", inputs=[], outputs=[io.Image.Output()])
+
+        @classmethod
+        def execute(cls):
+            return io.NodeOutput(image)
+
+    class UltraResCapture(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(node_id="UltraResCapture", inputs=[io.Image.Input("images")], outputs=[], is_output_node=True)
+
+        @classmethod
+        def execute(cls, images):
+            results["image"] = images
+            return io.NodeOutput()
+
+    prompt = dict(prompt, **{"5": {"class_type": "UltraResCapture", "inputs": {"images": ["3", 0]}}})
+    comfy_nodes.NODE_CLASS_MAPPINGS.update(UltraResTestImage=UltraResTestImage, UltraResCapture=UltraResCapture)
+    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("test", prompt, None))
+    assert valid, json.dumps([error, node_errors], default=str)
+    server = RecordingServer()
+    executor = execution.PromptExecutor(server)
+    comfy.utils.set_progress_bar_global_hook(
+        (lambda value, total, preview, node_id=None: on_progress(value, total)) if on_progress else None)
+    try:
+        executor.execute(prompt, "test", {"client_id": "tests"}, outputs)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    return executor, server, results.get("image")
+
+
+def events(server: RecordingServer) -> list[str]:
+    return [event for event, _ in server.messages]
+
+
+def test_the_upscaler_runs_the_released_file_with_progress_per_evaluation_and_batch(comfy_nodes, model_folder):
+    image = torch.rand(1, 12, 20, 3)
+    reports = []
+    executor, server, out = run_prompt(comfy_nodes, upscale_prompt(RELEASED, image), image,
+                                       lambda value, total: reports.append((value, total)))
+    assert executor.success, server.messages[-1]
+    assert "execution_success" in events(server)
+    assert out.shape == (1, 48, 80, 3) and 0 <= out.min() and out.max() <= 1
+    total = reports[-1][1]
+    assert reports == [(value, total) for value in range(1, total + 1)]
+    # The same sample as the host-free pipeline on the same (bf16-stored) weights.
+    weights = load_infdit(model_folder / RELEASED)
+    expected = upscale(weights, image.movedim(-1, 1), UpscaleOptions(scale=4, steps=2, seed=3), torch.device("cpu"))
+    torch.testing.assert_close(out, expected.movedim(1, -1), rtol=0, atol=1e-5)
+
+
+def test_the_budget_offloading_and_alpha_inputs_reach_the_sampler(comfy_nodes, model_folder):
+    image = torch.rand(2, 8, 16, 4)
+    executor, server, out = run_prompt(comfy_nodes, upscale_prompt(CONVERTED, image, scale="8", vram_budget_gb=0.01,
+                                                                   offload_cache=True, scan="column"), image)
+    assert executor.success, server.messages[-1]
+    assert out.shape == (2, 64, 128, 4)
+
+
+def test_cancelling_stops_between_block_batches(comfy_nodes, model_folder):
+    import comfy.model_management
+
+    image = torch.rand(1, 12, 20, 3)
+    reports = []
+
+    def cancel_after_three(value, total):
+        reports.append(value)
+        if value == 3:
+            comfy.model_management.interrupt_current_processing(True)
+
+    executor, server, out = run_prompt(comfy_nodes, upscale_prompt(RELEASED, image, seed=4, steps=4), image,
+                                       cancel_after_three)
+    comfy.model_management.interrupt_current_processing(False)
+    assert "execution_interrupted" in events(server)
+    assert out is None and reports == [1, 2, 3]
+
+
+@pytest.mark.parametrize("checkpoint, budget, message", [
+    ("broken.pt", 0.0, r"missing Inf-DiT keys: transformer\.layers\.1\.attention\.dense\.bias"),
+    (RELEASED, 1e-6, r"below the minimum for a 128x128 output"),
+])
+def test_errors_name_the_problem(comfy_nodes, model_folder, checkpoint, budget, message):
+    image = torch.rand(1, 32, 32, 3)
+    executor, server, _ = run_prompt(comfy_nodes, upscale_prompt(checkpoint, image, vram_budget_gb=budget), image)
+    assert not executor.success
+    (error,) = [data for event, data in server.messages if event == "execution_error"]
+    assert __import__("re").search(message, error["exception_message"]), error["exception_message"]
+
+
+def test_the_clip_tower_matches_comfyuis_clip_vision_with_exact_gelu_but_not_quick_gelu(comfy_nodes):
+    import comfy.clip_vision
+    import comfy.ops
+
+    clip = tiny_weights(seed=6).clip
+    pixels = torch.randn(2, 3, TINY_CLIP.image_size, TINY_CLIP.image_size)
+    outputs = {}
+    for act in ("gelu", "quick_gelu"):
+        config = {"hidden_act": act, "hidden_size": TINY_CLIP.width, "image_size": TINY_CLIP.image_size,
+                  "intermediate_size": TINY_CLIP.mlp_width, "layer_norm_eps": 1e-5, "num_channels": 3,
+                  "model_type": "clip_vision_model",
+                  "num_attention_heads": TINY_CLIP.heads, "num_hidden_layers": TINY_CLIP.layers,
+                  "patch_size": TINY_CLIP.patch, "projection_dim": TINY_CLIP.embed_dim}
+        # ComfyUI's CLIP-vision class in fp32 (its loader would pick fp16 on the CPU).
+        model = comfy.clip_vision.IMAGE_ENCODERS["clip_vision_model"](config, torch.float32, None, comfy.ops.manual_cast)
+        state = comfy.clip_vision.convert_to_transformers({f"visual.{k}": v for k, v in clip.state_dict().items()},
+                                                          "visual.")
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        assert not unexpected and not missing
+        with torch.no_grad():
+            outputs[act] = model(pixel_values=pixels)[2]
+    with torch.no_grad():
+        ours = clip(pixels)
+    torch.testing.assert_close(ours, outputs["gelu"], rtol=1e-5, atol=1e-5)
+    assert (ours - outputs["quick_gelu"]).abs().max() > 1e-3
+
+
+def test_resizing_and_the_clip_view_match_torchvisions_transforms(comfy_nodes):
+    from torchvision import transforms
+    from torchvision.transforms import InterpolationMode
+
+    image = torch.rand(1, 3, 37, 53) * 2 - 1
+    torch.testing.assert_close(resize_bicubic(image, (148, 212)),
+                               transforms.functional.resize(image, [148, 212], interpolation=InterpolationMode.BICUBIC))
+    torch.testing.assert_close(resize_bicubic(image, (18, 26)),
+                               transforms.Resize((18, 26), interpolation=InterpolationMode.BICUBIC)(image))
+    reference = transforms.Compose([
+        transforms.Lambda(lambda x: (x + 1) / 2),
+        transforms.Resize(224, interpolation=InterpolationMode.BICUBIC), transforms.CenterCrop(224),
+        transforms.Normalize(mean=[0.48145466, 0.4578275, 0.40821073], std=[0.26862954, 0.26130258, 0.27577711])])
+    for shape in [(1, 3, 37, 53), (1, 3, 300, 250), (1, 3, 224, 224)]:
+        image = torch.rand(shape) * 2 - 1
+        torch.testing.assert_close(clip_view(image, 224), reference(image), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,203 @@
+"""Circular-window attention (kernels/clear_attention.py): the mask is CLEAR's rule, and the
+tiled PyTorch path and the Triton kernel (interpreted on CPU) equal the dense masked reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ultrares.kernels import _clear_torch
+from ultrares.kernels._clear_reference import dense_reference, window_mask
+from ultrares.kernels._clear_tiles import Tile, visited_image_tiles
+from ultrares.kernels._clear_triton import window_attention_triton
+from ultrares.kernels.clear_attention import circular_window_attention
+
+
+def reference_local_mask(q_idx, kv_idx, text_length, width, window_size):
+    """``local_mask`` of the reference repository (attention_processor.py), transcribed."""
+    q_y, q_x = (q_idx - text_length) // width, (q_idx - text_length) % width
+    kv_y, kv_x = (kv_idx - text_length) // width, (kv_idx - text_length) % width
+    return (q_idx < text_length) | (kv_idx < text_length) | ((q_y - kv_y) ** 2 + (q_x - kv_x) ** 2 < window_size ** 2)
+
+
+def reference_downsample_mask(q_idx, kv_idx, text_length, height, width, window_size):
+    """``local_dwonsample_mask`` of the reference repository, transcribed."""
+    q_y, q_x = (q_idx - text_length) // width, (q_idx - text_length) % width
+    kv_y, kv_x = (kv_idx - text_length) // width, (kv_idx - text_length) % width
+    image_end = text_length + height * width
+    return ((q_idx < text_length) & (kv_idx < image_end)) | (
+        (q_idx >= text_length) & ((kv_idx < text_length) | (kv_idx >= image_end)
+                                  | ((q_y - kv_y) ** 2 + (q_x - kv_x) ** 2 < window_size ** 2)))
+
+
+def qkv(shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g).to(dtype) for _ in range(3)]
+
+
+def layout_inputs(batch, heads, dim, grid, n_txt, n_ref, n_down, dtype=torch.float32, seed=0):
+    length = n_txt + grid[0] * grid[1] + n_ref
+    q, k, v = qkv((batch, heads, length, dim), dtype, seed)
+    down = qkv((batch, heads, n_down, dim), dtype, seed + 1)[:2] if n_down else (None, None)
+    return q, k, v, down[0], down[1]
+
+
+@pytest.mark.parametrize("grid, n_txt, radius", [((6, 9), 5, 3), ((7, 4), 3, 1), ((5, 5), 4, 8)])
+def test_the_mask_is_the_reference_rule(grid, n_txt, radius):
+    h, w = grid
+    length = n_txt + h * w
+    q_idx, kv_idx = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    assert torch.equal(window_mask(grid, radius, n_txt), reference_local_mask(q_idx, kv_idx, n_txt, w, radius))
+    n_down = (h // 2) * (w // 2)
+    kv_idx = torch.arange(length + n_down)[None, :]
+    assert torch.equal(window_mask(grid, radius, n_txt, n_down=n_down),
+                       reference_downsample_mask(q_idx, kv_idx, n_txt, h, w, radius))
+
+
+def test_the_circle_is_strict_and_clipped_at_the_border():
+    mask = window_mask((11, 11), 4, n_txt=0)
+    center = mask[5 * 11 + 5].reshape(11, 11)
+    assert not center[5, 9] and not center[1, 5]  # distance exactly 4: outside (strict)
+    assert center[5, 8] and center[3, 2] and not center[2, 2]  # 3**2 + 2**2 < 16 <= 3**2 + 3**2
+    assert int(center.sum()) == 7 * 7 - 4
+    corner = mask[0].reshape(11, 11)  # query (0, 0): a quarter circle, not a window shifted inward
+    assert int(corner.sum()) == 4 * 4 - 1 and not corner[0, 4] and not corner[3, 3]
+
+
+def test_reference_tokens_are_global_and_only_image_queries_see_the_down_sampled_keys():
+    grid, n_txt, n_ref, n_down = (4, 5), 3, 2, 4
+    mask = window_mask(grid, 1, n_txt, n_ref, n_down)
+    real = n_txt + 20 + n_ref
+    ref_rows = slice(n_txt + 20, real)
+    assert mask[:n_txt, :real].all() and mask[ref_rows, :real].all()
+    assert not mask[:n_txt, real:].any() and not mask[ref_rows, real:].any()
+    image_rows = mask[n_txt:n_txt + 20]
+    assert image_rows[:, :n_txt].all() and image_rows[:, ref_rows].all() and image_rows[:, real:].all()
+    assert torch.equal(image_rows[:, n_txt:n_txt + 20], torch.eye(20, dtype=torch.bool))  # radius 1: itself
+
+
+CASES = [  # batch, heads, grid, n_txt, n_ref, n_down, radius
+    (1, 2, (5, 7), 3, 0, 0, 2),
+    (2, 3, (19, 23), 6, 0, 0, 3),  # several tiles, edge tiles shifted inward
+    (2, 2, (17, 13), 4, 5, 12, 4),  # text, reference and down-sampled keys
+    (1, 2, (9, 30), 0, 0, 0, 1),  # no global token, one-token windows
+    (1, 1, (3, 4), 2, 0, 1, 9),  # the window holds the whole grid
+    (1, 2, (1, 40), 2, 0, 0, 5),  # a single row
+]
+
+
+@pytest.mark.parametrize("batch, heads, grid, n_txt, n_ref, n_down, radius", CASES)
+def test_the_tiled_pytorch_path_equals_the_dense_reference(batch, heads, grid, n_txt, n_ref, n_down, radius):
+    q, k, v, dk, dv = layout_inputs(batch, heads, 16, grid, n_txt, n_ref, n_down)
+    layout = dict(grid=grid, n_txt=n_txt, radius=radius, n_ref=n_ref, down_k=dk, down_v=dv, scale=0.3)
+    out = circular_window_attention(q, k, v, backend="torch", **layout)
+    torch.testing.assert_close(out, dense_reference(q, k, v, **layout), rtol=1e-5, atol=1e-5)
+
+
+def test_the_tiled_pytorch_path_in_bfloat16_stays_within_bfloat16_error():
+    q, k, v, dk, dv = layout_inputs(2, 2, 32, (18, 21), 5, 3, 20, dtype=torch.bfloat16)
+    layout = dict(grid=(18, 21), n_txt=5, radius=5, n_ref=3, down_k=dk, down_v=dv)
+    out = circular_window_attention(q, k, v, backend="torch", **layout)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), dense_reference(q.float(), k.float(), v.float(), **layout),
+                               rtol=2e-2, atol=2e-2)
+
+
+def test_the_pytorch_path_never_builds_a_full_size_score_matrix(monkeypatch):
+    grid, n_txt = (48, 48), 8
+    q, k, v, _, _ = layout_inputs(1, 1, 16, grid, n_txt, 0, 0)
+    length = q.shape[2]
+    largest = []
+    original = F.scaled_dot_product_attention
+
+    def sdpa(query, key, value, **kwargs):
+        largest.append(query.shape[0] * query.shape[2] * key.shape[2])
+        return original(query, key, value, **kwargs)
+
+    monkeypatch.setattr(_clear_torch.F, "scaled_dot_product_attention", sdpa)
+    monkeypatch.setattr(_clear_torch, "KEY_COPY_BYTES", 64 * 1024)
+    out = circular_window_attention(q, k, v, grid=grid, n_txt=n_txt, radius=4, backend="torch")
+    monkeypatch.undo()
+    torch.testing.assert_close(out, dense_reference(q, k, v, grid=grid, n_txt=n_txt, radius=4), rtol=1e-5, atol=1e-5)
+    assert max(largest) < length * length / 20
+
+
+def test_the_pytorch_path_checks_for_cancellation_between_tile_rows():
+    q, k, v, _, _ = layout_inputs(1, 1, 16, (20, 20), 2, 0, 0)
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        circular_window_attention(q, k, v, grid=(20, 20), n_txt=2, radius=2, backend="torch", check_interrupt=cancel)
+    assert len(calls) == 2
+
+
+TRITON_CASES = [  # batch, heads, grid, n_txt, n_ref, n_down, radius, dtype
+    (2, 2, (9, 11), 4, 0, 0, 3, torch.float32),
+    (1, 2, (10, 7), 3, 2, 6, 2, torch.float32),  # text, reference and down-sampled keys; odd grid
+    (1, 1, (6, 9), 0, 0, 0, 1, torch.float32),  # nothing but the token itself
+    (1, 2, (9, 11), 5, 0, 4, 4, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("batch, heads, grid, n_txt, n_ref, n_down, radius, dtype", TRITON_CASES)
+def test_the_triton_kernel_equals_the_dense_reference(triton_device, batch, heads, grid, n_txt, n_ref, n_down, radius,
+                                                      dtype):
+    q, k, v, dk, dv = [t if t is None else t.to(triton_device)
+                       for t in layout_inputs(batch, heads, 16, grid, n_txt, n_ref, n_down, dtype)]
+    layout = dict(grid=grid, n_txt=n_txt, radius=radius, n_ref=n_ref, down_k=dk, down_v=dv, scale=0.25)
+    visits = torch.zeros(9 if grid == (9, 11) else 6, dtype=torch.int32, device=triton_device)
+    out = window_attention_triton(q, k, v, q_tile=Tile(4, 4), k_tile=Tile(4, 4), visits=visits, **layout)
+    expected = dense_reference(*(t.float() for t in (q, k, v)), **{**layout, "down_k": None if dk is None else dk.float(),
+                                                                 "down_v": None if dv is None else dv.float()})
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected, rtol=tolerance, atol=tolerance)
+    # the kernel visited exactly the image key tiles the counter predicts
+    assert visits.cpu().tolist() == visited_image_tiles(grid, radius, Tile(4, 4), Tile(4, 4)).tolist()
+
+
+def test_the_public_op_runs_the_triton_kernel_with_its_default_tiles(triton_device):
+    q, k, v, dk, dv = [t.to(triton_device) for t in layout_inputs(1, 1, 16, (9, 18), 2, 1, 3)]
+    layout = dict(grid=(9, 18), n_txt=2, radius=5, n_ref=1, down_k=dk, down_v=dv)
+    out = circular_window_attention(q, k, v, backend="triton", **layout)
+    torch.testing.assert_close(out, dense_reference(q, k, v, **layout), rtol=1e-5, atol=1e-5)
+
+
+def test_tiles_that_are_not_powers_of_two_are_refused(triton_device):
+    q, k, v, _, _ = layout_inputs(1, 1, 16, (4, 6), 0, 0, 0)
+    with pytest.raises(ValueError, match="powers of two"):
+        window_attention_triton(q, k, v, grid=(4, 6), n_txt=0, radius=2, n_ref=0, down_k=None, down_v=None, scale=1.0,
+                                q_tile=Tile(3, 8))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(n_txt=4), "sequence length"),
+    (dict(radius=0), "radius must be >= 1"),
+    (dict(down_k=torch.zeros(1, 2, 3, 16)), "go together"),
+    (dict(down_k=torch.zeros(1, 2, 3, 8), down_v=torch.zeros(1, 2, 3, 8)), r"\[1, 2, M, 16\]"),
+])
+def test_bad_layouts_are_refused(change, message):
+    q, k, v = qkv((1, 2, 3 + 20, 16))
+    args = {**dict(grid=(4, 5), n_txt=3, radius=2), **change}
+    with pytest.raises(ValueError, match=message):
+        circular_window_attention(q, k, v, **args)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_strided_views_of_a_fused_qkv_tensor_are_read_in_place(triton_device, backend):
+    # ComfyUI's Flux hands over q/k/v as views of one [B, L, 3, H, D] projection.
+    device = triton_device if backend == "triton" else "cpu"
+    grid, n_txt = (6, 7), 3
+    fused = torch.randn(2, n_txt + 42, 3, 2, 16, device=device)
+    q, k, v = fused.permute(2, 0, 3, 1, 4)
+    assert not v.is_contiguous()
+    layout = dict(grid=grid, n_txt=n_txt, radius=3)
+    out = circular_window_attention(q, k, v, backend=backend, **layout)
+    expected = dense_reference(q.contiguous(), k.contiguous(), v.contiguous(), **layout)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,161 @@
+"""Weight files: the released DeepSpeed/SAT layout, the converted safetensors, and refusals."""
+
+from __future__ import annotations
+
+import datetime
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ultrares.models.infdit import convert
+from ultrares.models.infdit.checkpoint import CheckpointError, convert_checkpoint, load_infdit
+from ultrares.models.infdit.config import InfDiTConfig
+from ultrares.models.infdit.tiny import TINY, TINY_CLIP, released_state_dict, save_released_layout, tiny_weights
+from test_infdit_support import one_cpu_thread  # noqa: F401  (autouse fixture)
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return tiny_weights(seed=7)
+
+
+@pytest.fixture(scope="module")
+def released(weights):
+    return {key: value.bfloat16() for key, value in released_state_dict(weights).items()}
+
+
+@pytest.fixture
+def released_file(released, tmp_path):
+    path = tmp_path / "mp_rank_00_model_states.pt"
+    save_released_layout(released, path)
+    return path
+
+
+def assert_same_weights(module, reference, dtype=torch.bfloat16):
+    loaded = module.state_dict()
+    assert loaded.keys() == reference.state_dict().keys()
+    for key, value in reference.state_dict().items():
+        assert torch.equal(loaded[key], value.to(dtype).to(loaded[key].dtype)), key
+
+
+def test_the_released_layout_loads_with_its_sizes_inferred(released_file, weights):
+    loaded = load_infdit(released_file)
+    assert loaded.net.cfg == TINY
+    assert loaded.clip.cfg == TINY_CLIP
+    assert_same_weights(loaded.net, weights.net)
+    assert_same_weights(loaded.clip, weights.clip)
+
+
+def test_the_released_file_is_refused_by_plain_weights_only_loading(released_file):
+    # Its numpy RNG state is why the loader names the numpy types it may build.
+    with pytest.raises(Exception, match="numpy"):
+        torch.load(released_file, weights_only=True)
+
+
+def test_converting_round_trips_to_safetensors_with_the_packs_names(released_file, weights, tmp_path):
+    target = tmp_path / "infdit.safetensors"
+    assert convert_checkpoint(released_file, target) == TINY
+    tensors = load_file(str(target))
+    assert "blocks.1.qkv.weight" in tensors and "clip.conv1.weight" in tensors
+    assert "blocks.0.block_bias" in tensors and not any(key.startswith("mixins.") for key in tensors)
+    assert all(value.dtype == torch.bfloat16 for value in tensors.values())
+    again = load_infdit(target)
+    assert again.net.cfg == TINY
+    assert_same_weights(again.net, weights.net)
+    assert_same_weights(again.clip, weights.clip)
+
+
+def test_other_sizes_are_inferred_from_the_shapes(tmp_path):
+    cfg = InfDiTConfig(hidden=96, layers=3, heads=3, patch=2, block=8, lr_block=2, time_channels=16, vector_dim=8,
+                       rope_period=32)
+    weights = tiny_weights(seed=1, cfg=cfg, clip_cfg=None)
+    path = tmp_path / "other.pt"
+    save_released_layout(released_state_dict(weights), path)
+    loaded = load_infdit(path)
+    assert loaded.net.cfg == cfg and loaded.clip is None
+
+
+def test_the_unused_key_layernorms_do_not_matter(released, tmp_path):
+    changed = dict(released)
+    changed["mixins.adaln_layer.k_layer_norm.0.weight"] = torch.full_like(changed["mixins.adaln_layer.k_layer_norm.0.weight"], 7)
+    save_released_layout(released, tmp_path / "a.pt")
+    save_released_layout(changed, tmp_path / "b.pt")
+    assert_same_weights(load_infdit(tmp_path / "b.pt").net, load_infdit(tmp_path / "a.pt").net)
+
+
+def test_a_missing_key_is_named_in_the_files_own_naming(released, tmp_path):
+    broken = {k: v for k, v in released.items() if k != "transformer.layers.1.mlp.dense_4h_to_h.bias"}
+    save_released_layout(broken, tmp_path / "broken.pt")
+    with pytest.raises(CheckpointError, match=r"missing Inf-DiT keys: transformer\.layers\.1\.mlp\.dense_4h_to_h\.bias"):
+        load_infdit(tmp_path / "broken.pt")
+
+
+def test_unexpected_keys_are_named(released, tmp_path):
+    extra = dict(released, **{"mixins.adaln_layer.extra_gate.weight": torch.zeros(3)})
+    save_released_layout(extra, tmp_path / "extra.pt")
+    with pytest.raises(CheckpointError, match=r"unexpected keys in the SAT checkpoint: mixins\.adaln_layer\.extra_gate"):
+        load_infdit(tmp_path / "extra.pt")
+    tensors = load_file(str(convert_checkpoint_to(tmp_path, released)))
+    tensors["blocks.0.gate.weight"] = torch.zeros(2)
+    save_file(tensors, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(CheckpointError, match=r"unexpected Inf-DiT keys: blocks\.0\.gate\.weight"):
+        load_infdit(tmp_path / "extra.safetensors")
+
+
+def convert_checkpoint_to(tmp_path, released):
+    save_released_layout(released, tmp_path / "src.pt")
+    convert_checkpoint(tmp_path / "src.pt", tmp_path / "converted.safetensors")
+    return tmp_path / "converted.safetensors"
+
+
+def test_a_shape_that_does_not_fit_the_inferred_sizes_is_named(released, tmp_path):
+    wrong = dict(released)
+    wrong["transformer.layers.1.attention.dense.weight"] = torch.zeros(64, 32, dtype=torch.bfloat16)
+    save_released_layout(wrong, tmp_path / "wrong.pt")
+    with pytest.raises(CheckpointError, match=r"transformer\.layers\.1\.attention\.dense\.weight \(64, 32\) \(expected \(64, 64\)\)"):
+        load_infdit(tmp_path / "wrong.pt")
+
+
+def test_a_file_of_another_model_is_refused(tmp_path):
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2, 2)}, str(tmp_path / "flux.safetensors"))
+    with pytest.raises(CheckpointError, match="not an Inf-DiT checkpoint"):
+        load_infdit(tmp_path / "flux.safetensors")
+
+
+def test_an_unknown_pickled_object_is_refused_by_name_unless_allowed(released, tmp_path):
+    path = tmp_path / "odd.pt"
+    torch.save({"module": released, "elapsed": datetime.timedelta(hours=3)}, path)
+    with pytest.raises(CheckpointError, match=r"datetime\.timedelta.*--allow-global datetime\.timedelta"):
+        load_infdit(path)
+    assert load_infdit(path, allow_globals=("datetime.timedelta",)).net.cfg == TINY
+
+
+def test_clip_comes_from_a_separate_openclip_file_when_the_checkpoint_has_none(weights, tmp_path):
+    dit_only = {k: v for k, v in released_state_dict(weights).items() if not k.startswith("image_encoder.")}
+    save_released_layout(dit_only, tmp_path / "dit.pt")
+    assert load_infdit(tmp_path / "dit.pt").clip is None
+    openclip = {f"visual.{k}": v for k, v in weights.clip.state_dict().items()}
+    openclip.update({"token_embedding.weight": torch.zeros(4, 2), "ln_final.weight": torch.ones(2),
+                     "transformer.resblocks.0.attn.in_proj_weight": torch.zeros(6, 2), "logit_scale": torch.ones(())})
+    torch.save(openclip, tmp_path / "open_clip_pytorch_model.bin")
+    loaded = load_infdit(tmp_path / "dit.pt", clip_path=tmp_path / "open_clip_pytorch_model.bin")
+    assert_same_weights(loaded.clip, weights.clip, torch.float32)
+
+
+def test_a_clip_file_with_foreign_keys_is_refused(weights, tmp_path):
+    odd = {f"visual.{k}": v for k, v in weights.clip.state_dict().items()}
+    odd["decoder.weight"] = torch.zeros(2)
+    save_file(odd, str(tmp_path / "clip.safetensors"))
+    save_released_layout(released_state_dict(weights), tmp_path / "dit.pt")
+    with pytest.raises(CheckpointError, match=r"unexpected keys beside the CLIP image tower: decoder\.weight"):
+        load_infdit(tmp_path / "dit.pt", clip_path=tmp_path / "clip.safetensors")
+
+
+def test_the_converter_command_reports_the_model_and_refusals(released_file, tmp_path, capsys):
+    assert convert.main([str(released_file), str(tmp_path / "out.safetensors"), "--dtype", "fp32"]) == 0
+    assert "2 layers, width 64, 2 heads, 16-px blocks" in capsys.readouterr().out
+    assert load_file(str(tmp_path / "out.safetensors"))["blocks.0.qkv.weight"].dtype == torch.float32
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
+    assert convert.main([str(tmp_path / "bad.safetensors"), str(tmp_path / "o.safetensors")]) == 1
+    assert "not an Inf-DiT checkpoint" in capsys.readouterr().err

@@ -1,0 +1,52 @@
+"""Layer 0's LR cross-attention keys: the reference's unfold windows, computed once per image."""
+
+from __future__ import annotations
+
+import torch
+
+from ultrares.models.infdit.lr_context import LRContext
+from ultrares.models.infdit.placement import Placement
+from ultrares.models.infdit.tiny import TINY, tiny_weights
+from test_infdit_support import one_cpu_thread  # noqa: F401  (autouse fixture)
+
+CPU = torch.device("cpu")
+
+
+def unfold_windows(net, lr_image):
+    """The released ``process_lr``: proj_lr, then nn.Unfold(3 lb, stride lb, padding lb)."""
+    lb = TINY.lr_block
+    features = net.lr_xattn.proj_lr(lr_image)
+    unfolded = torch.nn.Unfold(kernel_size=3 * lb, stride=lb, padding=lb)(features)
+    b, _, windows = unfolded.shape
+    return unfolded.view(b, TINY.hidden, 3 * lb, 3 * lb, windows).permute(0, 4, 2, 3, 1).flatten(2, 3)
+
+
+def test_windows_are_the_unfolded_lr_tokens_after_the_projection():
+    net = tiny_weights(seed=1).net
+    lr_image = torch.rand(2, 3, 12, 20, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.inference_mode():
+        tokens = unfold_windows(net, lr_image)
+        expected = net.lr_xattn.token_key_values(tokens).view(2, 3, 5, *tokens.shape[2:3], 2, TINY.heads, -1)
+        context = LRContext(net, lr_image, Placement(CPU))
+        torch.testing.assert_close(context.windows(range(0, 3), range(0, 5)), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(context.windows(range(1, 3), range(2, 4)), expected[:, 1:3, 2:4], rtol=0, atol=1e-6)
+
+
+def test_tokens_outside_the_image_are_zero_vectors_whose_keys_are_the_normalised_bias():
+    net = tiny_weights(seed=1).net
+    lr_image = torch.rand(1, 3, 4, 4) * 2 - 1
+    with torch.inference_mode():
+        window = LRContext(net, lr_image, Placement(CPU)).windows(range(1), range(1))
+        corner_key, corner_value = window[0, 0, 0, 0].unbind(0)
+        bias_k, bias_v = net.lr_xattn.key_value.bias.view(2, TINY.heads, -1).unbind(0)
+        torch.testing.assert_close(corner_key, net.lr_xattn.k_norm(bias_k))
+        torch.testing.assert_close(corner_value, bias_v)
+
+
+def test_the_map_on_the_host_gives_the_same_windows():
+    net = tiny_weights(seed=1).net
+    lr_image = torch.rand(1, 3, 8, 12) * 2 - 1
+    with torch.inference_mode():
+        on_device = LRContext(net, lr_image, Placement(CPU)).windows(range(2), range(3))
+        on_host = LRContext(net, lr_image, Placement(CPU, offload=True)).windows(range(2), range(3))
+    assert torch.equal(on_device, on_host)

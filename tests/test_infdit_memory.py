@@ -1,0 +1,134 @@
+"""The memory model against measured peaks, the budget rule, and the out-of-memory fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ultrares.models.infdit.memory import BudgetTooSmall, choose_batch_size, estimate_memory
+from ultrares.models.infdit.meter import LiveTensorMeter
+from ultrares.models.infdit.network import InfDiT
+from ultrares.models.infdit.tiny import TINY, tiny_weights
+from ultrares.models.infdit.upscale import UpscaleOptions, plan_stage, upscale, weight_bytes
+from test_infdit_support import one_cpu_thread  # noqa: F401  (autouse fixture)
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return tiny_weights(seed=8)
+
+
+def measured_peak(weights, lr_side: int, options: UpscaleOptions) -> int:
+    """Peak device bytes of a whole 4x sample, weights included (they exist before the meter)."""
+    image, meter = torch.rand(1, 3, lr_side, lr_side), LiveTensorMeter()
+    with meter:
+        upscale(weights, image, options, CPU, observer=meter)
+    return meter.peak + weight_bytes(weights)
+
+
+def test_the_meter_counts_allocations_once_and_not_host_work():
+    meter = LiveTensorMeter()
+    with meter:
+        a = torch.zeros(1000)
+        view = a[10:]
+        b = a + 1
+        assert meter.current == 8000
+        with meter.host_work():
+            host = torch.zeros(5000)
+        host += 1
+        assert meter.current == 8000
+        del a, view, b
+        assert meter.current == 0
+    assert meter.peak == 8000 and host.sum() == 5000
+
+
+@pytest.mark.parametrize("lr_side, n, offload", [(32, 1, False), (32, 3, False), (32, 8, False), (32, 1, True),
+                                                 (48, 2, True)])
+def test_the_memory_model_bounds_the_measured_peak_closely(weights, lr_side, n, offload):
+    options = UpscaleOptions(scale=4, steps=1, batch_blocks=n, offload=offload)
+    estimate = plan_stage(weights, 4 * lr_side, 4 * lr_side, options).total
+    measured = measured_peak(weights, lr_side, options)
+    assert measured <= estimate <= 1.1 * measured
+
+
+def test_with_offloading_device_memory_does_not_grow_with_the_image(weights):
+    options = UpscaleOptions(scale=4, steps=1, batch_blocks=2, offload=True)
+    small, large = measured_peak(weights, 24, options), measured_peak(weights, 56, options)
+    assert large == small
+    assert measured_peak(weights, 56, UpscaleOptions(scale=4, steps=1, batch_blocks=2)) > 2 * small
+
+
+def test_the_budget_picks_the_largest_batch_that_fits_and_the_sample_stays_under_it(weights):
+    kwargs = dict(weight_bytes=weight_bytes(weights), dtype=torch.float32, offload=False)
+    side = 8 * TINY.block_px
+    estimates = {n: estimate_memory(TINY, side, side, n, **kwargs).total for n in range(1, 9)}
+    budget = (estimates[3] + estimates[4]) / 2
+    assert choose_batch_size(TINY, side, side, budget, **kwargs).n == 3
+    assert choose_batch_size(TINY, side, side, estimates[2] * 1.2, margin=0.2, **kwargs).n == 2
+    assert choose_batch_size(TINY, side, side, 1e12, **kwargs).n == 8
+    options = UpscaleOptions(scale=4, steps=1, budget_bytes=budget)
+    assert measured_peak(weights, side // 4, options) <= budget
+
+
+def test_a_budget_below_one_block_per_batch_is_refused_with_the_breakdown(weights):
+    with pytest.raises(BudgetTooSmall, match=r"below the minimum for a 128x64 output \(weights .* neighbour cache"
+                                             r".* batch activations .* GiB with one block per batch\).*offloading"):
+        choose_batch_size(TINY, 64, 128, 1000, weight_bytes=weight_bytes(weights), dtype=torch.float32,
+                          offload=False)
+
+
+class RunsOutOfMemoryAbove(InfDiT):
+    """Raises the device's out-of-memory error for batches of more than ``limit`` blocks."""
+
+    limit = 4
+
+    def embed(self, x):
+        blocks = (x.shape[-2] // self.cfg.block_px) * (x.shape[-1] // self.cfg.block_px)
+        if blocks > self.limit:
+            raise torch.OutOfMemoryError("simulated: batch too large")
+        return super().embed(x)
+
+
+def upscale_with(weights, net_class, images, n):
+    """Upscale with the same weights in a failing network; returns the result, the progress
+    reports and the result of the normal network without a batch size."""
+    failing = tiny_weights(seed=8)
+    failing.net = net_class(TINY)
+    failing.net.load_state_dict(weights.net.state_dict())
+    reports = []
+    out = upscale(failing, images, UpscaleOptions(scale=4, steps=2, batch_blocks=n), CPU,
+                  on_progress=lambda done, total: reports.append((done, total)))
+    return out, reports, upscale(weights, images, UpscaleOptions(scale=4, steps=2), CPU), failing
+
+
+def test_running_out_of_memory_retries_with_smaller_batches_and_the_same_result(weights):
+    images = torch.rand(2, 3, 20, 24)
+    out, reports, reference, failing = upscale_with(weights, RunsOutOfMemoryAbove, images, 4)
+    assert (out - reference).abs().max() <= 1e-5
+    done, total = reports[-1]
+    # 2 images x 3 evaluations of a 5x6-block image in 2x2 batches: the second image starts at n = 2.
+    assert done == total == 2 * 3 * 9
+    assert reports[0] == (1, total)  # n = 4 and n = 3 failed before their first batch
+    failing.net.limit = 0
+    with pytest.raises(torch.OutOfMemoryError, match="even with one block per batch"):
+        upscale(failing, images, UpscaleOptions(scale=4, steps=1, batch_blocks=2), CPU)
+
+
+class RunsOutOfMemoryOnTheThirdBatch(InfDiT):
+    calls = 0
+
+    def embed(self, x):
+        self.calls += 1
+        if self.calls == 3:
+            raise torch.OutOfMemoryError("simulated: fragmentation")
+        return super().embed(x)
+
+
+def test_an_evaluation_that_fails_midway_is_redone_and_progress_rewinds(weights):
+    out, reports, reference, _ = upscale_with(weights, RunsOutOfMemoryOnTheThirdBatch, torch.rand(1, 3, 20, 24), 3)
+    assert (out - reference).abs().max() <= 1e-5
+    # n = 3 (2x2 batches): two batches done, then n = 2 (3x3 batches) from the start.
+    assert reports[:3] == [(1, 12), (2, 12), (1, 27)]
+    assert reports[-1] == (27, 27)

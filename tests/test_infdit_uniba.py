@@ -1,0 +1,172 @@
+"""Block-scheduled evaluation is exactly the whole-image UniBA computation.
+
+The reference here is written from the released "full" inference: positions from the token
+index, the clamp-and-concatenate neighbour gather of ``get_cat_layer_left_top`` and the LR
+windows of ``nn.Unfold`` after ``proj_lr``. The scheduler must match it for any batch size,
+ragged edge batches, either scan order and either cache placement.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ultrares.models.infdit.evaluate import ImageContext, evaluate
+from ultrares.models.infdit.kv_cache import NeighbourCache
+from ultrares.models.infdit.lr_context import LRContext
+from ultrares.models.infdit.placement import Placement
+from ultrares.models.infdit.plan import BlockBatch, CacheSchedule, plan_batches, resolve_scan
+from ultrares.models.infdit.rope import rope_cos_sin
+from ultrares.models.infdit.sampler import edm_precondition
+from ultrares.models.infdit.tiny import tiny_weights
+from ultrares.models.infdit.uniba import to_blocks
+from test_infdit_support import one_cpu_thread  # noqa: F401  (autouse fixture)
+
+CPU = torch.device("cpu")
+GRID = (5, 7)
+
+
+def reference_gather(x: torch.Tensor) -> torch.Tensor:
+    """The released full-mode gather: pad with the first row/column, then [self, TL, L, T]."""
+    rows, cols = x.shape[1:3]
+    padded = torch.cat([x[:, :1], x], dim=1)
+    padded = torch.cat([padded[:, :, :1], padded], dim=2)
+    return torch.cat([x, padded[:, :rows, :cols], padded[:, 1:, :cols], padded[:, :rows, 1:]], dim=3)
+
+
+def reference_lr_windows(net, lr_image: torch.Tensor) -> torch.Tensor:
+    """proj_lr, nn.Unfold(3 lb, stride lb, padding lb), then keys/values per window token."""
+    cfg, lb = net.cfg, net.cfg.lr_block
+    features = net.lr_xattn.proj_lr(lr_image)
+    unfolded = torch.nn.Unfold(kernel_size=3 * lb, stride=lb, padding=lb)(features)
+    b, _, windows = unfolded.shape
+    tokens = unfolded.view(b, cfg.hidden, 3 * lb, 3 * lb, windows).permute(0, 4, 2, 3, 1).flatten(2, 3)
+    rows, cols = lr_image.shape[-2] // (lb * cfg.lr_patch), lr_image.shape[-1] // (lb * cfg.lr_patch)
+    return net.lr_xattn.token_key_values(tokens).view(b, rows, cols, *tokens.shape[2:3], 2, cfg.heads, -1)
+
+
+def reference_evaluation(net, x, sigma, concat_lr, lr_image, vector) -> torch.Tensor:
+    cfg = net.cfg
+    c_skip, c_out, c_in, c_noise = edm_precondition(sigma)
+    cond = net.conditioning(torch.full((x.shape[0],), c_noise), vector)
+    h = net.embed(torch.cat([x, concat_lr], dim=1) * c_in)
+    rows_t, cols_t = x.shape[-2] // cfg.patch, x.shape[-1] // cfg.patch
+    index = torch.arange(rows_t * cols_t)
+    cos, sin = rope_cos_sin(index // cols_t, index % cols_t, cfg.head_dim, cfg.rope_period, net.dtype)
+    cos, sin = (to_blocks(t.T.reshape(1, -1, rows_t, cols_t), cfg.block)[0][..., None, :] for t in (cos, sin))
+    windows = reference_lr_windows(net, lr_image)
+    for layer in range(cfg.layers):
+        h = net.layer(layer, h, cond, cos, sin, lambda _, k, v: (reference_gather(k), reference_gather(v)),
+                      windows if layer == 0 else None)
+    return c_skip * x + c_out * net.output(h, cond)
+
+
+def make_case(grid: tuple[int, int]):
+    weights = tiny_weights(seed=3)
+    cfg = weights.net.cfg
+    g = torch.Generator().manual_seed(0)
+    height, width = grid[0] * cfg.block_px, grid[1] * cfg.block_px
+    lr_image = torch.rand(1, 3, height // cfg.lr_scale, width // cfg.lr_scale, generator=g) * 2 - 1
+    concat_lr = torch.nn.functional.interpolate(lr_image, size=(height, width), mode="bicubic").clamp(-1, 1)
+    x = concat_lr + 2.5 * torch.randn(concat_lr.shape, generator=g)
+    vector = torch.randn(1, cfg.vector_dim, generator=g)
+    with torch.inference_mode():
+        full = reference_evaluation(weights.net, x, 2.5, concat_lr, lr_image, vector)
+    return weights.net, x, concat_lr, lr_image, vector, full
+
+
+@pytest.fixture(scope="module")
+def case():
+    return make_case(GRID)
+
+
+def scheduled(net, x, concat_lr, lr_image, vector, batches, offload=False, sigma=2.5) -> torch.Tensor:
+    placement = Placement(CPU, offload)
+    with torch.inference_mode():
+        context = ImageContext(placement.to_store(concat_lr), LRContext(net, lr_image, placement), vector)
+        return evaluate(net, x, sigma, context, batches, placement, torch.empty_like(x))
+
+
+def test_one_batch_over_the_whole_image_is_the_released_full_mode(case):
+    net, x, concat_lr, lr_image, vector, full = case
+    out = scheduled(net, x, concat_lr, lr_image, vector, [BlockBatch(range(GRID[0]), range(GRID[1]))])
+    torch.testing.assert_close(out, full, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("n, scan, offload", [
+    (1, "row", False), (2, "row", False), (3, "row", True), (2, "column", True), (3, "column", False), (4, "auto", True),
+])
+def test_block_batches_equal_the_full_evaluation(case, n, scan, offload):
+    net, x, concat_lr, lr_image, vector, full = case
+    out = scheduled(net, x, concat_lr, lr_image, vector, plan_batches(*GRID, n, scan), offload)
+    assert (out - full).abs().max() <= 1e-5
+
+
+def test_rope_positions_wrap_identically_beyond_the_period():
+    # 18 blocks of 4 tokens: 72 token columns, past the tiny model's 64-token RoPE period.
+    net, x, concat_lr, lr_image, vector, full = make_case((2, 18))
+    assert 18 * net.cfg.block > net.cfg.rope_period
+    out = scheduled(net, x, concat_lr, lr_image, vector, plan_batches(2, 18, 3, "auto"), offload=True)
+    assert (out - full).abs().max() <= 1e-5
+
+
+def test_rectangular_batches_in_any_topological_order_are_exact(case):
+    net, x, concat_lr, lr_image, vector, full = case
+    batches = [BlockBatch(range(0, 2), range(0, 7)), BlockBatch(range(2, 5), range(0, 3)),
+               BlockBatch(range(2, 3), range(3, 7)), BlockBatch(range(3, 5), range(3, 7))]
+    out = scheduled(net, x, concat_lr, lr_image, vector, batches)
+    assert (out - full).abs().max() <= 1e-5
+
+
+def test_an_order_that_reads_blocks_before_they_exist_is_refused():
+    with pytest.raises(ValueError, match="not a valid UniBA order"):
+        CacheSchedule(list(reversed(plan_batches(*GRID, 2, "row"))))
+
+
+def test_auto_scan_keeps_the_cached_strip_on_the_shorter_side():
+    assert resolve_scan(5, 7, "auto") == "column"
+    assert resolve_scan(7, 5, "auto") == "row"
+    assert [b.rows.start for b in plan_batches(4, 6, 2, "column")[:2]] == [0, 2]
+    assert [b.cols.start for b in plan_batches(4, 6, 2, "row")[:2]] == [0, 2]
+    assert plan_batches(5, 7, 3, "row")[-1] == BlockBatch(range(3, 5), range(6, 7))
+
+
+def test_perturbing_a_block_changes_only_blocks_below_and_right_within_one_block_per_layer(case):
+    net, x, concat_lr, lr_image, vector, full = case
+    block_px, (i, j) = net.cfg.block_px, (1, 2)
+    x2 = x.clone()
+    x2[..., i * block_px:(i + 1) * block_px, j * block_px:(j + 1) * block_px] += 0.5
+    with torch.inference_mode():
+        out = reference_evaluation(net, x2, 2.5, concat_lr, lr_image, vector)
+    changed = (out != full).unflatten(2, (GRID[0], block_px)).unflatten(4, (GRID[1], block_px)).any(dim=(0, 1, 3, 5))
+    reach = net.cfg.layers
+    expected = torch.zeros(GRID, dtype=torch.bool)
+    expected[i:i + reach + 1, j:j + reach + 1] = True
+    assert torch.equal(changed, expected)
+
+
+def test_offloading_keeps_only_the_next_batchs_neighbours_on_the_device(case):
+    net = case[0]
+    placement = Placement(CPU, offload=True)
+    schedule = CacheSchedule(plan_batches(4, 9, 2, "row"))
+    cache = NeighbourCache(schedule, net.cfg.layers, placement)
+    k = torch.randn(1, 2, 2, net.cfg.block_tokens, net.cfg.heads, net.cfg.head_dim)
+    peak_device = peak_host = 0
+    for index, batch in enumerate(schedule.batches):
+        kb = k[:, :len(batch.rows), :len(batch.cols)]
+        gather = cache.neighbours(index)
+        for layer in range(net.cfg.layers):
+            gather(layer, kb, kb)
+        peak_device = max(peak_device, cache.device_entries())
+        peak_host = max(peak_host, cache.host_entries())
+    # Row-major: the right column of the batch just done stays on the device for the next
+    # one; the strip of bottom rows waits on the host.
+    assert peak_device == 2 * net.cfg.layers
+    assert peak_host >= 8 * net.cfg.layers
+    assert cache.device_entries() == cache.host_entries() == 0
+    # The memory model's count (held plus newly stored) does not grow with the width...
+    assert schedule.device_blocks(offload=True) == 4
+    assert CacheSchedule(plan_batches(4, 30, 2, "row")).device_blocks(offload=True) == 4
+    # ...while without offloading the whole strip stays on the device.
+    assert schedule.device_blocks(offload=False) >= 9
+    assert CacheSchedule(plan_batches(4, 30, 2, "row")).device_blocks(offload=False) >= 30
