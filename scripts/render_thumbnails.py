@@ -40,9 +40,13 @@ def _inside(node: dict, group: dict) -> bool:
     return x <= node["pos"][0] <= x + w and y <= node["pos"][1] <= y + h
 
 
+# Pillow's built-in font has no glyphs for these.
+PLAIN = str.maketrans({"×": "x", "→": "->", "²": "^2", "≈": "~"})
+
+
 def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: float) -> list[str]:
     lines, line = [], ""
-    for word in text.split():
+    for word in text.translate(PLAIN).split():
         candidate = f"{line} {word}".strip()
         if line and draw.textlength(candidate, font=font) > width:
             lines.append(line)

@@ -20,7 +20,7 @@ DEFINITIONS = wg.load_definitions()
 NODES_DIR = wg.REPO_ROOT / "nodes"
 
 # What the issue asks for, by file name.
-EXPECTED = {"sdxl_gspn_distill"}
+EXPECTED = {"flux_clear_2k", "flux_clear_infdit_8k", "sdxl_gspn_infdit_4k", "infdit_upscale_16k", "sdxl_gspn_distill"}
 # Model files that no URL serves: the distillation workflow writes this one.
 MADE_BY_WORKFLOWS = {"gspn_sdxl.safetensors"}
 MODEL_DIRECTORIES = {"diffusion_models", "text_encoders", "vae", "checkpoints", "clear", "gspn", "infdit"}

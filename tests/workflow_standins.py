@@ -18,8 +18,9 @@ pack included, as shipped:
      320 channels at every level and one transformer block per output and middle stage
      (SDXL's own: 640/1280 channels, up to 10 blocks), and the 4-channel KL VAE. It holds no
      text encoders (CLIP-G alone is 0.7 B parameters).
-   - ``clear_local_8_down_4.safetensors`` and ``mp_rank_00_model_states.pt``: see
-     :func:`write_clear_weights` and :func:`write_infdit_release`.
+   - ``clear_local_8_down_4.safetensors``: the released layout for those 1 + 1 blocks.
+   - ``mp_rank_00_model_states.pt``: the pack's built-in tiny Inf-DiT (its loader reads the sizes
+     from the shapes) in the release's DeepSpeed/SAT layout.
    - GSPN weights are not made here: the distillation workflow writes them.
 
 2. **Text encoding**: each ``CLIPTextEncode`` becomes ``StandInTextEncode`` (test node pack
@@ -128,6 +129,31 @@ def write_sdxl_checkpoint(path: Path, seed: int = 2) -> None:
     vae = random_tensors(_kl_vae_shapes(4, with_quant_conv=True), seed + 1, torch.float16)
     state.update({f"first_stage_model.{k}": v for k, v in vae.items()})
     save_file(state, str(path))
+
+
+def write_clear_weights(path: Path, down_factor: int, seed: int = 3) -> None:
+    """A released CLEAR file (diffusers names, every key the release has) for the stand-in FLUX's
+    1 + 1 blocks: q/k/v/out projections and, with down-sampling, each layer's ``spatial_weight``
+    at the reference's initial 1/d²."""
+    from ultrares.models.clear.weights import SPATIAL_SUFFIX, released_keys
+
+    hidden = FLUX_CONFIG["hidden_size"]
+    keys = released_keys(FLUX_CONFIG["depth"], FLUX_CONFIG["depth_single_blocks"], down_sampled=down_factor > 1)
+    shapes = {key: torch.Size([hidden, hidden] if key.endswith("weight") else [hidden])
+              for key in keys if not key.endswith(SPATIAL_SUFFIX)}
+    state = random_tensors(shapes, seed, torch.bfloat16)
+    for key in keys:
+        if key.endswith(SPATIAL_SUFFIX):
+            state[key] = torch.full((1, 1, 1, down_factor, 1, down_factor, 1), 1 / down_factor ** 2)
+    save_file(state, str(path))
+
+
+def write_infdit_release(path: Path, seed: int = 4) -> None:
+    """The pack's built-in tiny Inf-DiT (2 layers, 64 wide, 16-px blocks, 2-layer CLIP tower)
+    saved the way the release is: a DeepSpeed pickle with SAT names, as ``mp_rank_00_model_states.pt``."""
+    from ultrares.models.infdit.tiny import released_state_dict, save_released_layout, tiny_weights
+
+    save_released_layout(released_state_dict(tiny_weights(seed=seed), seed=seed), path)
 
 
 def standin_prompt(prompt: dict) -> dict:

@@ -29,8 +29,16 @@ S = ws.SIZE_DIVISOR
 OUTPUTS = {
     "sdxl_gspn_distill": {"Loss curve": (640, 360),  # drawn at a fixed size
                           "Sample with GSPN": (1024 // S, 1024 // S)},
+    "flux_clear_2k": {"Save 2048×2048": (2048 // S, 2048 // S)},
+    "flux_clear_infdit_8k": {"Save 2048×2048": (2048 // S, 2048 // S), "Save 8192×8192": (8192 // S, 8192 // S)},
+    "sdxl_gspn_infdit_4k": {"Save 1024×1024": (1024 // S, 1024 // S), "Save 4096×4096": (4096 // S, 4096 // S)},
+    "infdit_upscale_16k": {"Save 4× (4096 from 1024)": (4096 // S, 4096 // S),
+                           "Save 16× (16384 from 1024)": (16384 // S, 16384 // S)},
 }
+# The 4K workflow loads the GSPN weights the distillation workflow writes.
+NEEDS = {"sdxl_gspn_infdit_4k": "sdxl_gspn_distill"}
 GSPN_FILE = "gspn_sdxl.safetensors"
+CLEAR_DENSE_LOG = "covers the whole"  # what the CLEAR node logs when its window spans the grid
 INPUT_IMAGE = ("example.png", (1024 // S, 1024 // S))
 
 
@@ -38,12 +46,14 @@ INPUT_IMAGE = ("example.png", (1024 // S, 1024 // S))
 def model_dirs(comfy_nodes, tmp_path_factory) -> dict[str, Path]:
     """Model folders (by ComfyUI folder name) holding the stand-in files under their real names."""
     root = tmp_path_factory.mktemp("standin_models")
-    dirs = {name: root / name for name in ("diffusion_models", "vae", "checkpoints", "gspn")}
+    dirs = {name: root / name for name in ("diffusion_models", "vae", "checkpoints", "clear", "infdit", "gspn")}
     for folder in dirs.values():
         folder.mkdir()
     ws.write_flux_unet(dirs["diffusion_models"] / "flux1-dev.safetensors")
     ws.write_flux_vae(dirs["vae"] / "ae.safetensors")
     ws.write_sdxl_checkpoint(dirs["checkpoints"] / "sd_xl_base_1.0.safetensors")
+    ws.write_clear_weights(dirs["clear"] / "clear_local_8_down_4.safetensors", down_factor=4)
+    ws.write_infdit_release(dirs["infdit"] / "mp_rank_00_model_states.pt")
     return dirs
 
 
@@ -69,6 +79,8 @@ class Runs:
         self.results: dict[str, tuple[dict, dict, float]] = {}
 
     def __call__(self, name: str) -> tuple[dict, dict, float]:
+        if name in NEEDS:
+            self(NEEDS[name])
         if name not in self.results:
             self.results[name] = self._run(name)
         return self.results[name]
@@ -150,3 +162,18 @@ def test_gspn_distillation_writes_the_weights_file_and_saves_its_outputs(runs, s
     prompt, history, _ = runs("sdxl_gspn_distill")
     assert (model_dirs["gspn"] / GSPN_FILE).is_file()
     assert saved_sizes(server, prompt, history) == OUTPUTS["sdxl_gspn_distill"]
+
+
+@pytest.mark.parametrize("name", [name for name in OUTPUTS if name != "sdxl_gspn_distill"])
+def test_the_workflow_runs_to_success_and_saves_images_of_its_scaled_size(runs, server, name):
+    prompt, history, _ = runs(name)
+    assert saved_sizes(server, prompt, history) == OUTPUTS[name]
+
+
+def test_the_clear_stage_ran_windowed_attention_not_a_dense_fallback(runs, server):
+    runs("flux_clear_2k")
+    assert CLEAR_DENSE_LOG not in server.log()
+
+
+def test_every_workflow_has_an_end_to_end_case():
+    assert set(OUTPUTS) == {path.stem for path in wg.workflow_paths()}
