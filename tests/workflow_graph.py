@@ -16,7 +16,6 @@ Nothing here imports ComfyUI.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -329,7 +328,7 @@ def check_links(workflow: dict, definitions: dict[str, NodeDef]) -> list[str]:
 def _slot_problems(node: dict, definition: NodeDef | None, links: dict[int, list]) -> list[str]:
     label = f"node {node['id']} ({node['type']})"
     problems = []
-    for slot, item in enumerate(node.get("inputs") or []):
+    for item in node.get("inputs") or []:
         if item.get("link") is not None and item["link"] not in links:
             problems.append(f"{label}: input {item['name']} names missing link {item['link']}")
     for slot, item in enumerate(node.get("outputs") or []):
@@ -343,7 +342,7 @@ def _slot_problems(node: dict, definition: NodeDef | None, links: dict[int, list
         spec = definition.input(item["name"])
         if spec is None:
             problems.append(f"{label}: no input named {item['name']}")
-        elif spec.type != item["type"] and not (spec.type == "COMBO" and item["type"] == "COMBO"):
+        elif spec.type != item["type"]:
             problems.append(f"{label}: input {item['name']} is {item['type']}, defined as {spec.type}")
     connected = {item["name"] for item in node.get("inputs") or [] if item.get("link") is not None}
     for spec in definition.inputs:
@@ -410,13 +409,6 @@ def ui_to_api(workflow: dict, definitions: dict[str, NodeDef]) -> dict[str, dict
         prompt[str(node["id"])] = {"inputs": ordered, "class_type": node["type"],
                                    "_meta": {"title": node.get("title") or definition.display_name}}
     return prompt
-
-
-def iter_models(workflow: dict) -> Iterator[tuple[dict, dict]]:
-    """``(node, model entry)`` for every ``properties.models`` entry of the workflow."""
-    for node in workflow["nodes"]:
-        for entry in (node.get("properties") or {}).get("models") or []:
-            yield node, entry
 
 
 def dump_json(data: Any) -> str:
