@@ -164,14 +164,20 @@ class ComfyServer:
     """
 
     def __init__(self, comfy_path: Path, work_dir: Path, extra_yaml: dict[str, str] | None = None,
-                 pack_name: str = "ultrares"):
+                 pack_name: str = "ultrares", extra_packs: dict[str, Path] | None = None,
+                 extra_args: list[str] | None = None):
+        """``extra_packs`` (folder name -> path) are loaded beside the pack (e.g. test-only
+        nodes); ``extra_args`` are appended to ComfyUI's command line."""
         self.comfy_path = comfy_path
         self.work_dir = work_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         nodes_dir = work_dir / "custom_nodes"
         nodes_dir.mkdir(parents=True, exist_ok=True)
-        (nodes_dir / pack_name).symlink_to(REPO_ROOT, target_is_directory=True)
+        self.packs = {pack_name: REPO_ROOT, **(extra_packs or {})}
+        for name, path in self.packs.items():
+            (nodes_dir / name).symlink_to(path, target_is_directory=True)
+        self.extra_args = list(extra_args or [])
         yaml_lines = ["ultrares_tests:", f"  custom_nodes: {nodes_dir}"]
         yaml_lines += [f"  {key}: {value}" for key, value in (extra_yaml or {}).items()]
         self.yaml_path = work_dir / "extra_model_paths.yaml"
@@ -186,12 +192,13 @@ class ComfyServer:
         command = [
             sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
             "--disable-auto-launch", "--extra-model-paths-config", str(self.yaml_path),
-            "--disable-all-custom-nodes", "--whitelist-custom-nodes", self.pack_name,
+            "--disable-all-custom-nodes", "--whitelist-custom-nodes", *self.packs,
             "--output-directory", str(self.work_dir / "output"),
             "--input-directory", str(self.work_dir / "input"),
             "--temp-directory", str(self.work_dir / "temp"),
             "--user-directory", str(self.work_dir / "user"),
             "--database-url", "sqlite:///:memory:",
+            *self.extra_args,
         ]
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(command, cwd=self.comfy_path, stdout=self._log,
@@ -209,14 +216,20 @@ class ComfyServer:
         raise TimeoutError(f"ComfyUI did not answer within {timeout:.0f} s:\n{self.log()}")
 
     def get(self, route: str) -> Any:
+        return json.loads(self.get_bytes(route))
+
+    def get_bytes(self, route: str) -> bytes:
         with urllib.request.urlopen(self.url + route, timeout=30) as response:
-            return json.loads(response.read())
+            return response.read()
 
     def post(self, route: str, payload: dict) -> Any:
+        return json.loads(self.post_bytes(route, payload))
+
+    def post_bytes(self, route: str, payload: dict) -> bytes:
         request = urllib.request.Request(self.url + route, data=json.dumps(payload).encode(),
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read())
+            return response.read()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
