@@ -84,7 +84,8 @@ def test_triton_tiles_of_rows_and_channel_blocks_cover_the_map(direction, triton
 
     monkeypatch.setattr(_gspn_triton, "TILE_ELEMENTS", 8)  # 2 channels x 4 rows per tile
     monkeypatch.setattr(_gspn_triton, "MAX_BLOCK_C", 2)
-    inputs = [t.requires_grad_() for t in _inputs(1, 9, 7, 3, seed=5, device=triton_device)]
+    # 2 images x 2 channel blocks x 3 chunks: every part of a program's id is used.
+    inputs = [t.requires_grad_() for t in _inputs(2, 9, 7, 3, seed=5, device=triton_device)]
     out_ref = gspn_scan(*inputs, direction, 3, backend="torch")
     out_tri = gspn_scan(*inputs, direction, 3, backend="triton")
     torch.testing.assert_close(out_tri, out_ref)
