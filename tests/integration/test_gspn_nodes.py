@@ -99,6 +99,41 @@ def test_patch_replaces_every_attn1_on_a_clone_and_manages_the_gspn_modules(pack
     assert not torch.equal(comfy_harness.sample(large_enough, cond, cond, latent, seed=3), plain)
 
 
+def test_layers_where_gspn_steps_aside_run_the_patches_other_packs_set(pack_nodes, gspn_folder):
+    import comfy.ldm.modules.attention as comfy_attention
+    from ultrares.models.gspn import GSPNConfig, GSPNLayers, TrainingRecord, save_gspn_weights
+    from ultrares.nodes.gspn_patch import unet_layers
+
+    model = comfy_harness.tiny_sd15_patcher(seed=1)
+    specs = unet_layers(model)
+    save_gspn_weights(gspn_folder / "random.safetensors", GSPNLayers(specs, GSPNConfig()), "SD15", TrainingRecord())
+    calls = {"replace": 0, "override": 0}
+
+    def other_replace(q, k, v, extra_options):  # e.g. another pack's attn1 patch on one layer
+        calls["replace"] += 1
+        return 0.5 * comfy_attention.optimized_attention(q, k, v, extra_options["n_heads"])
+
+    def other_override(func, *args, **kwargs):  # e.g. a sage/flash attention patch node
+        calls["override"] += 1
+        return func(*args, **kwargs)
+
+    other = model.clone()
+    other.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = other_override
+    other.set_model_attn1_replace(other_replace, *specs[0].block)
+    cond = comfy_harness.sd15_conditioning()
+    latent = torch.zeros(1, 4, 6, 8)
+    plain = comfy_harness.sample(other, cond, cond, latent, seed=3)
+    plain_calls = dict(calls)
+    assert plain_calls["replace"] > 0 and plain_calls["override"] > 0
+    patch = pack_nodes["UltraResGSPNPatch"]
+    kept = ", ".join(".".join(map(str, s.block)) for s in specs)
+    for keep_layers, min_resolution in ((kept, 0), ("", 8 * 8 + 8)):
+        calls.update(replace=0, override=0)
+        (patched,) = patch.execute(other, "random.safetensors", 0, keep_layers, min_resolution).result
+        torch.testing.assert_close(comfy_harness.sample(patched, cond, cond, latent, seed=3), plain, rtol=0, atol=0)
+        assert calls == plain_calls, (keep_layers, min_resolution)
+
+
 def test_patch_refuses_weights_for_another_family_and_models_without_a_unet(pack_nodes, gspn_folder):
     from ultrares.models.gspn import GSPNConfig, GSPNLayers, TrainingRecord, save_gspn_weights
     from ultrares.nodes.gspn_patch import unet_layers
