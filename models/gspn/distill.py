@@ -23,6 +23,7 @@ from typing import NamedTuple, Protocol
 import torch
 
 from .layers import GSPNLayers
+from .optimizer_state import make_optimizer
 from .weights import TrainingRecord
 
 
@@ -120,19 +121,22 @@ def distill(host: DistillHost, student: GSPNLayers, settings: DistillSettings,
             record: TrainingRecord | None = None,
             save: Callable[[TrainingRecord], None] | None = None,
             on_progress: Callable[[int, int], None] | None = None,
-            check_interrupt: Callable[[], None] | None = None) -> TrainingRecord:
+            check_interrupt: Callable[[], None] | None = None,
+            optimizer: torch.optim.Optimizer | None = None) -> TrainingRecord:
     """Train ``student`` in place for ``settings.steps`` steps, continuing ``record`` (resume).
 
     ``save(record)`` is called every ``save_every`` steps, at the end, and when anything
     (``check_interrupt`` raising included) stops the run after at least one step, so a
-    stopped run leaves a usable checkpoint; the exception is then re-raised.
+    stopped run leaves a usable checkpoint; the exception is then re-raised. ``optimizer``
+    (from :func:`make_optimizer` on ``student``, e.g. with restored state) continues a
+    previous run's; by default a fresh one is made.
     """
     record = record or TrainingRecord()
     record.finished = False
     record.settings = asdict(settings)
     student.train().requires_grad_(True)
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
+    params = list(student.parameters())
+    optimizer = optimizer or make_optimizer(student, settings.learning_rate)
     points = trajectory_points(host, settings.seed + 1_000_003 * record.steps)
     done = 0
     try:
@@ -141,12 +145,11 @@ def distill(host: DistillHost, student: GSPNLayers, settings: DistillSettings,
                 check_interrupt()
             point = next(points)
             layer_loss = layer_matching_loss(student, point.captures)
-            loss = layer_loss
+            loss, prediction_loss = layer_loss, None
             if settings.prediction_weight > 0:
                 prediction = host.student(point.x, point.sigma, point.prompt, student)
                 prediction_loss = relative_error(prediction, point.denoised)
                 loss = loss + settings.prediction_weight * prediction_loss
-                record.prediction_losses.append(prediction_loss.item())
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"distillation loss became {loss.item()} at step {record.steps}; "
                                          "lower the learning rate")
@@ -155,6 +158,8 @@ def distill(host: DistillHost, student: GSPNLayers, settings: DistillSettings,
             torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
             optimizer.step()
             record.layer_losses.append(layer_loss.item())
+            if prediction_loss is not None:
+                record.prediction_losses.append(prediction_loss.item())
             record.steps += 1
             done += 1
             if on_progress is not None:

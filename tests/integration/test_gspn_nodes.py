@@ -152,8 +152,9 @@ def test_patch_refuses_weights_for_another_family_and_models_without_a_unet(pack
         patch.execute(model, "sd15.safetensors", 0, "middle.9.9", 0)
 
 
-def test_cancelled_distillation_leaves_a_checkpoint_that_resumes(pack_nodes, gspn_folder, monkeypatch):
+def test_cancelled_distillation_leaves_a_checkpoint_that_resumes(pack_nodes, gspn_folder, monkeypatch, caplog):
     import comfy.model_management
+    import folder_paths
     from ultrares.models.gspn import load_gspn_weights
 
     model = comfy_harness.tiny_sd15_patcher(seed=2)
@@ -172,6 +173,8 @@ def test_cancelled_distillation_leaves_a_checkpoint_that_resumes(pack_nodes, gsp
         _distill(pack_nodes, model, "cancelled", steps=10)
     _, record = load_gspn_weights(gspn_folder / "cancelled.safetensors", "SD15")
     assert record.steps == 3 and not record.finished
+    assert (gspn_folder / "cancelled.safetensors.optimizer").is_file()
+    assert folder_paths.get_filename_list("gspn") == ["cancelled.safetensors"], "the optimizer state is not listed"
 
     monkeypatch.setattr(gspn_nodes, "check_interrupt", never_cancelled)
     with pytest.raises(FileExistsError, match="turn on resume"):
@@ -179,6 +182,11 @@ def test_cancelled_distillation_leaves_a_checkpoint_that_resumes(pack_nodes, gsp
     _distill(pack_nodes, model, "cancelled", steps=2, resume=True)
     _, record = load_gspn_weights(gspn_folder / "cancelled.safetensors", "SD15")
     assert record.steps == 5 and record.finished and len(record.layer_losses) == 5
+    assert "starts afresh" not in caplog.text, "the saved optimizer state must be restored"
+
+    (gspn_folder / "cancelled.safetensors.optimizer").unlink()
+    _distill(pack_nodes, model, "cancelled", steps=1, resume=True)
+    assert "no optimizer state saved with cancelled.safetensors at step 5" in caplog.text
 
 
 def test_prediction_matching_trains_through_a_unet_loaded_in_inference_mode(pack_nodes, gspn_folder):
