@@ -119,7 +119,7 @@ def with_host(model: comfy.model_patcher.ModelPatcher, positive: list, negative:
     return sampler.result
 
 
-def _with_weight_copies(model: comfy.model_patcher.ModelPatcher) -> comfy.model_patcher.ModelPatcher:
+def with_weight_copies(model: comfy.model_patcher.ModelPatcher) -> comfy.model_patcher.ModelPatcher:
     """A clone whose layers use a fresh copy of each weight on every call.
 
     The final-prediction term back-propagates through the frozen UNet, and autograd cannot
@@ -177,7 +177,7 @@ def run_distillation(model: comfy.model_patcher.ModelPatcher, positive: list, ne
             logging.warning("GSPN distill: no optimizer state saved with %s at step %d (%s); the optimizer "
                             "starts afresh", path.name, record.steps, state_path.name)
         if settings.prediction_weight > 0:
-            model = _with_weight_copies(model)
+            model = with_weight_copies(model)
 
         def save(r: TrainingRecord) -> None:
             save_gspn_weights(path, student, family, r)

@@ -201,3 +201,24 @@ def test_prediction_matching_trains_through_a_unet_loaded_in_inference_mode(pack
     assert plot.shape[0] == 1
     weights = list(model.get_model_object("diffusion_model").parameters())
     assert all(w.is_inference() for w in weights), "the caller's model must be left as it was"
+
+
+def test_prediction_matching_sends_gradients_through_the_unet_to_every_gspn_layer(pack_nodes):
+    from ultrares.models.gspn import GSPNConfig, GSPNLayers
+    from ultrares.nodes.gspn_patch import unet_layers
+    from ultrares.nodes.gspn_training import TrajectorySettings, with_host, with_weight_copies
+
+    with torch.inference_mode():  # as ComfyUI loads checkpoints
+        model = comfy_harness.tiny_sd15_patcher(seed=3)
+    trajectory = TrajectorySettings(width=64, height=48, sampling_steps=2, cfg=2.0)
+    with torch.inference_mode(False), torch.enable_grad():
+        gspn = GSPNLayers(unet_layers(model), GSPNConfig(chunk=4, proxy_ratio=4))
+
+        def run(host):
+            prediction = host.student(host.start(0), host.sigmas()[0], 0, gspn)
+            prediction.square().mean().backward()
+
+        with_host(with_weight_copies(model), _prompts(), None, trajectory, 0, run)
+    for spec, module in gspn.items():
+        for name, parameter in module.named_parameters():
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, f"{spec.name}.{name}"
