@@ -134,6 +134,33 @@ def test_layers_where_gspn_steps_aside_run_the_patches_other_packs_set(pack_node
         assert calls == plain_calls, (keep_layers, min_resolution)
 
 
+def test_sdxl_shaped_unet_is_distilled_and_patched_at_every_transformer_block_index(pack_nodes, gspn_folder):
+    from ultrares.models.gspn import load_gspn_weights
+    from ultrares.nodes.gspn_patch import layer_label, unet_layers
+
+    model = comfy_harness.tiny_sdxl_patcher(seed=1)
+    specs = unet_layers(model)
+    assert len(specs) == 8 and {("input", 3, 1), ("middle", 0, 1), ("output", 1, 1)} <= {s.block for s in specs}
+    positive = comfy_harness.sdxl_conditioning(seed=1) + comfy_harness.sdxl_conditioning(seed=2)
+    _distill(pack_nodes, model, "tiny_sdxl", steps=2, positive=positive, cfg=2.0)
+    assert load_gspn_weights(gspn_folder / "tiny_sdxl.safetensors", "SDXL", specs)[1].steps == 2
+    patch = pack_nodes["UltraResGSPNPatch"]
+    with pytest.raises(ValueError, match="distilled for a SDXL model, but this model is SD15"):
+        patch.execute(comfy_harness.tiny_sd15_patcher(), "tiny_sdxl.safetensors", 0, "", 0)
+
+    (patched,) = patch.execute(model, "tiny_sdxl.safetensors", 0, "", 0).result
+    assert set(_attn1_patches(patched)) == {s.block for s in specs}
+    all_but_one = ", ".join(layer_label(s) for s in specs if s.block != ("input", 3, 1))
+    (second_block_only,) = patch.execute(model, "tiny_sdxl.safetensors", 0, all_but_one, 0).result
+    assert set(_attn1_patches(second_block_only)) == {("input", 3, 1)}
+    cond = comfy_harness.sdxl_conditioning()
+    latent = torch.zeros(1, 4, 6, 8)
+    plain = comfy_harness.sample(model, cond, cond, latent, seed=3)
+    for gspn_model in (patched, second_block_only):
+        out = comfy_harness.sample(gspn_model, cond, cond, latent, seed=3)
+        assert torch.isfinite(out).all() and not torch.equal(out, plain)
+
+
 def test_patch_refuses_weights_for_another_family_and_models_without_a_unet(pack_nodes, gspn_folder):
     from ultrares.models.gspn import GSPNConfig, GSPNLayers, TrainingRecord, save_gspn_weights
     from ultrares.nodes.gspn_patch import unet_layers
