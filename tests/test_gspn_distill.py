@@ -9,7 +9,8 @@ import torch
 
 from gspn_standin import StandInHost, TinyUNet, one_thread  # noqa: F401  (autouse fixture)
 from ultrares.models.gspn import GSPNConfig, GSPNLayers, find_attn1_layers, load_gspn_weights, save_gspn_weights
-from ultrares.models.gspn.distill import DistillSettings, distill, evaluate, trajectory_points
+from ultrares.models.gspn.distill import (DistillSettings, distill, evaluate, layer_matching_backward,
+                                         layer_matching_loss, trajectory_points)
 from ultrares.models.gspn.optimizer_state import (load_optimizer_state, make_optimizer, optimizer_path,
                                                   save_optimizer_state)
 from ultrares.models.gspn.loss_plot import draw_loss_plot
@@ -54,6 +55,18 @@ def test_distillation_brings_attn1_matching_loss_well_below_random_gspn_weights(
     loaded, saved_record = load_gspn_weights(tmp_path / "gspn.safetensors", FAMILY, student.specs)
     assert saved_record.finished and saved_record.steps == 50
     assert evaluate(loaded, host, points=6, seed=HELD_OUT_SEED) == pytest.approx(trained_loss, rel=1e-5)
+
+
+def test_layer_by_layer_backward_gives_the_gradients_of_the_whole_layer_loss(host):
+    captures = next(trajectory_points(host, seed=5)).captures
+    student = _student(host).requires_grad_(True)
+    whole = layer_matching_loss(student, captures)
+    whole.backward()
+    expected = {name: p.grad.clone() for name, p in student.named_parameters()}
+    student.zero_grad(set_to_none=True)
+    torch.testing.assert_close(layer_matching_backward(student, captures), whole.detach())
+    for name, p in student.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], msg=lambda m: f"{name}: {m}")
 
 
 def test_trajectories_follow_the_teacher_and_cycle_through_the_prompts(host):
