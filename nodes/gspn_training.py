@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import comfy.model_management
@@ -24,6 +24,9 @@ from ..models.gspn import GSPNConfig, GSPNLayers, LayerSpec, TrainingRecord, loa
 from ..models.gspn.distill import Capture, DistillSettings, distill, evaluate
 from ..models.gspn.optimizer_state import load_optimizer_state, make_optimizer, optimizer_path, save_optimizer_state
 from .gspn_patch import comfy_attention_call, gspn_call, model_family, unet_layers
+
+
+PAPER_PROXY_RATIOS = {"SD15": 8, "SDXL": 32}  # layer width / proxy width in the paper's models
 
 
 @dataclass
@@ -155,6 +158,8 @@ def run_distillation(model: comfy.model_patcher.ModelPatcher, positive: list, ne
                      check_interrupt: Callable[[], None] | None = None) -> tuple[GSPNLayers, TrainingRecord]:
     """Distil GSPN weights for ``model`` into ``path`` (resuming it when asked); returns them.
 
+    ``config.proxy_ratio == 0`` takes the paper's ratio for the model's family (8 elsewhere).
+
     The optimiser state is saved next to the weights (``<path>.optimizer``) and restored on
     resume, so a resumed run continues like an unbroken one.
     Runs outside ComfyUI's inference mode: the GSPN parameters, the captured activations and
@@ -169,6 +174,7 @@ def run_distillation(model: comfy.model_patcher.ModelPatcher, positive: list, ne
         if resume and path.exists():
             student, record = load_gspn_weights(path, family, specs)
         else:
+            config = config if config.proxy_ratio else replace(config, proxy_ratio=PAPER_PROXY_RATIOS.get(family, 8))
             student, record = GSPNLayers(specs, config), TrainingRecord()
             state_path.unlink(missing_ok=True)  # left by a run whose weights were deleted
         student.to(model.load_device, torch.float32)

@@ -142,8 +142,9 @@ def test_sdxl_shaped_unet_is_distilled_and_patched_at_every_transformer_block_in
     specs = unet_layers(model)
     assert len(specs) == 8 and {("input", 3, 1), ("middle", 0, 1), ("output", 1, 1)} <= {s.block for s in specs}
     positive = comfy_harness.sdxl_conditioning(seed=1) + comfy_harness.sdxl_conditioning(seed=2)
-    _distill(pack_nodes, model, "tiny_sdxl", steps=2, positive=positive, cfg=2.0)
-    assert load_gspn_weights(gspn_folder / "tiny_sdxl.safetensors", "SDXL", specs)[1].steps == 2
+    _distill(pack_nodes, model, "tiny_sdxl", steps=2, positive=positive, cfg=2.0, proxy_ratio=0)
+    gspn, record = load_gspn_weights(gspn_folder / "tiny_sdxl.safetensors", "SDXL", specs)
+    assert record.steps == 2 and gspn.config.proxy_ratio == 32, "0 = the paper's proxy ratio for SDXL"
     patch = pack_nodes["UltraResGSPNPatch"]
     with pytest.raises(ValueError, match="distilled for a SDXL model, but this model is SD15"):
         patch.execute(comfy_harness.tiny_sd15_patcher(), "tiny_sdxl.safetensors", 0, "", 0)
