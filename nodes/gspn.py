@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
-from ..models.gspn import GSPNConfig, load_gspn_weights
+from ..models.gspn import GSPNConfig, TrainingRecord, load_gspn_weights
 from ..models.gspn.distill import DistillSettings
 from ..models.gspn.loss_plot import draw_loss_plot
 from .category import CATEGORY
@@ -137,7 +137,7 @@ class UltraResGSPNDistill(io.ComfyNode):
         return io.NodeOutput(apply_gspn(model, gspn), loss_image(record))
 
 
-def loss_image(record) -> torch.Tensor:
+def loss_image(record: TrainingRecord) -> torch.Tensor:
     """The record's loss curve as a ComfyUI IMAGE ``[1, H, W, 3]`` in 0..1."""
     series = {"attn1 matching": record.layer_losses}
     if record.prediction_losses:

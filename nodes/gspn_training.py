@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import comfy.model_management
 import comfy.model_patcher
@@ -26,6 +27,7 @@ from ..models.gspn.optimizer_state import load_optimizer_state, make_optimizer, 
 from .gspn_patch import comfy_attention_call, gspn_call, model_family, unet_layers
 
 
+T = TypeVar("T")
 PAPER_PROXY_RATIOS = {"SD15": 8, "SDXL": 32}  # layer width / proxy width in the paper's models
 
 
@@ -107,7 +109,7 @@ def _zeroed(conditioning: list) -> list:
 
 
 def with_host(model: comfy.model_patcher.ModelPatcher, positive: list, negative: list | None,
-              trajectory: TrajectorySettings, seed: int, run: Callable[[ComfyDistillHost], object]):
+              trajectory: TrajectorySettings, seed: int, run: Callable[[ComfyDistillHost], T]) -> T:
     """Run ``run(host)`` inside ComfyUI's sampling of ``model`` with these prompts; returns its result."""
     specs = unet_layers(model)
     sampler = _HostSampler(run, specs)
