@@ -181,3 +181,11 @@ def test_bad_arguments_are_refused_with_a_message(change, message):
     args.update(change)
     with pytest.raises((ValueError, TypeError), match=message):
         gspn_scan(**args)
+
+
+def test_the_kernels_refuse_maps_whose_pixel_index_would_overflow_32_bits(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets meta tensors reach the launch, even on a GPU host
+    x = torch.empty(1, 65536, 32768, 1, device="meta")  # 2**31 pixels, no memory
+    logits = torch.empty(1, 65536, 32768, 3, 1, device="meta")
+    with pytest.raises(ValueError, match="65536x32768 map has too many pixels"):
+        gspn_scan(x, x, logits, 1, 4, backend="triton")
