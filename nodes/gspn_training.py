@@ -164,6 +164,7 @@ def run_distillation(model: comfy.model_patcher.ModelPatcher, positive: list, ne
 
     The optimiser state is saved next to the weights (``<path>.optimizer``) and restored on
     resume, so a resumed run continues like an unbroken one.
+
     Runs outside ComfyUI's inference mode: the GSPN parameters, the captured activations and
     (with the final-prediction term) the UNet's weight copies must be usable by autograd.
     """
