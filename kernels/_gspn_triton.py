@@ -4,9 +4,9 @@ Each program owns one (batch, channel block, chunk) strip and walks the chunk's 
 itself; inside a step it covers all rows, ``BLOCK_R`` at a time. The programs form a 1-D
 grid (the y and z grid axes stop at 65535). Element offsets are 64-bit from the image index
 on; only pixel indices inside one image are 32-bit (maps under 2**31 pixels). Tensors are
-channels last, so a tile of (rows x channels) is contiguous along the channel axis in every direction:
-no transposed or flipped copies are made, a direction is only an origin and two pixel
-strides. The sigmoid and the boundary-aware normalisation of the three neighbour weights
+channels last, so a tile of (rows x channels) is contiguous along the channel axis in every
+direction: no transposed or flipped copies are made, a direction is only an origin and two
+pixel strides. The sigmoid and the boundary-aware normalisation of the three neighbour weights
 are computed in the kernel from the logits (forward and backward), in fp32 (fp64 for fp64
 inputs). Chunks are left-aligned in both passes, so gradients are right when the scan
 length is not a multiple of the chunk (the original CUDA backward right-aligns them).

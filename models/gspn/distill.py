@@ -95,7 +95,7 @@ def layer_matching_backward(gspn: GSPNLayers, captures: dict[str, Capture]) -> t
 
     The layers share no parameters, so the gradients are the same, but each layer's graph is
     freed before the next one is built: the memory peak is that of the largest layer instead
-    of all of them (tens of GB for SDXL at 1024 x 1024).
+    of all of them (about 25 GB for SDXL's 70 layers at 1024 x 1024 with CFG, by estimate).
     """
     errors = []
     for error in _layer_errors(gspn, captures):
