@@ -73,11 +73,14 @@ def _gspn(x: torch.Tensor, lam: torch.Tensor, logits: torch.Tensor, chunk: int |
 def _cell(value: float | str | None) -> str:
     if value is None:
         return "skipped"
-    return value if isinstance(value, str) else f"{value * 1e3:.1f}"
+    if isinstance(value, str):
+        return value
+    ms = value * 1e3
+    return f"{ms:.1f}" if ms >= 1 else f"{ms:.3f}"
 
 
 def _ratio(reference: float | str | None, other: float | str | None) -> str:
-    if not isinstance(reference, float) or not isinstance(other, float):
+    if not isinstance(reference, float) or not isinstance(other, float) or other <= 0:
         return "-"
     return f"{reference / other:.1f}x"
 
