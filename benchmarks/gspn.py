@@ -1,9 +1,20 @@
 """GSPN propagation vs softmax self-attention at growing token grids, side by side in one run.
 
-Per grid: PyTorch SDPA self-attention over all tokens, and the GSPN op over the same
-``(1, H, W, C)`` map in all four directions, local (chunk 4, the text-to-image setting) and
-global (one chunk per row/column), with the number of sequential scan steps each needs.
-On a GPU the Triton kernel is timed next to the PyTorch reference.
+What is timed, per ``side x side`` grid of ``C``-channel tokens (batch 1, no gradients):
+
+- SDPA: PyTorch ``scaled_dot_product_attention`` over all tokens (q = k = v, ``--heads``
+  heads), i.e. what a UNet ``attn1`` computes between its q/k/v and output projections;
+- GSPN op: :func:`gspn_scan` in all four directions on the same map, with its three-neighbour
+  weights' sigmoid and normalisation (the logits are given), local (chunk 4, the
+  text-to-image setting) and global (one chunk per row/column);
+- GSPN layer: the whole :class:`GSPNAttention` that replaces SDPA in an ``attn1`` (its proxy
+  projection, the logits/gates of every direction, four chunk-4 scans, merge and output
+  projection), from the same q, k, v.
+
+The q/k/v and output projections of the host layer run in both cases and are not timed.
+The sequential steps of a scan are ``min(chunk, side)`` per direction. On a GPU the Triton
+kernel is timed next to the PyTorch reference, and grids grow until memory or the time
+limit stops a column.
 """
 
 from __future__ import annotations
@@ -17,43 +28,71 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.gspn_scan import gspn_scan
+from ..models.gspn import GSPNAttention
 from .machine import describe_machine
 
-QUICK_SIDES = (32, 64, 96)
-FULL_SIDES = (64, 96, 128, 192, 256)
-HEADS = 2
+CPU_SIDES = (64, 96, 128, 192, 256)
+GPU_SIDES = (64, 128, 256, 512, 1024, 2048, 4096)
+QUICK_SIDES = {"cpu": (32, 64, 96), "cuda": (64, 256, 1024)}
+CHUNK = 4
+PROXY_RATIO = 8
 
 
 def _time(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median seconds of ``repeats`` runs after one warm-up."""
+    """Median seconds of ``repeats`` runs after one warm-up (which also compiles Triton kernels).
+
+    On a GPU: wall time between synchronisations. On the CPU: this process's CPU time, so that
+    other jobs sharing the machine's cores do not inflate it (it runs on ``--threads`` threads).
+    """
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+
     def once() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return clock() - start
 
     if once() > 1.0:  # slow sizes: one timed run is enough
         repeats = 1
     return statistics.median(once() for _ in range(repeats))
 
 
-def _attention(tokens: torch.Tensor) -> torch.Tensor:
+def _attention(tokens: torch.Tensor, heads: int) -> torch.Tensor:
     n, length, dim = tokens.shape
-    heads = tokens.view(n, length, HEADS, dim // HEADS).transpose(1, 2)
-    return F.scaled_dot_product_attention(heads, heads, heads)
+    split = tokens.view(n, length, heads, dim // heads).transpose(1, 2)
+    return F.scaled_dot_product_attention(split, split, split)
 
 
 def _gspn(x: torch.Tensor, lam: torch.Tensor, logits: torch.Tensor, chunk: int | None, backend: str) -> torch.Tensor:
     return sum(gspn_scan(x, lam, logits, d, chunk, backend) for d in range(4))
 
 
+def _cell(value: float | str | None) -> str:
+    if value is None:
+        return "skipped"
+    if isinstance(value, str):
+        return value
+    ms = value * 1e3
+    return f"{ms:.1f}" if ms >= 1 else f"{ms:.3f}"
+
+
+def _ratio(reference: float | str | None, other: float | str | None) -> str:
+    if not isinstance(reference, float) or not isinstance(other, float) or other <= 0:
+        return "-"
+    return f"{reference / other:.1f}x"
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ultrares.benchmarks gspn", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help=f"grids {QUICK_SIDES} only (about a minute on a CPU)")
+    parser = argparse.ArgumentParser(prog="python -m ultrares.benchmarks gspn", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="three small grids only (about a minute on a CPU)")
+    parser.add_argument("--sides", type=int, nargs="+",
+                        help=f"grid sides to run (default: {CPU_SIDES} on a CPU, {GPU_SIDES} on a GPU)")
     parser.add_argument("--channels", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=2, help="attention heads of the SDPA baseline")
     parser.add_argument("--max-seconds", type=float, default=30.0,
                         help="skip a measurement whose estimate (from the smaller grid) exceeds this")
     parser.add_argument("--threads", type=int, default=1,
@@ -63,45 +102,58 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     backends = ["torch", "triton"] if device.type == "cuda" else ["torch"]
-    sides = QUICK_SIDES if args.quick else FULL_SIDES
+    fastest = backends[-1]
+    sides = args.sides or (QUICK_SIDES[device.type] if args.quick else
+                           GPU_SIDES if device.type == "cuda" else CPU_SIDES)
     repeats = 3 if args.quick else 5
+    layer = GSPNAttention(args.channels, max(1, args.channels // PROXY_RATIO), CHUNK).to(device, dtype).eval()
+    clock_name = "wall time" if device.type == "cuda" else "CPU time of the process"
     if __name__ == "__main__":
         print(f"# machine: {describe_machine()}")
-    print(f"channels {args.channels}, batch 1, {dtype}, {device.type}, {args.threads} CPU thread(s); GSPN = 4 "
-          "directions; times in ms; "
+    print(f"{args.channels} channels, SDPA with {args.heads} heads, batch 1, {dtype}, {device.type}, "
+          f"{args.threads} CPU thread(s); GSPN op = 4 directions, GSPN layer = the whole attn1 replacement "
+          f"(proxy {layer.proxy_dim}, chunk {CHUNK}, {fastest}); times in ms ({clock_name}); "
           "speed-up = SDPA time / GSPN time\n")
-    columns = ["grid", "tokens", "SDPA"] + [f"GSPN {kind} ({b})" for b in backends for kind in ("chunk 4", "global")]
-    columns += ["steps chunk 4 / global", "speed-up chunk 4", "speed-up global"]
+    runs: dict[str, tuple[Callable[..., object], float]] = {"SDPA": (lambda t, *_: _attention(t, args.heads), 2.0)}
+    for b in backends:
+        runs[f"GSPN op chunk {CHUNK} ({b})"] = (lambda t, x, lam, g, b=b: _gspn(x, lam, g, CHUNK, b), 1.0)
+        runs[f"GSPN op global ({b})"] = (lambda t, x, lam, g, b=b: _gspn(x, lam, g, None, b),
+                                         1.0 if b == "triton" else 1.5)
+    runs["GSPN layer"] = (lambda t, x, *_: layer(t, t, t, x.shape[1], x.shape[2], backend=fastest), 1.0)
+    columns = ["grid", "tokens", *runs, f"steps chunk {CHUNK} / global", f"speed-up op chunk {CHUNK}",
+               "speed-up op global", "speed-up layer"]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     last: dict[str, tuple[int, float]] = {}
     for side in sides:
-        g = torch.Generator().manual_seed(side)
-        x, lam = (torch.randn(1, side, side, args.channels, generator=g).to(device, dtype) for _ in range(2))
-        logits = torch.randn(1, side, side, 3, args.channels, generator=g).to(device, dtype)
         tokens = side * side
-        runs = {"SDPA": (lambda: _attention(x.view(1, tokens, -1)), 2.0)}
-        for b in backends:
-            runs[f"chunk 4 ({b})"] = (lambda b=b: _gspn(x, lam, logits, 4, b), 1.0)
-            runs[f"global ({b})"] = (lambda b=b: _gspn(x, lam, logits, None, b), 1.0 if b == "triton" else 1.5)
-        times: dict[str, float | None] = {}
+        times: dict[str, float | str | None] = dict.fromkeys(runs)
+        try:
+            g = torch.Generator().manual_seed(side)
+            x, lam = (torch.randn(1, side, side, args.channels, generator=g).to(device, dtype) for _ in range(2))
+            logits = torch.randn(1, side, side, 3, args.channels, generator=g).to(device, dtype)
+        except torch.OutOfMemoryError:
+            print(f"| {side}x{side} | {tokens} | " + " | ".join("OOM" for _ in runs) + " |", flush=True)
+            break
         for name, (fn, exponent) in runs.items():
             if name in last:  # time grows ~ tokens ** exponent
                 previous_tokens, previous = last[name]
                 if previous * (tokens / previous_tokens) ** exponent > args.max_seconds:
-                    times[name] = None
                     continue
-            with torch.no_grad():
-                times[name] = _time(fn, device, repeats)
-            last[name] = (tokens, times[name])
-        cells = [f"{side}x{side}", str(tokens)] + [
-            "skipped" if times[n] is None else f"{times[n] * 1e3:.1f}" for n in runs]
-        cells.append(f"4 / {side}")
-        fastest = backends[-1]
-        for kind in ("chunk 4", "global"):
-            gspn_time, sdpa_time = times[f"{kind} ({fastest})"], times["SDPA"]
-            cells.append("-" if gspn_time is None or sdpa_time is None else f"{sdpa_time / gspn_time:.1f}x")
+            try:
+                with torch.no_grad():
+                    times[name] = _time(lambda: fn(x.view(1, tokens, -1), x, lam, logits), device, repeats)
+                last[name] = (tokens, times[name])
+            except torch.OutOfMemoryError:
+                times[name] = "OOM"
+                last[name] = (tokens, float("inf"))
+                torch.cuda.empty_cache()
+        cells = [f"{side}x{side}", str(tokens), *(_cell(t) for t in times.values()), f"{min(CHUNK, side)} / {side}",
+                 _ratio(times["SDPA"], times[f"GSPN op chunk {CHUNK} ({fastest})"]),
+                 _ratio(times["SDPA"], times[f"GSPN op global ({fastest})"]),
+                 _ratio(times["SDPA"], times["GSPN layer"])]
         print("| " + " | ".join(cells) + " |", flush=True)
+        del x, lam, logits
 
 
 if __name__ == "__main__":

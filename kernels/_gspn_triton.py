@@ -1,10 +1,12 @@
 """Triton forward and backward of the GSPN line scan (one launch each, loop inside the kernel).
 
 Each program owns one (batch, channel block, chunk) strip and walks the chunk's steps
-itself; inside a step it covers all rows, ``BLOCK_R`` at a time. Tensors are channels last,
-so a tile of (rows x channels) is contiguous along the channel axis in every direction:
-no transposed or flipped copies are made, a direction is only an origin and two pixel
-strides. The sigmoid and the boundary-aware normalisation of the three neighbour weights
+itself; inside a step it covers all rows, ``BLOCK_R`` at a time. The programs form a 1-D
+grid (the y and z grid axes stop at 65535). Element offsets are 64-bit from the image index
+on; only pixel indices inside one image are 32-bit (maps under 2**31 pixels). Tensors are
+channels last, so a tile of (rows x channels) is contiguous along the channel axis in every
+direction: no transposed or flipped copies are made, a direction is only an origin and two
+pixel strides. The sigmoid and the boundary-aware normalisation of the three neighbour weights
 are computed in the kernel from the logits (forward and backward), in fp32 (fp64 for fp64
 inputs). Chunks are left-aligned in both passes, so gradients are right when the scan
 length is not a multiple of the chunk (the original CUDA backward right-aligns them).
@@ -22,8 +24,13 @@ import triton.language as tl
 from ._gspn_reference import GATE_EPS, accumulation_dtype
 
 _TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
-TILE_ELEMENTS = 4096  # rows x channels of one step tile
+TILE_ELEMENTS = 2048  # rows x channels of one step tile
 MAX_BLOCK_C = 32
+# A tile keeps about a dozen (forward) to twenty (backward) values per element in registers;
+# 8 elements per thread keeps that well under the 255 registers a thread can have (a 4096-element
+# tile on 4 warps would be 32 per thread and spill).
+ELEMENTS_PER_THREAD = 8
+MAX_WARPS = 8
 
 
 @triton.jit
@@ -48,13 +55,15 @@ def _gates(logit_ptr, pix, c, C, r, R, mask, ACC: tl.constexpr):
 
 
 @triton.jit
-def _strip(n_cblocks, chunk, S, HW, origin, C, BLOCK_C: tl.constexpr):
-    """This program's channels, its chunk's steps [s_start, s_end) and its image's first pixel."""
+def _strip(n_cblocks, n_chunks, chunk, S, HW, origin, C, BLOCK_C: tl.constexpr):
+    """This program's channels, its chunk's steps [s_start, s_end) and its image's first pixel.
+    Program ids run over channel blocks fastest, then chunks, then images."""
     pid = tl.program_id(0)
     c = (pid % n_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-    s_start = tl.program_id(1) * chunk
+    strip = pid // n_cblocks
+    s_start = (strip % n_chunks) * chunk
     s_end = tl.minimum(s_start + chunk, S)
-    return c, c < C, s_start, s_end, (pid // n_cblocks).to(tl.int64) * HW + origin
+    return c, c < C, s_start, s_end, (strip // n_chunks).to(tl.int64) * HW + origin
 
 
 @triton.jit
@@ -67,9 +76,9 @@ def _tile(base, s, stride_s, r0, stride_r, R, c, c_ok, C, BLOCK_R: tl.constexpr)
 
 @triton.jit
 def _forward_kernel(x_ptr, lam_ptr, logit_ptr, h_ptr, HW, C, S, R, origin, stride_s, stride_r, chunk,
-                    n_cblocks, EPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                    n_cblocks, n_chunks, EPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                     ACC: tl.constexpr):
-    c, c_ok, s_start, s_end, base = _strip(n_cblocks, chunk, S, HW, origin, C, BLOCK_C)
+    c, c_ok, s_start, s_end, base = _strip(n_cblocks, n_chunks, chunk, S, HW, origin, C, BLOCK_C)
     for s in range(s_start, s_end):
         for r0 in range(0, R, BLOCK_R):
             r, pix, mask, off = _tile(base, s, stride_s, r0, stride_r, R, c, c_ok, C, BLOCK_R)
@@ -88,9 +97,9 @@ def _forward_kernel(x_ptr, lam_ptr, logit_ptr, h_ptr, HW, C, S, R, origin, strid
 
 @triton.jit
 def _backward_kernel(dy_ptr, logit_ptr, h_ptr, dh_ptr, dlogit_ptr, HW, C, S, R, origin, stride_s, stride_r,
-                     chunk, n_cblocks, EPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                     chunk, n_cblocks, n_chunks, EPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                      ACC: tl.constexpr):
-    c, c_ok, s_start, s_end, base = _strip(n_cblocks, chunk, S, HW, origin, C, BLOCK_C)
+    c, c_ok, s_start, s_end, base = _strip(n_cblocks, n_chunks, chunk, S, HW, origin, C, BLOCK_C)
     for i in range(0, s_end - s_start):
         s = s_end - 1 - i
         for r0 in range(0, R, BLOCK_R):
@@ -149,13 +158,16 @@ def _geometry(shape: torch.Size, direction: int) -> tuple[int, int, int, int, in
 def _launch(kernel, tensors: tuple[torch.Tensor, ...], shape: torch.Size, direction: int, chunk: int,
             acc: torch.dtype) -> None:
     n, height, width, channels = shape
+    if height * width >= 2**31:
+        raise ValueError(f"a {height}x{width} map has too many pixels for the GSPN kernels (at most 2**31 - 1)")
     steps, rows, origin, stride_s, stride_r = _geometry(shape, direction)
     block_c = min(triton.next_power_of_2(channels), MAX_BLOCK_C)
     block_r = min(triton.next_power_of_2(rows), max(1, TILE_ELEMENTS // block_c))
-    n_cblocks = triton.cdiv(channels, block_c)
-    grid = (n * n_cblocks, triton.cdiv(steps, chunk))
-    kernel[grid](*tensors, height * width, channels, steps, rows, origin, stride_s, stride_r, chunk, n_cblocks,
-                 EPS=GATE_EPS, BLOCK_R=block_r, BLOCK_C=block_c, ACC=_TL_ACC[acc])
+    n_cblocks, n_chunks = triton.cdiv(channels, block_c), triton.cdiv(steps, chunk)
+    warps = min(MAX_WARPS, max(1, block_r * block_c // (32 * ELEMENTS_PER_THREAD)))
+    kernel[(n * n_cblocks * n_chunks,)](*tensors, height * width, channels, steps, rows, origin, stride_s, stride_r,
+                                        chunk, n_cblocks, n_chunks, EPS=GATE_EPS, BLOCK_R=block_r, BLOCK_C=block_c,
+                                        ACC=_TL_ACC[acc], num_warps=warps)
 
 
 def scan_forward(x: torch.Tensor, lam: torch.Tensor, logits: torch.Tensor, direction: int,

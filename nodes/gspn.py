@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
-from ..models.gspn import GSPNConfig, load_gspn_weights
+from ..models.gspn import GSPNConfig, TrainingRecord, load_gspn_weights
 from ..models.gspn.distill import DistillSettings
 from ..models.gspn.loss_plot import draw_loss_plot
 from .category import CATEGORY
@@ -23,8 +23,9 @@ _KEEP_LEVELS_TIP = ("Keep softmax attention in this many of the lowest-resolutio
                     "block is in the lowest): they are cheap and carry the global layout. 0 = GSPN everywhere.")
 _KEEP_LAYERS_TIP = ("Comma-separated layers that keep softmax attention, e.g. 'middle.0.0, output.3.0' "
                     "(block, number, index as in ComfyUI's attn1 patches). Empty = none.")
-_MIN_RES_TIP = ("Use GSPN only for images of at least this many pixels squared (e.g. 1024 = 1 MP and up); "
-                "smaller images keep attention. 0 = always GSPN.")
+_MIN_RES_TIP = ("Use GSPN only when the latent being sampled covers at least this many pixels squared "
+                "(latent size x 8, as for SD1.5/SDXL; e.g. 1024 = 1 MP and up; with a tiled upscaler this is the "
+                "tile). Smaller ones keep attention, where it is cheap. 0 = always GSPN.")
 
 
 def _split_labels(text: str) -> list[str]:
@@ -88,8 +89,11 @@ class UltraResGSPNDistill(io.ComfyNode):
                              tooltip="Optimiser steps in this run (one per sampling step of the teacher)."),
                 io.Float.Input("learning_rate", default=1e-3, min=1e-6, max=1.0, step=1e-5,
                                tooltip="AdamW learning rate."),
-                io.Int.Input("width", default=512, min=64, max=4096, step=8, tooltip="Training image width."),
-                io.Int.Input("height", default=512, min=64, max=4096, step=8, tooltip="Training image height."),
+                io.Int.Input("width", default=512, min=64, max=4096, step=8,
+                             tooltip="Training image width: the model's native size works best (512 for SD1.5, "
+                                     "1024 for SDXL)."),
+                io.Int.Input("height", default=512, min=64, max=4096, step=8,
+                             tooltip="Training image height (512 for SD1.5, 1024 for SDXL)."),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per trajectory."),
                 io.Int.Input("sampling_steps", default=20, min=1, max=200,
                              tooltip="Steps of each teacher trajectory (normal scheduler, Euler)."),
@@ -101,9 +105,9 @@ class UltraResGSPNDistill(io.ComfyNode):
                 io.Int.Input("chunk", default=4, min=1, max=4096,
                              tooltip="Scan chunk length: how far each pixel sees per direction (4 in the "
                                      "paper's text-to-image models). Fixed for the file once created."),
-                io.Int.Input("proxy_ratio", default=8, min=1, max=256,
-                             tooltip="Proxy width = layer width / this (8 for SD1.5, 32 for SDXL in the paper). "
-                                     "Fixed for the file once created."),
+                io.Int.Input("proxy_ratio", default=0, min=0, max=256,
+                             tooltip="Proxy width = layer width / this. 0 = the paper's choice for the model: 8 "
+                                     "for SD1.5, 32 for SDXL. Fixed for the file once created."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the teacher trajectories."),
                 io.Boolean.Input("resume", default=False,
@@ -133,7 +137,7 @@ class UltraResGSPNDistill(io.ComfyNode):
         return io.NodeOutput(apply_gspn(model, gspn), loss_image(record))
 
 
-def loss_image(record) -> torch.Tensor:
+def loss_image(record: TrainingRecord) -> torch.Tensor:
     """The record's loss curve as a ComfyUI IMAGE ``[1, H, W, 3]`` in 0..1."""
     series = {"attn1 matching": record.layer_losses}
     if record.prediction_losses:

@@ -42,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cfg", type=float, default=7.0)
     p.add_argument("--prediction-weight", type=float, default=0.0)
     p.add_argument("--chunk", type=int, default=4)
-    p.add_argument("--proxy-ratio", type=int, default=8)
+    p.add_argument("--proxy-ratio", type=int, default=0, help="proxy width divisor (default 0: 8 for SD1.5, "
+                   "32 for SDXL, as in the paper)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--cpu", action="store_true", help="run ComfyUI on the CPU")

@@ -55,9 +55,11 @@ def kept_layers(specs: list[LayerSpec], keep_levels: int, keep_labels: Iterable[
 
 
 def comfy_attention_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
-    """What ComfyUI's own self-attention computes from q, k, v (its current attention backend)."""
+    """What ComfyUI's own self-attention computes from q, k, v: its current attention backend, or
+    the ``optimized_attention_override`` another pack set in the transformer options."""
     return comfy_attention.optimized_attention(q, k, v, extra_options["n_heads"],
-                                               attn_precision=extra_options.get("attn_precision"))
+                                               attn_precision=extra_options.get("attn_precision"),
+                                               transformer_options=extra_options)
 
 
 def gspn_call(module: GSPNAttention) -> Attn1:

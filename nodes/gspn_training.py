@@ -9,10 +9,12 @@ entry of the positive CONDITIONING is one prompt; trajectories take them in turn
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import comfy.model_management
 import comfy.model_patcher
@@ -21,7 +23,12 @@ import torch
 
 from ..models.gspn import GSPNConfig, GSPNLayers, LayerSpec, TrainingRecord, load_gspn_weights, save_gspn_weights
 from ..models.gspn.distill import Capture, DistillSettings, distill, evaluate
+from ..models.gspn.optimizer_state import load_optimizer_state, make_optimizer, optimizer_path, save_optimizer_state
 from .gspn_patch import comfy_attention_call, gspn_call, model_family, unet_layers
+
+
+T = TypeVar("T")
+PAPER_PROXY_RATIOS = {"SD15": 8, "SDXL": 32}  # layer width / proxy width in the paper's models
 
 
 @dataclass
@@ -102,7 +109,7 @@ def _zeroed(conditioning: list) -> list:
 
 
 def with_host(model: comfy.model_patcher.ModelPatcher, positive: list, negative: list | None,
-              trajectory: TrajectorySettings, seed: int, run: Callable[[ComfyDistillHost], object]):
+              trajectory: TrajectorySettings, seed: int, run: Callable[[ComfyDistillHost], T]) -> T:
     """Run ``run(host)`` inside ComfyUI's sampling of ``model`` with these prompts; returns its result."""
     specs = unet_layers(model)
     sampler = _HostSampler(run, specs)
@@ -117,7 +124,7 @@ def with_host(model: comfy.model_patcher.ModelPatcher, positive: list, negative:
     return sampler.result
 
 
-def _with_weight_copies(model: comfy.model_patcher.ModelPatcher) -> comfy.model_patcher.ModelPatcher:
+def with_weight_copies(model: comfy.model_patcher.ModelPatcher) -> comfy.model_patcher.ModelPatcher:
     """A clone whose layers use a fresh copy of each weight on every call.
 
     The final-prediction term back-propagates through the frozen UNet, and autograd cannot
@@ -153,6 +160,11 @@ def run_distillation(model: comfy.model_patcher.ModelPatcher, positive: list, ne
                      check_interrupt: Callable[[], None] | None = None) -> tuple[GSPNLayers, TrainingRecord]:
     """Distil GSPN weights for ``model`` into ``path`` (resuming it when asked); returns them.
 
+    ``config.proxy_ratio == 0`` takes the paper's ratio for the model's family (8 elsewhere).
+
+    The optimiser state is saved next to the weights (``<path>.optimizer``) and restored on
+    resume, so a resumed run continues like an unbroken one.
+
     Runs outside ComfyUI's inference mode: the GSPN parameters, the captured activations and
     (with the final-prediction term) the UNet's weight copies must be usable by autograd.
     """
@@ -160,19 +172,29 @@ def run_distillation(model: comfy.model_patcher.ModelPatcher, positive: list, ne
     if path.exists() and not resume:
         raise FileExistsError(f"{path.name} already exists: turn on resume to continue training it, or choose "
                               "another output name")
+    state_path = optimizer_path(path)
     with torch.inference_mode(False), torch.enable_grad():
         if resume and path.exists():
             student, record = load_gspn_weights(path, family, specs)
         else:
+            config = config if config.proxy_ratio else replace(config, proxy_ratio=PAPER_PROXY_RATIOS.get(family, 8))
             student, record = GSPNLayers(specs, config), TrainingRecord()
+            state_path.unlink(missing_ok=True)  # left by a run whose weights were deleted
         student.to(model.load_device, torch.float32)
+        optimizer = make_optimizer(student, settings.learning_rate)
+        if record.steps and not load_optimizer_state(state_path, student, optimizer, record.steps):
+            logging.warning("GSPN distill: no optimizer state saved with %s at step %d (%s); the optimizer "
+                            "starts afresh", path.name, record.steps, state_path.name)
         if settings.prediction_weight > 0:
-            model = _with_weight_copies(model)
+            model = with_weight_copies(model)
+
+        def save(r: TrainingRecord) -> None:
+            save_gspn_weights(path, student, family, r)
+            save_optimizer_state(state_path, student, optimizer, r.steps)
 
         def run(host: ComfyDistillHost) -> TrainingRecord:
-            return distill(host, student, settings, record,
-                           save=lambda r: save_gspn_weights(path, student, family, r),
-                           on_progress=on_progress, check_interrupt=check_interrupt)
+            return distill(host, student, settings, record, save=save, on_progress=on_progress,
+                           check_interrupt=check_interrupt, optimizer=optimizer)
 
         record = with_host(model, positive, negative, trajectory, settings.seed, run)
     student.to(comfy.model_management.intermediate_device())

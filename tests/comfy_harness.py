@@ -48,6 +48,15 @@ TINY_SD15_CONFIG: dict[str, Any] = dict(
     use_spatial_transformer=True, legacy=False,
 )
 
+# An SDXL-layout UNet: no attention at the full-resolution level, two transformer blocks per
+# SpatialTransformer (block_index 0 and 1), linear proj_in/proj_out, and the label_emb that
+# takes SDXL's 2816-wide pooled-text + size conditioning.
+TINY_SDXL_CONFIG: dict[str, Any] = dict(
+    TINY_SD15_CONFIG, use_linear_in_transformer=True, adm_in_channels=2816, num_classes="sequential",
+    transformer_depth=[0, 2], transformer_depth_output=[0, 0, 2, 2], transformer_depth_middle=2,
+    num_head_channels=16,
+)
+
 
 def comfyui_path() -> Path | None:
     """The ComfyUI checkout named by ``COMFYUI_PATH``; raises if it is set but not a checkout."""
@@ -127,6 +136,13 @@ def tiny_sd15_patcher(seed: int = 0, **overrides: Any):
     return _patcher_from_config(comfy.supported_models.SD15({**TINY_SD15_CONFIG, **overrides}), seed)
 
 
+def tiny_sdxl_patcher(seed: int = 0, **overrides: Any):
+    """A real ComfyUI SDXL model class (``supported_models.SDXL``) with 32-channel UNet."""
+    import comfy.supported_models
+
+    return _patcher_from_config(comfy.supported_models.SDXL({**TINY_SDXL_CONFIG, **overrides}), seed)
+
+
 def flux_conditioning(batch: int = 1, tokens: int = 7, seed: int = 0) -> list:
     """Random CONDITIONING that fits :data:`TINY_FLUX_CONFIG` (text width 48, pooled 32)."""
     g = torch.Generator().manual_seed(seed)
@@ -138,6 +154,14 @@ def sd15_conditioning(batch: int = 1, tokens: int = 5, seed: int = 0) -> list:
     """Random CONDITIONING that fits :data:`TINY_SD15_CONFIG` (context width 32)."""
     g = torch.Generator().manual_seed(seed)
     return [[torch.randn(batch, tokens, 32, generator=g), {}]]
+
+
+def sdxl_conditioning(batch: int = 1, tokens: int = 5, seed: int = 0, width: int = 64, height: int = 48) -> list:
+    """Random CONDITIONING that fits :data:`TINY_SDXL_CONFIG`: context width 32, SDXL's 1280-wide
+    pooled output and the image size it turns into ``y`` (with the pooled output: 2816 wide)."""
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(batch, tokens, 32, generator=g),
+             {"pooled_output": torch.randn(batch, 1280, generator=g), "width": width, "height": height}]]
 
 
 def sample(model, positive: list, negative: list, latent: torch.Tensor, steps: int = 2, seed: int = 0,

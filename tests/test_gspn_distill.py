@@ -9,7 +9,10 @@ import torch
 
 from gspn_standin import StandInHost, TinyUNet, one_thread  # noqa: F401  (autouse fixture)
 from ultrares.models.gspn import GSPNConfig, GSPNLayers, find_attn1_layers, load_gspn_weights, save_gspn_weights
-from ultrares.models.gspn.distill import DistillSettings, distill, evaluate, trajectory_points
+from ultrares.models.gspn.distill import (DistillSettings, distill, evaluate, layer_matching_backward,
+                                         layer_matching_loss, trajectory_points)
+from ultrares.models.gspn.optimizer_state import (load_optimizer_state, make_optimizer, optimizer_path,
+                                                  save_optimizer_state)
 from ultrares.models.gspn.loss_plot import draw_loss_plot
 
 FAMILY = "TinyStandIn"
@@ -54,6 +57,18 @@ def test_distillation_brings_attn1_matching_loss_well_below_random_gspn_weights(
     assert evaluate(loaded, host, points=6, seed=HELD_OUT_SEED) == pytest.approx(trained_loss, rel=1e-5)
 
 
+def test_layer_by_layer_backward_gives_the_gradients_of_the_whole_layer_loss(host):
+    captures = next(trajectory_points(host, seed=5)).captures
+    student = _student(host).requires_grad_(True)
+    whole = layer_matching_loss(student, captures)
+    whole.backward()
+    expected = {name: p.grad.clone() for name, p in student.named_parameters()}
+    student.zero_grad(set_to_none=True)
+    torch.testing.assert_close(layer_matching_backward(student, captures), whole.detach())
+    for name, p in student.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], msg=lambda m: f"{name}: {m}")
+
+
 def test_trajectories_follow_the_teacher_and_cycle_through_the_prompts(host):
     points = trajectory_points(host, seed=3)
     first = [next(points) for _ in range(host.sampling_steps * 2)]
@@ -94,6 +109,56 @@ def test_interruption_still_saves_a_checkpoint_that_loads_and_resumes(host, tmp_
     assert progress == [(1, 2), (2, 2)]
     assert record.steps == 5 and record.finished and len(record.layer_losses) == 5
     assert load_gspn_weights(path)[1].steps == 5
+
+
+def test_a_run_resumed_with_its_saved_optimizer_state_continues_exactly_like_an_unbroken_run(host, tmp_path):
+    settings = DistillSettings(steps=3, learning_rate=1e-2, save_every=0)
+    unbroken = _student(host)
+    optimizer = make_optimizer(unbroken, settings.learning_rate)
+    record = distill(host, unbroken, settings, optimizer=optimizer)
+    distill(host, unbroken, settings, record=record, optimizer=optimizer)
+
+    path = tmp_path / "gspn.safetensors"
+    first = _student(host)
+    optimizer = make_optimizer(first, settings.learning_rate)
+
+    def save(r):
+        save_gspn_weights(path, first, FAMILY, r)
+        save_optimizer_state(optimizer_path(path), first, optimizer, r.steps)
+
+    distill(host, first, settings, save=save, optimizer=optimizer)
+
+    def resume(restore: bool):
+        student, record = load_gspn_weights(path, FAMILY, first.specs)
+        optimizer = make_optimizer(student, settings.learning_rate)
+        assert load_optimizer_state(optimizer_path(path), student, optimizer, record.steps) is True
+        if not restore:
+            optimizer.state.clear()
+        distill(host, student, settings, record=record, optimizer=optimizer)
+        return student.named_state()
+
+    resumed, restarted = resume(restore=True), resume(restore=False)
+    for key, value in unbroken.named_state().items():
+        torch.testing.assert_close(resumed[key], value, msg=lambda m: f"{key}: {m}")
+    assert any(not torch.allclose(restarted[k], v, rtol=1e-4, atol=1e-6) for k, v in unbroken.named_state().items()), \
+        "restarting the optimiser must make a difference, or this test shows nothing"
+
+
+def test_optimizer_state_is_only_restored_onto_the_weights_it_was_saved_with(host, tmp_path):
+    student = _student(host)
+    optimizer = make_optimizer(student, 1e-2)
+    distill(host, student, DistillSettings(steps=1, learning_rate=1e-2), optimizer=optimizer)
+    path = tmp_path / "gspn.safetensors.optimizer"
+    save_optimizer_state(path, student, optimizer, steps=1)
+    fresh = make_optimizer(student, 1e-2)
+    assert not load_optimizer_state(tmp_path / "missing.optimizer", student, fresh, 1)
+    assert not load_optimizer_state(path, student, fresh, steps=2), "weights saved at another step"
+    other = GSPNLayers(student.specs, GSPNConfig(chunk=4, proxy_ratio=2))
+    assert not load_optimizer_state(path, other, make_optimizer(other, 1e-2), 1), "another proxy width"
+    assert len(fresh.state) == 0
+    assert load_optimizer_state(path, student, fresh, 1)
+    for p in student.parameters():
+        torch.testing.assert_close(fresh.state[p]["exp_avg_sq"], optimizer.state[p]["exp_avg_sq"], rtol=0, atol=0)
 
 
 def test_an_interruption_before_the_first_step_writes_nothing(host, tmp_path):

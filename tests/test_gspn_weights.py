@@ -85,6 +85,13 @@ def test_safetensors_that_are_not_gspn_weights_are_refused(tmp_path):
         load_gspn_weights(path)
 
 
+def test_a_file_that_is_no_safetensors_at_all_is_refused_by_name(tmp_path):
+    path = tmp_path / "old_model.pt"
+    torch.save({"weight": torch.zeros(2)}, path)
+    with pytest.raises(GSPNWeightsError, match=r"old_model\.pt is not a GSPN weight file .*not a safetensors file"):
+        load_gspn_weights(path)
+
+
 def test_saving_replaces_the_file_in_one_step(saved):
     path, layers = saved
     save_gspn_weights(path, layers, "TinyStandIn", TrainingRecord(steps=8))

@@ -53,10 +53,18 @@ class GSPNAttention(nn.Module):
         out = torch.zeros_like(x)
         for d in range(len(DIRECTIONS)):
             rows = slice(d * dim, (d + 1) * dim)
-            logits = F.linear(proxy_q, self.to_weights.weight[3 * rows.start:3 * rows.stop])
-            lam = F.linear(proxy_k, self.to_lambda.weight[rows]).reshape(x.shape)
-            h = gspn_scan(x, lam, logits.reshape(n, height, width, 3, dim), d, self.chunk, backend)
+            h = self._propagate(x, proxy_q, proxy_k, d, backend)
             gate = F.linear(proxy_q, self.to_gate.weight[rows]).reshape(x.shape)
             skip = F.linear(proxy_q, self.to_skip.weight[rows]).reshape(x.shape)
-            out = out + self.merge[d] * (gate * h + skip * x)
+            out = torch.addcmul(out, self.merge[d], torch.addcmul(skip * x, gate, h))
         return self.to_out(out.reshape(n, tokens, dim))
+
+    def _propagate(self, x: torch.Tensor, proxy_q: torch.Tensor, proxy_k: torch.Tensor, direction: int,
+                   backend: Backend) -> torch.Tensor:
+        """The scan of one direction. Its logits (three maps' worth) and lambda are freed on
+        return, before the gates are made, so in inference they do not add to the peak."""
+        n, height, width, dim = x.shape
+        rows = slice(direction * dim, (direction + 1) * dim)
+        logits = F.linear(proxy_q, self.to_weights.weight[3 * rows.start:3 * rows.stop])
+        lam = F.linear(proxy_k, self.to_lambda.weight[rows]).reshape(x.shape)
+        return gspn_scan(x, lam, logits.reshape(n, height, width, 3, dim), direction, self.chunk, backend)

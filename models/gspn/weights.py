@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .layers import GSPNConfig, GSPNLayers, LayerSpec
@@ -77,11 +77,20 @@ def _check_layers(name: str, file_specs: list[LayerSpec], model_specs: Sequence[
         raise GSPNWeightsError(f"{name} does not fit this model's self-attention layers; " + "; ".join(problems))
 
 
+def _open(path: Path):
+    """``safe_open`` with a message that names the file when it is no safetensors file at all."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except SafetensorError as error:
+        raise GSPNWeightsError(f"{path.name} is not a GSPN weight file of this pack (not a safetensors file: "
+                               f"{error}); make one with the GSPN distill node") from None
+
+
 def load_gspn_weights(path: str | os.PathLike, base_model: str | None = None,
                       layers: Sequence[LayerSpec] | None = None) -> tuple[GSPNLayers, TrainingRecord]:
     """Read a GSPN weight file; refuse it if it was made for another base model or other layers."""
     path = Path(path)
-    with safe_open(str(path), framework="pt") as f:
+    with _open(path) as f:
         meta = f.metadata() or {}
         if meta.get("format") != FORMAT:
             raise GSPNWeightsError(f"{path.name} is not a GSPN weight file of this pack (no '{FORMAT}' "

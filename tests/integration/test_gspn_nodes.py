@@ -99,6 +99,69 @@ def test_patch_replaces_every_attn1_on_a_clone_and_manages_the_gspn_modules(pack
     assert not torch.equal(comfy_harness.sample(large_enough, cond, cond, latent, seed=3), plain)
 
 
+def test_layers_where_gspn_steps_aside_run_the_patches_other_packs_set(pack_nodes, gspn_folder):
+    import comfy.ldm.modules.attention as comfy_attention
+    from ultrares.models.gspn import GSPNConfig, GSPNLayers, TrainingRecord, save_gspn_weights
+    from ultrares.nodes.gspn_patch import unet_layers
+
+    model = comfy_harness.tiny_sd15_patcher(seed=1)
+    specs = unet_layers(model)
+    save_gspn_weights(gspn_folder / "random.safetensors", GSPNLayers(specs, GSPNConfig()), "SD15", TrainingRecord())
+    calls = {"replace": 0, "override": 0}
+
+    def other_replace(q, k, v, extra_options):  # e.g. another pack's attn1 patch on one layer
+        calls["replace"] += 1
+        return 0.5 * comfy_attention.optimized_attention(q, k, v, extra_options["n_heads"])
+
+    def other_override(func, *args, **kwargs):  # e.g. a sage/flash attention patch node
+        calls["override"] += 1
+        return func(*args, **kwargs)
+
+    other = model.clone()
+    other.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = other_override
+    other.set_model_attn1_replace(other_replace, *specs[0].block)
+    cond = comfy_harness.sd15_conditioning()
+    latent = torch.zeros(1, 4, 6, 8)
+    plain = comfy_harness.sample(other, cond, cond, latent, seed=3)
+    plain_calls = dict(calls)
+    assert plain_calls["replace"] > 0 and plain_calls["override"] > 0
+    patch = pack_nodes["UltraResGSPNPatch"]
+    kept = ", ".join(".".join(map(str, s.block)) for s in specs)
+    for keep_layers, min_resolution in ((kept, 0), ("", 8 * 8 + 8)):
+        calls.update(replace=0, override=0)
+        (patched,) = patch.execute(other, "random.safetensors", 0, keep_layers, min_resolution).result
+        torch.testing.assert_close(comfy_harness.sample(patched, cond, cond, latent, seed=3), plain, rtol=0, atol=0)
+        assert calls == plain_calls, (keep_layers, min_resolution)
+
+
+def test_sdxl_shaped_unet_is_distilled_and_patched_at_every_transformer_block_index(pack_nodes, gspn_folder):
+    from ultrares.models.gspn import load_gspn_weights
+    from ultrares.nodes.gspn_patch import layer_label, unet_layers
+
+    model = comfy_harness.tiny_sdxl_patcher(seed=1)
+    specs = unet_layers(model)
+    assert len(specs) == 8 and {("input", 3, 1), ("middle", 0, 1), ("output", 1, 1)} <= {s.block for s in specs}
+    positive = comfy_harness.sdxl_conditioning(seed=1) + comfy_harness.sdxl_conditioning(seed=2)
+    _distill(pack_nodes, model, "tiny_sdxl", steps=2, positive=positive, cfg=2.0, proxy_ratio=0)
+    gspn, record = load_gspn_weights(gspn_folder / "tiny_sdxl.safetensors", "SDXL", specs)
+    assert record.steps == 2 and gspn.config.proxy_ratio == 32, "0 = the paper's proxy ratio for SDXL"
+    patch = pack_nodes["UltraResGSPNPatch"]
+    with pytest.raises(ValueError, match="distilled for a SDXL model, but this model is SD15"):
+        patch.execute(comfy_harness.tiny_sd15_patcher(), "tiny_sdxl.safetensors", 0, "", 0)
+
+    (patched,) = patch.execute(model, "tiny_sdxl.safetensors", 0, "", 0).result
+    assert set(_attn1_patches(patched)) == {s.block for s in specs}
+    all_but_one = ", ".join(layer_label(s) for s in specs if s.block != ("input", 3, 1))
+    (second_block_only,) = patch.execute(model, "tiny_sdxl.safetensors", 0, all_but_one, 0).result
+    assert set(_attn1_patches(second_block_only)) == {("input", 3, 1)}
+    cond = comfy_harness.sdxl_conditioning()
+    latent = torch.zeros(1, 4, 6, 8)
+    plain = comfy_harness.sample(model, cond, cond, latent, seed=3)
+    for gspn_model in (patched, second_block_only):
+        out = comfy_harness.sample(gspn_model, cond, cond, latent, seed=3)
+        assert torch.isfinite(out).all() and not torch.equal(out, plain)
+
+
 def test_patch_refuses_weights_for_another_family_and_models_without_a_unet(pack_nodes, gspn_folder):
     from ultrares.models.gspn import GSPNConfig, GSPNLayers, TrainingRecord, save_gspn_weights
     from ultrares.nodes.gspn_patch import unet_layers
@@ -117,8 +180,9 @@ def test_patch_refuses_weights_for_another_family_and_models_without_a_unet(pack
         patch.execute(model, "sd15.safetensors", 0, "middle.9.9", 0)
 
 
-def test_cancelled_distillation_leaves_a_checkpoint_that_resumes(pack_nodes, gspn_folder, monkeypatch):
+def test_cancelled_distillation_leaves_a_checkpoint_that_resumes(pack_nodes, gspn_folder, monkeypatch, caplog):
     import comfy.model_management
+    import folder_paths
     from ultrares.models.gspn import load_gspn_weights
 
     model = comfy_harness.tiny_sd15_patcher(seed=2)
@@ -137,6 +201,8 @@ def test_cancelled_distillation_leaves_a_checkpoint_that_resumes(pack_nodes, gsp
         _distill(pack_nodes, model, "cancelled", steps=10)
     _, record = load_gspn_weights(gspn_folder / "cancelled.safetensors", "SD15")
     assert record.steps == 3 and not record.finished
+    assert (gspn_folder / "cancelled.safetensors.optimizer").is_file()
+    assert folder_paths.get_filename_list("gspn") == ["cancelled.safetensors"], "the optimizer state is not listed"
 
     monkeypatch.setattr(gspn_nodes, "check_interrupt", never_cancelled)
     with pytest.raises(FileExistsError, match="turn on resume"):
@@ -144,6 +210,11 @@ def test_cancelled_distillation_leaves_a_checkpoint_that_resumes(pack_nodes, gsp
     _distill(pack_nodes, model, "cancelled", steps=2, resume=True)
     _, record = load_gspn_weights(gspn_folder / "cancelled.safetensors", "SD15")
     assert record.steps == 5 and record.finished and len(record.layer_losses) == 5
+    assert "starts afresh" not in caplog.text, "the saved optimizer state must be restored"
+
+    (gspn_folder / "cancelled.safetensors.optimizer").unlink()
+    _distill(pack_nodes, model, "cancelled", steps=1, resume=True)
+    assert "no optimizer state saved with cancelled.safetensors at step 5" in caplog.text
 
 
 def test_prediction_matching_trains_through_a_unet_loaded_in_inference_mode(pack_nodes, gspn_folder):
@@ -158,3 +229,24 @@ def test_prediction_matching_trains_through_a_unet_loaded_in_inference_mode(pack
     assert plot.shape[0] == 1
     weights = list(model.get_model_object("diffusion_model").parameters())
     assert all(w.is_inference() for w in weights), "the caller's model must be left as it was"
+
+
+def test_prediction_matching_sends_gradients_through_the_unet_to_every_gspn_layer(pack_nodes):
+    from ultrares.models.gspn import GSPNConfig, GSPNLayers
+    from ultrares.nodes.gspn_patch import unet_layers
+    from ultrares.nodes.gspn_training import TrajectorySettings, with_host, with_weight_copies
+
+    with torch.inference_mode():  # as ComfyUI loads checkpoints
+        model = comfy_harness.tiny_sd15_patcher(seed=3)
+    trajectory = TrajectorySettings(width=64, height=48, sampling_steps=2, cfg=2.0)
+    with torch.inference_mode(False), torch.enable_grad():
+        gspn = GSPNLayers(unet_layers(model), GSPNConfig(chunk=4, proxy_ratio=4))
+
+        def run(host):
+            prediction = host.student(host.start(0), host.sigmas()[0], 0, gspn)
+            prediction.square().mean().backward()
+
+        with_host(with_weight_copies(model), _prompts(), None, trajectory, 0, run)
+    for spec, module in gspn.items():
+        for name, parameter in module.named_parameters():
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, f"{spec.name}.{name}"
