@@ -7,6 +7,7 @@ thumbnail)."""
 from __future__ import annotations
 
 import ast
+import itertools
 import json
 import re
 from pathlib import Path
@@ -134,6 +135,34 @@ def test_every_node_sits_in_a_titled_stage(path, loaded):
     for node in workflow["nodes"]:
         if node["type"] not in wg.NOTE_TYPES:
             assert any(_inside(node, group) for group in groups), f"node {node['id']} is in no group"
+
+
+# LiteGraph draws a node's title bar above its position and a group's title inside its top edge;
+# the sizes in the files are the ones ComfyUI's frontend renders for these nodes.
+NODE_TITLE_HEIGHT = 30
+GROUP_TITLE_HEIGHT = 40
+
+
+def _box(node: dict) -> tuple[float, float, float, float]:
+    (x, y), (width, height) = node["pos"], node["size"]
+    return x, y - NODE_TITLE_HEIGHT, x + width, y + height
+
+
+def _overlap(a: tuple, b: tuple) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+@by_name(WORKFLOWS)
+def test_no_node_covers_another_node_or_a_stage_title(path, loaded):
+    workflow = loaded[path]
+    boxes = {node["id"]: _box(node) for node in workflow["nodes"]}
+    for first, second in itertools.combinations(boxes, 2):
+        assert not _overlap(boxes[first], boxes[second]), f"nodes {first} and {second} overlap"
+    for group in workflow["groups"]:
+        x, y, width, _ = group["bounding"]
+        title = (x, y, x + width, y + GROUP_TITLE_HEIGHT)
+        for node_id, box in boxes.items():
+            assert not _overlap(box, title), f"node {node_id} covers the title of {group['title']!r}"
 
 
 @by_name(WORKFLOWS)
