@@ -1,9 +1,10 @@
 """Block-scheduled evaluation is exactly the whole-image UniBA computation.
 
-The reference here is written from the released "full" inference: positions from the token
-index, the clamp-and-concatenate neighbour gather of ``get_cat_layer_left_top`` and the LR
-windows of ``nn.Unfold`` after ``proj_lr``. The scheduler must match it for any batch size,
-ragged edge batches, either scan order and either cache placement.
+The reference is :mod:`infdit_full_mode`, written from the released "full" inference:
+positions from the token index, the clamp-and-concatenate neighbour gather of
+``get_cat_layer_left_top`` and the LR windows of ``nn.Unfold`` after ``proj_lr``. The
+scheduler must match it for any batch size, ragged edge batches, either scan order and
+either cache placement.
 """
 
 from __future__ import annotations
@@ -16,49 +17,12 @@ from ultrares.models.infdit.kv_cache import NeighbourCache
 from ultrares.models.infdit.lr_context import LRContext
 from ultrares.models.infdit.placement import Placement
 from ultrares.models.infdit.plan import BlockBatch, CacheSchedule, plan_batches, resolve_scan
-from ultrares.models.infdit.rope import rope_cos_sin
-from ultrares.models.infdit.sampler import edm_precondition
 from ultrares.models.infdit.tiny import tiny_weights
-from ultrares.models.infdit.uniba import to_blocks
+from infdit_full_mode import reference_evaluation
 from test_infdit_support import one_cpu_thread  # noqa: F401  (autouse fixture)
 
 CPU = torch.device("cpu")
 GRID = (5, 7)
-
-
-def reference_gather(x: torch.Tensor) -> torch.Tensor:
-    """The released full-mode gather: pad with the first row/column, then [self, TL, L, T]."""
-    rows, cols = x.shape[1:3]
-    padded = torch.cat([x[:, :1], x], dim=1)
-    padded = torch.cat([padded[:, :, :1], padded], dim=2)
-    return torch.cat([x, padded[:, :rows, :cols], padded[:, 1:, :cols], padded[:, :rows, 1:]], dim=3)
-
-
-def reference_lr_windows(net, lr_image: torch.Tensor) -> torch.Tensor:
-    """proj_lr, nn.Unfold(3 lb, stride lb, padding lb), then keys/values per window token."""
-    cfg, lb = net.cfg, net.cfg.lr_block
-    features = net.lr_xattn.proj_lr(lr_image)
-    unfolded = torch.nn.Unfold(kernel_size=3 * lb, stride=lb, padding=lb)(features)
-    b, _, windows = unfolded.shape
-    tokens = unfolded.view(b, cfg.hidden, 3 * lb, 3 * lb, windows).permute(0, 4, 2, 3, 1).flatten(2, 3)
-    rows, cols = lr_image.shape[-2] // (lb * cfg.lr_patch), lr_image.shape[-1] // (lb * cfg.lr_patch)
-    return net.lr_xattn.token_key_values(tokens).view(b, rows, cols, *tokens.shape[2:3], 2, cfg.heads, -1)
-
-
-def reference_evaluation(net, x, sigma, concat_lr, lr_image, vector) -> torch.Tensor:
-    cfg = net.cfg
-    c_skip, c_out, c_in, c_noise = edm_precondition(sigma)
-    cond = net.conditioning(torch.full((x.shape[0],), c_noise), vector)
-    h = net.embed(torch.cat([x, concat_lr], dim=1) * c_in)
-    rows_t, cols_t = x.shape[-2] // cfg.patch, x.shape[-1] // cfg.patch
-    index = torch.arange(rows_t * cols_t)
-    cos, sin = rope_cos_sin(index // cols_t, index % cols_t, cfg.head_dim, cfg.rope_period, net.dtype)
-    cos, sin = (to_blocks(t.T.reshape(1, -1, rows_t, cols_t), cfg.block)[0][..., None, :] for t in (cos, sin))
-    windows = reference_lr_windows(net, lr_image)
-    for layer in range(cfg.layers):
-        h = net.layer(layer, h, cond, cos, sin, lambda _, k, v: (reference_gather(k), reference_gather(v)),
-                      windows if layer == 0 else None)
-    return c_skip * x + c_out * net.output(h, cond)
 
 
 def make_case(grid: tuple[int, int]):

@@ -24,10 +24,9 @@ from .memory import MemoryEstimate, choose_batch_size, estimate_memory
 from .placement import HostObserver, Placement
 from .plan import ScanOrder, plan_batches
 from .preprocess import clip_view, pad_to_multiple, resize_bicubic
-from .sampler import SIGMA_MAX, edm_sigmas, evaluations, heun_sample
+from .sampler import edm_sigmas, evaluations, heun_sample, initial_state
 
 STAGES: dict[int, tuple[int, ...]] = {2: (2,), 4: (4,), 8: (4, 2), 16: (4, 4)}
-NOISE_CHUNK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -136,22 +135,6 @@ class _StageSweep:
         self.progress.rewind(batches_done, (len(self.batches) - old) * self.evaluations_left)
 
 
-def _initial_state(concat_lr: torch.Tensor, generator: torch.Generator, init_noise: bool,
-                   placement: Placement) -> torch.Tensor:
-    """x_T = [LR +] 40 N(0, I) on the store device, drawn on the CPU in fixed-size chunks so no
-    image-sized temporary is created (the draw depends on the seed and the size only)."""
-    x = placement.empty_store(tuple(concat_lr.shape), torch.float32)
-    flat, lr_flat = x.view(-1), concat_lr.view(-1)
-    for start in range(0, flat.numel(), NOISE_CHUNK):
-        stop = min(start + NOISE_CHUNK, flat.numel())
-        with placement.host_work():
-            chunk = torch.randn(stop - start, generator=generator) * SIGMA_MAX
-            if init_noise:
-                chunk += lr_flat[start:stop].cpu()
-        flat[start:stop] = chunk
-    return x
-
-
 def _upscale_stage(weights: InfDiTWeights, lr: torch.Tensor, factor: int, sweep: _StageSweep,
                    generator: torch.Generator) -> torch.Tensor:
     """One 2x/4x pass of a ``[1, 3, h, w]`` image in [-1, 1] (CPU) -> ``[1, 3, h*f, w*f]`` (CPU)."""
@@ -169,9 +152,10 @@ def _upscale_stage(weights: InfDiTWeights, lr: torch.Tensor, factor: int, sweep:
     sweep.context = ImageContext(placement.to_store(concat_lr), LRContext(weights.net, cross_lr, placement),
                                  vector)
     del concat_lr
-    x = _initial_state(sweep.context.concat_lr, generator, options.init_noise, placement)
-    sample = heun_sample(sweep, x, edm_sigmas(options.steps),
-                         lambda: placement.empty_store(tuple(x.shape), torch.float32))
+    shape = tuple(sweep.context.concat_lr.shape)
+    x = initial_state(sweep.context.concat_lr, generator, options.init_noise,
+                      placement.empty_store(shape, torch.float32), placement.host_work)
+    sample = heun_sample(sweep, x, edm_sigmas(options.steps), lambda: placement.empty_store(shape, torch.float32))
     sweep.context = None
     with placement.host_work():
         return sample[..., :height * factor, :width * factor].clamp(-1, 1).cpu()
