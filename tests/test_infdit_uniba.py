@@ -109,28 +109,54 @@ def test_perturbing_a_block_changes_only_blocks_below_and_right_within_one_block
     assert torch.equal(changed, expected)
 
 
-def test_offloading_keeps_only_the_next_batchs_neighbours_on_the_device(case):
-    net = case[0]
-    placement = Placement(CPU, offload=True)
-    schedule = CacheSchedule(plan_batches(4, 9, 2, "row"))
-    cache = NeighbourCache(schedule, net.cfg.layers, placement)
-    k = torch.randn(1, 2, 2, net.cfg.block_tokens, net.cfg.heads, net.cfg.head_dim)
-    peak_device = peak_host = 0
+class ObservedPlacement(Placement):
+    """Calls ``observe`` before every copy to the host, i.e. also in the middle of an update."""
+
+    observe = staticmethod(lambda: None)
+
+    def to_host(self, t):
+        self.observe()
+        return super().to_host(t)
+
+
+def replay_cache(schedule: CacheSchedule, layers: int, offload: bool, block_kv: torch.Tensor):
+    """Run the cache through a whole evaluation; peak device and host entries (summed over layers)."""
+    placement = ObservedPlacement(CPU, offload)
+    cache = NeighbourCache(schedule, layers, placement)
+    peaks = [0, 0]
+
+    def observe():
+        peaks[0] = max(peaks[0], cache.device_entries())
+        peaks[1] = max(peaks[1], cache.host_entries())
+
+    placement.observe = observe
     for index, batch in enumerate(schedule.batches):
-        kb = k[:, :len(batch.rows), :len(batch.cols)]
+        kb = block_kv.expand(1, len(batch.rows), len(batch.cols), *block_kv.shape[3:])
         gather = cache.neighbours(index)
-        for layer in range(net.cfg.layers):
+        for layer in range(layers):
             gather(layer, kb, kb)
-        peak_device = max(peak_device, cache.device_entries())
-        peak_host = max(peak_host, cache.host_entries())
-    # Row-major: the right column of the batch just done stays on the device for the next
-    # one; the strip of bottom rows waits on the host.
-    assert peak_device == 2 * net.cfg.layers
-    assert peak_host >= 8 * net.cfg.layers
+            observe()
     assert cache.device_entries() == cache.host_entries() == 0
-    # The memory model's count (held plus newly stored) does not grow with the width...
-    assert schedule.device_blocks(offload=True) == 4
-    assert CacheSchedule(plan_batches(4, 30, 2, "row")).device_blocks(offload=True) == 4
-    # ...while without offloading the whole strip stays on the device.
-    assert schedule.device_blocks(offload=False) >= 9
-    assert CacheSchedule(plan_batches(4, 30, 2, "row")).device_blocks(offload=False) >= 30
+    return tuple(peaks)
+
+
+def test_offloading_keeps_only_the_next_batchs_neighbours_on_the_device(case):
+    layers = case[0].cfg.layers
+    block_kv = torch.randn(1, 1, 1, 4, 2, 3)
+    # Row-major: the right column of the batch just done stays on the device for the next
+    # one; the strip of bottom rows waits on the host, whatever the width.
+    for width in (9, 30):
+        peak_device, peak_host = replay_cache(CacheSchedule(plan_batches(4, width, 2, "row")), layers, True, block_kv)
+        assert peak_device == 2 * layers
+        assert peak_host >= (width - 1) * layers
+    # Without offloading the whole strip stays on the device.
+    assert replay_cache(CacheSchedule(plan_batches(4, 30, 2, "row")), layers, False, block_kv)[0] >= 30 * layers
+
+
+@pytest.mark.parametrize("grid, n, scan", [((4, 9), 2, "row"), ((5, 7), 3, "column"), ((6, 6), 4, "row"),
+                                           ((7, 5), 1, "auto")])
+@pytest.mark.parametrize("offload", [False, True])
+def test_the_memory_models_cache_count_is_the_caches_peak(grid, n, scan, offload):
+    schedule = CacheSchedule(plan_batches(*grid, n, scan))
+    peak_device, _ = replay_cache(schedule, 3, offload, torch.randn(1, 1, 1, 4, 2, 3))
+    assert schedule.device_blocks(offload) * 3 == peak_device

@@ -92,18 +92,18 @@ class CacheSchedule:
     def device_blocks(self, offload: bool) -> int:
         """Peak number of cached blocks per layer held on the device, replaying the cache's rules.
 
-        For each batch: the blocks held before it plus the new blocks it keeps on the device
-        (an upper bound: the cache drops entries a batch no longer needs before adding its own).
-        Host entries are copied straight into the batch's key buffer, so they add nothing here.
+        A batch's update drops the blocks it was the last to read and (offloading) moves the
+        ones the next batch does not read to the host *before* storing its own, so a layer's
+        count peaks after some update. Host entries are copied straight into the batch's key
+        buffer, so they add nothing here.
         """
         on_device: set[Block] = set()
         peak = 0
         for index in range(len(self.batches)):
             keep_next = self.needed_next(index)
-            new_on_device = [b for b in self.stores[index] if not offload or b in keep_next]
-            peak = max(peak, len(on_device) + len(new_on_device))
             on_device -= {b for b in self.needs[index] if self.last_use[b] == index}
-            on_device.update(new_on_device)
             if offload:
                 on_device &= keep_next
+            on_device.update(b for b in self.stores[index] if not offload or b in keep_next)
+            peak = max(peak, len(on_device))
         return peak
