@@ -97,7 +97,7 @@ def test_the_lr_channels_are_scaled_by_c_in_and_d_combines_skip_and_network_outp
     torch.testing.assert_close(out, c_skip * x + c_out * net.outputs[0])
 
 
-def test_lr_keys_do_not_depend_on_sigma_so_one_map_serves_every_evaluation():
+def test_lr_keys_do_not_depend_on_sigma_so_one_context_serves_every_evaluation():
     weights = tiny_weights(seed=4)
     g = torch.Generator().manual_seed(2)
     lr = torch.rand(1, 3, 8, 8, generator=g) * 2 - 1

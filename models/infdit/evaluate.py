@@ -29,7 +29,7 @@ class ImageContext:
     """What stays fixed while one image is sampled: sigma-independent conditioning."""
 
     concat_lr: torch.Tensor
-    """``[B, 3, H, W]`` fp32 bicubic-upsampled LR in [-1, 1], on the placement's store device."""
+    """``[B, 3, H, W]`` bicubic-upsampled LR in [-1, 1] (model dtype), on the placement's store device."""
     lr: LRContext
     vector: torch.Tensor
     """``[B, vector_dim]`` CLIP image embedding."""

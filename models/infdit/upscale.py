@@ -143,9 +143,11 @@ def _upscale_stage(weights: InfDiTWeights, lr: torch.Tensor, factor: int, sweep:
     with placement.host_work():
         padded = pad_to_multiple(lr, cfg.block_px // factor)
         out_h, out_w = padded.shape[-2] * factor, padded.shape[-1] * factor
-        concat_lr = resize_bicubic(padded, (out_h, out_w)).clamp(-1, 1)
+        # Stored in the model dtype, as the reference does: the network input is cast to it
+        # anyway, and the upsampled LR is one of the full-image buffers.
+        concat_lr = resize_bicubic(padded, (out_h, out_w)).clamp(-1, 1).to(weights.net.dtype)
         lr_size = (out_h // cfg.lr_scale, out_w // cfg.lr_scale)
-        cross_lr = resize_bicubic(padded, lr_size)
+        cross_lr = resize_bicubic(padded, lr_size).to(weights.net.dtype)
         clip_lr = resize_bicubic(lr, (height * factor // cfg.lr_scale, width * factor // cfg.lr_scale))
         pixels = clip_view(clip_lr, weights.clip.cfg.image_size)
     vector = weights.clip.encode(pixels)
