@@ -57,9 +57,13 @@ class Placement:
         return out
 
     def to_host(self, t: torch.Tensor) -> torch.Tensor:
-        """A host copy of ``t`` (used for cache entries the next batch does not need)."""
+        """A host copy of ``t`` (used for cache entries the next batch does not need).
+
+        Asynchronous from a GPU (into pinned memory): such a copy is only ever read by later
+        copies back to the device on the same stream, so the sweep need not wait for it.
+        """
         out = self._empty_host(tuple(t.shape), t.dtype)
-        out.copy_(t)
+        out.copy_(t, non_blocking=True)
         return out
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
