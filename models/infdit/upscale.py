@@ -13,14 +13,14 @@ still runs out of memory, the evaluation restarts with n - 1.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .checkpoint import InfDiTWeights
 from .evaluate import ImageContext, evaluate
 from .lr_context import LRContext
-from .memory import MemoryEstimate, choose_batch_size, estimate_memory
+from .memory import BudgetTooSmall, MemoryEstimate, choose_batch_size, estimate_memory
 from .placement import HostObserver, Placement
 from .plan import ScanOrder, plan_batches
 from .preprocess import clip_view, pad_to_multiple, resize_bicubic
@@ -93,6 +93,30 @@ def plan_stage(weights: InfDiTWeights, height: int, width: int, options: Upscale
     if options.budget_bytes is None:
         return estimate_memory(cfg, height, width, max(height, width) // cfg.block_px, **kwargs)
     return choose_batch_size(cfg, height, width, options.budget_bytes, margin=options.margin, **kwargs)
+
+
+def stage_plans(weights: InfDiTWeights, size: tuple[int, int], options: UpscaleOptions) -> list[MemoryEstimate]:
+    """The memory plan of every stage for an input of ``size`` (raises :class:`BudgetTooSmall`)."""
+    return [plan_stage(weights, height, width, options)
+            for height, width in stage_sizes(weights, size, stage_factors(options.scale))]
+
+
+def fit_budget(weights: InfDiTWeights, size: tuple[int, int], options: UpscaleOptions) -> UpscaleOptions:
+    """``options``, with offloading switched on when the budget fits only that way.
+
+    Offloading gives the same result (more slowly, using host RAM), so a budget too small for
+    the neighbour cache and full-image buffers on the device is met with it rather than
+    refused. Raises :class:`BudgetTooSmall` when even one block per batch, offloaded, does not fit.
+    """
+    try:
+        stage_plans(weights, size, options)
+        return options
+    except BudgetTooSmall:
+        if options.offload:
+            raise
+    offloaded = replace(options, offload=True)
+    stage_plans(weights, size, offloaded)
+    return offloaded
 
 
 class _StageSweep:

@@ -16,7 +16,8 @@ import torch
 from ultrares.models.infdit.checkpoint import convert_checkpoint, load_infdit
 from ultrares.models.infdit.preprocess import clip_view, resize_bicubic
 from ultrares.models.infdit.tiny import TINY_CLIP, released_state_dict, save_released_layout, tiny_weights
-from ultrares.models.infdit.upscale import UpscaleOptions, upscale
+from ultrares.models.infdit.memory import GiB
+from ultrares.models.infdit.upscale import UpscaleOptions, plan_stage, upscale
 
 RELEASED = "mp_rank_00_model_states.pt"
 CONVERTED = "infdit_tiny.safetensors"
@@ -135,6 +136,30 @@ def test_the_budget_offloading_and_alpha_inputs_reach_the_sampler(comfy_nodes, m
                                                                    offload_cache=True, scan="column"), image)
     assert executor.success, server.messages[-1]
     assert out.shape == (2, 64, 128, 4)
+
+
+def test_a_budget_that_fits_only_offloaded_offloads_and_one_above_free_memory_is_lowered(comfy_nodes, model_folder,
+                                                                                        caplog):
+    import comfy.model_management
+
+    image = torch.rand(1, 12, 20, 3)
+    weights = load_infdit(model_folder / RELEASED)
+    floor = {offload: plan_stage(weights, 48, 80, UpscaleOptions(batch_blocks=1, offload=offload)).total
+             for offload in (False, True)}
+    expected = upscale(weights, image.movedim(-1, 1), UpscaleOptions(scale=4, steps=2, seed=3), torch.device("cpu"))
+    between = (floor[False] + floor[True]) / 2 / GiB
+    with caplog.at_level("INFO"):
+        executor, server, out = run_prompt(comfy_nodes, upscale_prompt(RELEASED, image, vram_budget_gb=between), image)
+    assert executor.success, server.messages[-1]
+    assert "offloading them to CPU RAM (same result, slower)" in caplog.text
+    torch.testing.assert_close(out, expected.movedim(1, -1), rtol=0, atol=1e-5)
+    caplog.clear()
+    free = comfy.model_management.get_free_memory(torch.device("cpu")) / GiB
+    with caplog.at_level("WARNING"):
+        executor, server, out = run_prompt(comfy_nodes, upscale_prompt(RELEASED, image, vram_budget_gb=min(free * 2, 1024.0)),
+                                               image)
+    assert executor.success, server.messages[-1]
+    assert "is more than the" in caplog.text and "available with the model loaded" in caplog.text
 
 
 def test_cancelling_stops_between_block_batches(comfy_nodes, model_folder):
