@@ -67,4 +67,7 @@ class Placement:
         return out
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self.device, non_blocking=True)
+        """``t`` on the compute device: a view when it is already there, else a copy. Offloaded
+        tensors are always copied, also when host and device are the same memory (CPU), so that
+        a memory meter sees the copy a GPU would hold."""
+        return t.to(self.device, non_blocking=True, copy=self.offload)
