@@ -18,7 +18,7 @@ import torch
 from ..models.infdit.checkpoint import InfDiTWeights
 from ..models.infdit.clip_vision import ClipVisionConfig, ClipVisionEncoder
 from ..models.infdit.config import RELEASED
-from ..models.infdit.memory import GiB, BudgetTooSmall, choose_batch_size, estimate_memory
+from ..models.infdit.memory import GiB, BudgetTooSmall, choose_batch_size, estimate_memory, offloaded_host_bytes
 from ..models.infdit.network import InfDiT
 from ..models.infdit.meter import LiveTensorMeter
 from ..models.infdit.tiny import tiny_weights
@@ -35,9 +35,10 @@ Measured peak = the largest device memory in use during the upscale, weights inc
 - CPU: a live-tensor meter (TorchDispatchMode) sees every ATen op's output and sums the bytes
   of live tensor storages (tracemalloc does not see them); the weights are added. Host and
   device are the same memory here, so what the code keeps on the host (with offloading: the
-  neighbour-key strip, the LR keys, the sampler's full-image buffers; always: preparing the
-  input and drawing noise) is allocated in the meter's host scopes and not counted: the
-  numbers are what a GPU would hold. Scratch a kernel frees before returning is not seen.
+  neighbour-key strip, the sampler's full-image buffers, the LR image; always: preparing the
+  input and drawing noise) is allocated in the meter's host scopes and not counted, while its
+  slices copied for a batch are: the numbers are what a GPU would hold. Scratch a kernel
+  frees before returning is not seen.
 Model = the memory model's estimate for the same run (what the budget rule uses)."""
 
 
@@ -132,20 +133,18 @@ def released_derived(cases: list[tuple[int, int]], margin: float) -> None:
     kwargs = dict(weight_bytes=released_weight_bytes(), dtype=torch.bfloat16)
     print("\n### Released model (bf16), derived from the memory model, not measured\n")
     print(f"n chosen for a budget (with the node's {margin:.0%} CUDA headroom); host RAM that offloading "
-          "uses for the sampler's full-image buffers and the neighbour-key strip.\n")
+          "uses (at the offloaded n) for the sampler's full-image buffers and the neighbour-key strip.\n")
     print(_row(["output", "budget GiB", "n, cache on GPU", "n, offloaded", "host RAM offloaded GiB"]))
     print(_row(["---"] * 5))
     for side, budget in cases:
-        cells = [f"{side}x{side}", budget]
+        cells, n = [f"{side}x{side}", budget], 1
         for offload in (False, True):
             try:
-                cells.append(choose_batch_size(RELEASED, side, side, budget * GiB, margin=margin, offload=offload,
-                                               **kwargs).n)
+                n = choose_batch_size(RELEASED, side, side, budget * GiB, margin=margin, offload=offload, **kwargs).n
+                cells.append(n)
             except BudgetTooSmall:
                 cells.append("below the minimum")
-        on_device, offloaded = (estimate_memory(RELEASED, side, side, 1, offload=offload, **kwargs)
-                                for offload in (False, True))
-        host = on_device.state + on_device.cache - offloaded.cache
+        host = offloaded_host_bytes(RELEASED, side, side, n, dtype=torch.bfloat16)
         print(_row(cells + [f"{host / GiB:.1f}"]))
     for offload in (False, True):
         floor = estimate_memory(RELEASED, 16384, 16384, 1, offload=offload, **kwargs)

@@ -158,5 +158,6 @@ def test_offloading_keeps_only_the_next_batchs_neighbours_on_the_device(case):
 @pytest.mark.parametrize("offload", [False, True])
 def test_the_memory_models_cache_count_is_the_caches_peak(grid, n, scan, offload):
     schedule = CacheSchedule(plan_batches(*grid, n, scan))
-    peak_device, _ = replay_cache(schedule, 3, offload, torch.randn(1, 1, 1, 4, 2, 3))
+    peak_device, peak_host = replay_cache(schedule, 3, offload, torch.randn(1, 1, 1, 4, 2, 3))
     assert schedule.device_blocks(offload) * 3 == peak_device
+    assert (schedule.host_blocks() * 3 if offload else 0) == peak_host

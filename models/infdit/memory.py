@@ -88,19 +88,34 @@ def activation_bytes(cfg: InfDiTConfig, rows: int, cols: int, dtype: torch.dtype
     return rope + pixels + lr_region + max(layer, region_build)
 
 
+def _state_bytes(cfg: InfDiTConfig, height: int, width: int, dtype: torch.dtype, images: int) -> int:
+    pixels = images * cfg.out_channels * height * width
+    return pixels * (SAMPLER_BUFFERS * 4 + _itemsize(dtype)) + pixels // cfg.lr_scale ** 2 * _itemsize(dtype)
+
+
+def _block_kv_bytes(cfg: InfDiTConfig, dtype: torch.dtype, images: int) -> int:
+    """K and V of one block in one layer."""
+    return 2 * images * cfg.block_tokens * cfg.hidden * _itemsize(dtype)
+
+
 def estimate_memory(cfg: InfDiTConfig, height: int, width: int, n: int, *, weight_bytes: int, dtype: torch.dtype,
                     offload: bool, scan: ScanOrder = "auto", images: int = 1) -> MemoryEstimate:
     """Device bytes of sampling a ``height x width`` output (whole blocks) with n x n batches."""
     grid_rows, grid_cols = height // cfg.block_px, width // cfg.block_px
-    itemsize = _itemsize(dtype)
-    block_kv = 2 * images * cfg.block_tokens * cfg.hidden * itemsize
-    batches = plan_batches(grid_rows, grid_cols, n, scan)
-    cache_blocks = CacheSchedule(batches).device_blocks(offload)
-    pixels = images * cfg.out_channels * height * width
-    state = pixels * (SAMPLER_BUFFERS * 4 + itemsize) + pixels // cfg.lr_scale ** 2 * itemsize
+    cache_blocks = CacheSchedule(plan_batches(grid_rows, grid_cols, n, scan)).device_blocks(offload)
     return MemoryEstimate(
-        n=n, weights=weight_bytes, state=0 if offload else state, cache=cache_blocks * cfg.layers * block_kv,
+        n=n, weights=weight_bytes, state=0 if offload else _state_bytes(cfg, height, width, dtype, images),
+        cache=cache_blocks * cfg.layers * _block_kv_bytes(cfg, dtype, images),
         activations=activation_bytes(cfg, min(n, grid_rows), min(n, grid_cols), dtype, images))
+
+
+def offloaded_host_bytes(cfg: InfDiTConfig, height: int, width: int, n: int, *, dtype: torch.dtype,
+                         scan: ScanOrder = "auto", images: int = 1) -> int:
+    """Host RAM that offloading takes for what the device does not hold: the sampler state and
+    the strip of cached neighbour keys (the input and output images come on top)."""
+    schedule = CacheSchedule(plan_batches(height // cfg.block_px, width // cfg.block_px, n, scan))
+    strip = schedule.host_blocks() * cfg.layers * _block_kv_bytes(cfg, dtype, images)
+    return _state_bytes(cfg, height, width, dtype, images) + strip
 
 
 def choose_batch_size(cfg: InfDiTConfig, height: int, width: int, budget_bytes: float, *, margin: float = 0.0,

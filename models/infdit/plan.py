@@ -97,13 +97,25 @@ class CacheSchedule:
         count peaks after some update. Host entries are copied straight into the batch's key
         buffer, so they add nothing here.
         """
+        return self._replay(offload)[0]
+
+    def host_blocks(self) -> int:
+        """Peak number of cached blocks per layer waiting in host memory when offloading."""
+        return self._replay(True)[1]
+
+    def _replay(self, offload: bool) -> tuple[int, int]:
         on_device: set[Block] = set()
-        peak = 0
+        on_host: set[Block] = set()
+        device_peak = host_peak = 0
         for index in range(len(self.batches)):
             keep_next = self.needed_next(index)
-            on_device -= {b for b in self.needs[index] if self.last_use[b] == index}
+            dropped = {b for b in self.needs[index] if self.last_use[b] == index}
+            on_device -= dropped
+            on_host -= dropped
             if offload:
+                on_host |= on_device - keep_next
                 on_device &= keep_next
-            on_device.update(b for b in self.stores[index] if not offload or b in keep_next)
-            peak = max(peak, len(on_device))
-        return peak
+            for block in self.stores[index]:
+                (on_device if not offload or block in keep_next else on_host).add(block)
+            device_peak, host_peak = max(device_peak, len(on_device)), max(host_peak, len(on_host))
+        return device_peak, host_peak
