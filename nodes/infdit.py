@@ -17,9 +17,10 @@ import torch
 from comfy_api.latest import io
 
 from ..models.infdit.checkpoint import InfDiTWeights, load_infdit
-from ..models.infdit.memory import GiB, BudgetTooSmall
+from ..models.infdit.memory import GiB, BudgetTooSmall, offloaded_host_bytes
 from ..models.infdit.plan import SCAN_ORDERS
-from ..models.infdit.upscale import UpscaleOptions, fit_budget, stage_plans, upscale, weight_bytes
+from ..models.infdit.upscale import (UpscaleOptions, fit_budget, stage_factors, stage_plans, stage_sizes, upscale,
+                                     weight_bytes)
 from .category import CATEGORY
 from .runtime import check_interrupt, progress_callback
 
@@ -172,10 +173,29 @@ class UltraResInfDiTUpscale(io.ComfyNode):
             if options.offload and not offload_cache:
                 logging.info("Inf-DiT: the neighbour cache and full-image buffers do not fit %.2f GiB of device "
                              "memory; offloading them to CPU RAM (same result, slower)", options.budget_bytes / GiB)
+            _log_plan(weights, size, options)
             out = upscale(weights, image.movedim(-1, 1), options, device, _LazyProgress(), check_interrupt)
         except BudgetTooSmall as error:
             raise ValueError(f"Inf-DiT: {error}") from error
         return io.NodeOutput(out.movedim(1, -1).to(mm.intermediate_device()))
+
+
+def _log_plan(weights: InfDiTWeights, size: tuple[int, int], options: UpscaleOptions) -> None:
+    """Say what the largest stage will do, and what offloading would change or needs."""
+    plan = stage_plans(weights, size, options)[-1]
+    logging.info("Inf-DiT: %d x %d blocks per batch: %s", plan.n, plan.n, plan.summary())
+    if not options.offload:
+        offloaded = stage_plans(weights, size, replace(options, offload=True))[-1].n
+        if offloaded >= 2 * plan.n:
+            logging.info("Inf-DiT: with offload_cache on, the same budget allows %d x %d blocks per batch "
+                         "(fewer, larger batches; uses CPU RAM)", offloaded, offloaded)
+        return
+    height, width = stage_sizes(weights, size, stage_factors(options.scale))[-1]
+    host = offloaded_host_bytes(weights.net.cfg, height, width, plan.n, dtype=weights.net.dtype, scan=options.scan)
+    free = mm.get_free_memory(torch.device("cpu"))
+    if host > free:
+        logging.warning("Inf-DiT: offloading needs about %.1f GiB of CPU RAM for a %dx%d output, %.1f GiB is free",
+                        host / GiB, width, height, free / GiB)
 
 
 def _working_memory(weights: InfDiTWeights, size: tuple[int, int], options: UpscaleOptions) -> int:

@@ -138,8 +138,8 @@ def test_the_budget_offloading_and_alpha_inputs_reach_the_sampler(comfy_nodes, m
     assert out.shape == (2, 64, 128, 4)
 
 
-def test_a_budget_that_fits_only_offloaded_offloads_and_one_above_free_memory_is_lowered(comfy_nodes, model_folder,
-                                                                                        caplog):
+def test_budgets_that_fit_better_offloaded_offload_or_say_so_and_one_above_free_memory_is_lowered(
+        comfy_nodes, model_folder, caplog):
     import comfy.model_management
 
     image = torch.rand(1, 12, 20, 3)
@@ -152,7 +152,18 @@ def test_a_budget_that_fits_only_offloaded_offloads_and_one_above_free_memory_is
         executor, server, out = run_prompt(comfy_nodes, upscale_prompt(RELEASED, image, vram_budget_gb=between), image)
     assert executor.success, server.messages[-1]
     assert "offloading them to CPU RAM (same result, slower)" in caplog.text
+    assert "Inf-DiT: 1 x 1 blocks per batch: weights" in caplog.text
     torch.testing.assert_close(out, expected.movedim(1, -1), rtol=0, atol=1e-5)
+    caplog.clear()
+    # A budget for two blocks per batch offloaded, but only one on the device.
+    two = {offload: plan_stage(weights, 48, 80, UpscaleOptions(batch_blocks=2, offload=offload)).total
+           for offload in (False, True)}
+    assert floor[False] <= two[True] < two[False]
+    with caplog.at_level("INFO"):
+        executor, server, out = run_prompt(comfy_nodes, upscale_prompt(RELEASED, image, vram_budget_gb=two[True] / GiB),
+                                           image)
+    assert executor.success, server.messages[-1]
+    assert "1 x 1 blocks per batch" in caplog.text and "with offload_cache on, the same budget allows" in caplog.text
     caplog.clear()
     above_free = min(2 * comfy.model_management.get_free_memory(torch.device("cpu")) / GiB, 1024.0)
     with caplog.at_level("WARNING"):
