@@ -39,7 +39,10 @@ def model_folder(pack_nodes, tmp_path_factory):
     folder_paths.set_temp_directory(str(tmp_path_factory.mktemp("comfy_temp")))
     nodes = __import__("nodes")
     nodes.NODE_CLASS_MAPPINGS.update(pack_nodes)  # as ComfyUI's loader does (checked in test_comfyui_pack)
-    return folder
+    yield folder
+    # Leave ComfyUI's model folders as found: later modules list the "infdit" folder themselves.
+    folder_paths.folder_names_and_paths["infdit"][0].remove(str(folder))
+    folder_paths.filename_list_cache.pop("infdit", None)
 
 
 class RecordingServer:
