@@ -16,23 +16,29 @@ import contextlib
 import torch
 
 from ..models.infdit.checkpoint import InfDiTWeights
-from ..models.infdit.clip_vision import ClipVisionConfig
+from ..models.infdit.clip_vision import ClipVisionConfig, ClipVisionEncoder
 from ..models.infdit.config import RELEASED
-from ..models.infdit.memory import BudgetTooSmall, estimate_memory
+from ..models.infdit.memory import GiB, BudgetTooSmall, choose_batch_size, estimate_memory, offloaded_host_bytes
+from ..models.infdit.network import InfDiT
 from ..models.infdit.meter import LiveTensorMeter
 from ..models.infdit.tiny import tiny_weights
 from ..models.infdit.upscale import UpscaleOptions, plan_stage, upscale, weight_bytes
 
 MB = 2 ** 20
+CUDA_HEADROOM = 0.1
+"""The node's headroom on CUDA (``nodes/infdit.py``), for the derived table."""
+DERIVED_CASES = [(2048, 8), (4096, 8), (4096, 12), (4096, 16), (4096, 24), (8192, 16), (8192, 24), (16384, 24),
+                 (16384, 40)]
 METHOD = """\
 Measured peak = the largest device memory in use during the upscale, weights included.
 - CUDA: torch.cuda.max_memory_allocated around the upscale.
 - CPU: a live-tensor meter (TorchDispatchMode) sees every ATen op's output and sums the bytes
   of live tensor storages (tracemalloc does not see them); the weights are added. Host and
   device are the same memory here, so what the code keeps on the host (with offloading: the
-  neighbour-key strip, the LR keys, the sampler's full-image buffers; always: preparing the
-  input and drawing noise) is allocated in the meter's host scopes and not counted: the
-  numbers are what a GPU would hold. Scratch a kernel frees before returning is not seen.
+  neighbour-key strip, the sampler's full-image buffers, the LR image; always: preparing the
+  input and drawing noise) is allocated in the meter's host scopes and not counted, while its
+  slices copied for a batch are: the numbers are what a GPU would hold. Scratch a kernel
+  frees before returning is not seen.
 Model = the memory model's estimate for the same run (what the budget rule uses)."""
 
 
@@ -115,6 +121,36 @@ def budgets(weights, side, device, offload: bool) -> None:
         print(_row([_mb(budget), plan.n, _mb(plan.total), _mb(peak), "yes" if peak <= budget else "NO"]))
 
 
+def released_weight_bytes(dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of the released DiT and its CLIP tower in ``dtype``, counted without building them."""
+    with torch.device("meta"):
+        modules = (InfDiT(RELEASED), ClipVisionEncoder(ClipVisionConfig()))
+    return sum(p.numel() for m in modules for p in m.parameters()) * torch.empty((), dtype=dtype).element_size()
+
+
+def released_derived(cases: list[tuple[int, int]], margin: float) -> None:
+    """The budget rule for the released model in bf16: arithmetic on the memory model, no run."""
+    kwargs = dict(weight_bytes=released_weight_bytes(), dtype=torch.bfloat16)
+    print("\n### Released model (bf16), derived from the memory model, not measured\n")
+    print(f"n chosen for a budget (with the node's {margin:.0%} CUDA headroom); host RAM that offloading "
+          "uses (at the offloaded n) for the sampler's full-image buffers and the neighbour-key strip.\n")
+    print(_row(["output", "budget GiB", "n, cache on GPU", "n, offloaded", "host RAM offloaded GiB"]))
+    print(_row(["---"] * 5))
+    for side, budget in cases:
+        cells, n = [f"{side}x{side}", budget], 1
+        for offload in (False, True):
+            try:
+                n = choose_batch_size(RELEASED, side, side, budget * GiB, margin=margin, offload=offload, **kwargs).n
+                cells.append(n)
+            except BudgetTooSmall:
+                cells.append("below the minimum")
+        host = offloaded_host_bytes(RELEASED, side, side, n, dtype=torch.bfloat16)
+        print(_row(cells + [f"{host / GiB:.1f}"]))
+    for offload in (False, True):
+        floor = estimate_memory(RELEASED, 16384, 16384, 1, offload=offload, **kwargs)
+        print(f"\n16384x16384, n = 1{', offloaded' if offload else ''}: {floor.summary()}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ultrares.benchmarks infdit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -139,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         full_vs_scheduled(weights, sides, 2, device)
         budgets(weights, sides[-1], device, offload=False)
         budgets(weights, sides[-1], device, offload=True)
+    released_derived(DERIVED_CASES, CUDA_HEADROOM)
 
 
 @contextlib.contextmanager

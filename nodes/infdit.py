@@ -7,6 +7,7 @@ progress bar and cancel button are wired in.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 
 import comfy.model_management as mm
@@ -16,9 +17,10 @@ import torch
 from comfy_api.latest import io
 
 from ..models.infdit.checkpoint import InfDiTWeights, load_infdit
-from ..models.infdit.memory import GiB, BudgetTooSmall
+from ..models.infdit.memory import GiB, BudgetTooSmall, offloaded_host_bytes
 from ..models.infdit.plan import SCAN_ORDERS
-from ..models.infdit.upscale import UpscaleOptions, plan_stage, stage_factors, stage_sizes, upscale, weight_bytes
+from ..models.infdit.upscale import (UpscaleOptions, fit_budget, stage_factors, stage_plans, stage_sizes, upscale,
+                                     weight_bytes)
 from .category import CATEGORY
 from .runtime import check_interrupt, progress_callback
 
@@ -131,13 +133,17 @@ class UltraResInfDiTUpscale(io.ComfyNode):
                                          "shifts) instead of pure noise."),
                 io.Float.Input("vram_budget_gb", default=0.0, min=0.0, max=1024.0, step=0.5,
                                tooltip="Device memory (GiB) the upscale may use, weights included; picks how many "
-                                       "blocks are generated at once. 0: whatever is free after loading the model."),
+                                       "blocks are generated at once. 0: what is free once the model is loaded "
+                                       "(other models are unloaded only if one block would not fit). A budget "
+                                       "above what is free is lowered to it."),
                 io.Combo.Input("scan", options=list(SCAN_ORDERS), default="auto",
                                tooltip="Order of block batches. auto scans along the shorter side, which keeps "
                                        "the smallest cache of neighbour keys."),
                 io.Boolean.Input("offload_cache", default=False,
-                                 tooltip="Keep cached neighbour keys, LR keys and full-image buffers in CPU RAM: "
-                                         "VRAM then stays flat however large the image (slower, needs RAM)."),
+                                 tooltip="Keep the cached neighbour keys and the full-image buffers in CPU RAM: "
+                                         "VRAM then stays flat however large the image (slower, needs RAM). When "
+                                         "off, it is still switched on if the budget is too small without it "
+                                         "(same result)."),
             ],
             outputs=[io.Image.Output()],
         )
@@ -147,29 +153,54 @@ class UltraResInfDiTUpscale(io.ComfyNode):
                 init_noise: bool, vram_budget_gb: float, scan: str, offload_cache: bool) -> io.NodeOutput:
         weights, patcher = infdit_model.weights, infdit_model.patcher
         device = patcher.load_device
+        size = tuple(image.shape[1:3])
         margin = CUDA_HEADROOM if torch.device(device).type == "cuda" else 0.0
+        requested = vram_budget_gb * GiB if vram_budget_gb > 0 else None
         options = UpscaleOptions(scale=int(scale), steps=steps, seed=seed, init_noise=init_noise, scan=scan,
-                                 offload=offload_cache, margin=margin,
-                                 budget_bytes=vram_budget_gb * GiB if vram_budget_gb > 0 else None)
+                                 offload=offload_cache, margin=margin, budget_bytes=requested)
         try:
-            working = _working_memory(weights, image, options)
-            mm.load_models_gpu([patcher], memory_required=working, force_full_load=True)
-            if options.budget_bytes is None:
-                options = replace(options, budget_bytes=mm.get_free_memory(device) + weight_bytes(weights))
-            bar = _LazyProgress()
-            out = upscale(weights, image.movedim(-1, 1), options, device, bar, check_interrupt)
+            # Ask ComfyUI for the memory the plan needs (without a budget: the least that works),
+            # unloading other models if it must; then plan with what is really free.
+            least = replace(options, offload=True, batch_blocks=1)
+            need = least if requested is None else fit_budget(weights, size, options)
+            mm.load_models_gpu([patcher], memory_required=_working_memory(weights, size, need), force_full_load=True)
+            available = mm.get_free_memory(device) + weight_bytes(weights)
+            budget = available if requested is None else min(requested, available)
+            if budget < (requested or 0):
+                logging.warning("Inf-DiT: the VRAM budget of %.2f GiB is more than the %.2f GiB available with the "
+                                "model loaded; planning for %.2f GiB", requested / GiB, available / GiB, budget / GiB)
+            options = fit_budget(weights, size, replace(options, budget_bytes=budget))
+            if options.offload and not offload_cache:
+                logging.info("Inf-DiT: the neighbour cache and full-image buffers do not fit %.2f GiB of device "
+                             "memory; offloading them to CPU RAM (same result, slower)", options.budget_bytes / GiB)
+            _log_plan(weights, size, options)
+            out = upscale(weights, image.movedim(-1, 1), options, device, _LazyProgress(), check_interrupt)
         except BudgetTooSmall as error:
             raise ValueError(f"Inf-DiT: {error}") from error
         return io.NodeOutput(out.movedim(1, -1).to(mm.intermediate_device()))
 
 
-def _working_memory(weights: InfDiTWeights, image: torch.Tensor, options: UpscaleOptions) -> int:
-    """Bytes beyond the weights that the largest stage needs (0 without a budget: decided after loading)."""
-    if options.budget_bytes is None:
-        return 0
-    factors = stage_factors(options.scale)
-    sizes = stage_sizes(weights, tuple(image.shape[1:3]), factors)
-    return max(plan_stage(weights, h, w, options).total for h, w in sizes) - weight_bytes(weights)
+def _log_plan(weights: InfDiTWeights, size: tuple[int, int], options: UpscaleOptions) -> None:
+    """Say what the largest stage will do, and what offloading would change or needs."""
+    plan = stage_plans(weights, size, options)[-1]
+    logging.info("Inf-DiT: %d x %d blocks per batch: %s", plan.n, plan.n, plan.summary())
+    if not options.offload:
+        offloaded = stage_plans(weights, size, replace(options, offload=True))[-1].n
+        if offloaded >= 2 * plan.n:
+            logging.info("Inf-DiT: with offload_cache on, the same budget allows %d x %d blocks per batch "
+                         "(fewer, larger batches; uses CPU RAM)", offloaded, offloaded)
+        return
+    height, width = stage_sizes(weights, size, stage_factors(options.scale))[-1]
+    host = offloaded_host_bytes(weights.net.cfg, height, width, plan.n, dtype=weights.net.dtype, scan=options.scan)
+    free = mm.get_free_memory(torch.device("cpu"))
+    if host > free:
+        logging.warning("Inf-DiT: offloading needs about %.1f GiB of CPU RAM for a %dx%d output, %.1f GiB is free",
+                        host / GiB, width, height, free / GiB)
+
+
+def _working_memory(weights: InfDiTWeights, size: tuple[int, int], options: UpscaleOptions) -> int:
+    """Device bytes beyond the weights that the largest stage of this plan needs."""
+    return max(plan.total for plan in stage_plans(weights, size, options)) - weight_bytes(weights)
 
 
 class _LazyProgress:

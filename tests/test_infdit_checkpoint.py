@@ -39,6 +39,59 @@ def assert_same_weights(module, reference, dtype=torch.bfloat16):
         assert torch.equal(loaded[key], value.to(dtype).to(loaded[key].dtype)), key
 
 
+def sat_module_tree(cfg: InfDiTConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the released DiT's state dict, written out from the reference's
+    module tree (SAT ``BaseTransformer`` + the Inf-DiT mixins), independently of the loader's map."""
+    d, hd, lb3 = cfg.hidden, cfg.head_dim, (3 * cfg.lr_block) ** 2
+    names = {"mixins.patch_embed.proj.weight": (d, cfg.in_channels, cfg.patch, cfg.patch),
+             "mixins.patch_embed.proj.bias": (d,),
+             "time_embed.mlp.0.weight": (d, cfg.time_channels), "time_embed.mlp.0.bias": (d,),
+             "time_embed.mlp.2.weight": (d, d), "time_embed.mlp.2.bias": (d,),
+             "cond_embed.map_vector.0.weight": (d, cfg.vector_dim), "cond_embed.map_vector.0.bias": (d,),
+             "cond_embed.map_vector.2.weight": (d, d), "cond_embed.map_vector.2.bias": (d,),
+             "mixins.adaln_layer.re_pos_embed": (cfg.layers, 4, cfg.heads, hd),
+             "mixins.adaln_layer.rope.freqs_cos": (cfg.rope_period, cfg.rope_period, hd),
+             "mixins.adaln_layer.rope.freqs_sin": (cfg.rope_period, cfg.rope_period, hd),
+             "mixins.adaln_layer.proj_lr.weight": (d, 3, cfg.lr_patch, cfg.lr_patch),
+             "mixins.adaln_layer.proj_lr.bias": (d,),
+             "mixins.adaln_layer.cross_attention.query.weight": (d, d),
+             "mixins.adaln_layer.cross_attention.query.bias": (d,),
+             "mixins.adaln_layer.cross_attention.key_value.weight": (2 * d, d),
+             "mixins.adaln_layer.cross_attention.key_value.bias": (2 * d,),
+             "mixins.adaln_layer.cross_attention.dense.weight": (d, d),
+             "mixins.adaln_layer.cross_attention.dense.bias": (d,),
+             "mixins.adaln_layer.post_cross_attention_layernorm.weight": (d,),
+             "mixins.adaln_layer.post_cross_attention_layernorm.bias": (d,),
+             "mixins.adaln_layer.lr_query_position_embedding": (1, cfg.block_tokens, cfg.heads, hd),
+             "mixins.adaln_layer.lr_key_position_embedding": (1, lb3, cfg.heads, hd),
+             "mixins.adaln_layer.cross_q_ln.weight": (hd,), "mixins.adaln_layer.cross_q_ln.bias": (hd,),
+             "mixins.adaln_layer.cross_k_ln.weight": (hd,), "mixins.adaln_layer.cross_k_ln.bias": (hd,),
+             "mixins.final_layer.adaLN_modulation.1.weight": (2 * d, d),
+             "mixins.final_layer.adaLN_modulation.1.bias": (2 * d,),
+             "mixins.final_layer.linear.weight": (cfg.patch ** 2 * cfg.out_channels, d),
+             "mixins.final_layer.linear.bias": (cfg.patch ** 2 * cfg.out_channels,),
+             "transformer.position_embeddings.weight": (256, d)}
+    for i in range(cfg.layers):
+        layer = f"transformer.layers.{i}."
+        names.update({layer + "attention.query_key_value.weight": (3 * d, d),
+                      layer + "attention.query_key_value.bias": (3 * d,),
+                      layer + "attention.dense.weight": (d, d), layer + "attention.dense.bias": (d,),
+                      layer + "mlp.dense_h_to_4h.weight": (cfg.mlp_ratio * d, d),
+                      layer + "mlp.dense_h_to_4h.bias": (cfg.mlp_ratio * d,),
+                      layer + "mlp.dense_4h_to_h.weight": (d, cfg.mlp_ratio * d),
+                      layer + "mlp.dense_4h_to_h.bias": (d,),
+                      f"mixins.adaln_layer.adaLN_modulations.{i}.1.weight": (4 * d, d),
+                      f"mixins.adaln_layer.adaLN_modulations.{i}.1.bias": (4 * d,)})
+        for norm in ("q_layer_norm", "k_layer_norm"):
+            names.update({f"mixins.adaln_layer.{norm}.{i}.weight": (hd,), f"mixins.adaln_layer.{norm}.{i}.bias": (hd,)})
+    return names
+
+
+def test_the_test_files_follow_the_reference_module_tree(released):
+    dit = {key: tuple(value.shape) for key, value in released.items() if not key.startswith("image_encoder.")}
+    assert dit == sat_module_tree(TINY)
+
+
 def test_the_released_layout_loads_with_its_sizes_inferred(released_file, weights):
     loaded = load_infdit(released_file)
     assert loaded.net.cfg == TINY

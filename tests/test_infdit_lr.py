@@ -1,4 +1,4 @@
-"""Layer 0's LR cross-attention keys: the reference's unfold windows, computed once per image."""
+"""Layer 0's LR cross-attention keys: the reference's unfold windows, built per block batch."""
 
 from __future__ import annotations
 
@@ -43,10 +43,15 @@ def test_tokens_outside_the_image_are_zero_vectors_whose_keys_are_the_normalised
         torch.testing.assert_close(corner_value, bias_v)
 
 
-def test_the_map_on_the_host_gives_the_same_windows():
+def test_any_batch_gets_bit_identical_keys_whatever_its_size_and_the_images_placement():
     net = tiny_weights(seed=1).net
-    lr_image = torch.rand(1, 3, 8, 12) * 2 - 1
+    # 6x9 LR blocks: tiles of 4 blocks are ragged at the bottom and right.
+    lr_image = torch.rand(1, 3, 24, 36, generator=torch.Generator().manual_seed(2)) * 2 - 1
     with torch.inference_mode():
-        on_device = LRContext(net, lr_image, Placement(CPU)).windows(range(2), range(3))
-        on_host = LRContext(net, lr_image, Placement(CPU, offload=True)).windows(range(2), range(3))
-    assert torch.equal(on_device, on_host)
+        context = LRContext(net, lr_image, Placement(CPU))
+        whole = context.windows(range(6), range(9))
+        for rows, cols in [(range(0, 1), range(0, 1)), (range(2, 5), range(3, 9)), (range(5, 6), range(7, 9)),
+                           (range(1, 4), range(0, 4))]:
+            assert torch.equal(context.windows(rows, cols), whole[:, rows.start:rows.stop, cols.start:cols.stop])
+        on_host = LRContext(net, lr_image, Placement(CPU, offload=True)).windows(range(6), range(9))
+    assert torch.equal(on_host, whole)

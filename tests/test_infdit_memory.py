@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from ultrares.models.infdit.memory import BudgetTooSmall, choose_batch_size, est
 from ultrares.models.infdit.meter import LiveTensorMeter
 from ultrares.models.infdit.network import InfDiT
 from ultrares.models.infdit.tiny import TINY, tiny_weights
-from ultrares.models.infdit.upscale import UpscaleOptions, plan_stage, upscale, weight_bytes
+from ultrares.models.infdit.upscale import UpscaleOptions, fit_budget, plan_stage, upscale, weight_bytes
 from test_infdit_support import one_cpu_thread  # noqa: F401  (autouse fixture)
 
 CPU = torch.device("cpu")
@@ -77,6 +79,19 @@ def test_a_budget_below_one_block_per_batch_is_refused_with_the_breakdown(weight
                                              r".* batch activations .* GiB with one block per batch\).*offloading"):
         choose_batch_size(TINY, 64, 128, 1000, weight_bytes=weight_bytes(weights), dtype=torch.float32,
                           offload=False)
+
+
+def test_a_budget_that_fits_only_with_offloading_switches_it_on(weights):
+    size = (32, 40)
+    floor = {offload: plan_stage(weights, 128, 160, UpscaleOptions(batch_blocks=1, offload=offload)).total
+             for offload in (False, True)}
+    assert floor[True] < floor[False]
+    between = UpscaleOptions(budget_bytes=(floor[True] + floor[False]) / 2)
+    assert fit_budget(weights, size, between) == replace(between, offload=True)
+    roomy = UpscaleOptions(budget_bytes=floor[False] * 1.5)
+    assert fit_budget(weights, size, roomy) is roomy
+    with pytest.raises(BudgetTooSmall, match=r"below the minimum for a 160x128 output \(weights .*\)$"):
+        fit_budget(weights, size, UpscaleOptions(budget_bytes=floor[True] * 0.9))
 
 
 class RunsOutOfMemoryAbove(InfDiT):

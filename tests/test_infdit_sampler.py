@@ -12,9 +12,11 @@ from ultrares.models.infdit.lr_context import LRContext
 from ultrares.models.infdit.network import InfDiT
 from ultrares.models.infdit.placement import Placement
 from ultrares.models.infdit.plan import plan_batches
-from ultrares.models.infdit.sampler import edm_precondition, edm_sigmas, evaluations, heun_sample, initial_state
+from ultrares.models.infdit.sampler import (NOISE_CHUNK, edm_precondition, edm_sigmas, evaluations, heun_sample,
+                                            initial_state)
 from ultrares.models.infdit.tiny import TINY, tiny_weights
 from ultrares.models.infdit.upscale import UpscaleOptions, upscale
+from infdit_full_mode import reference_upscale_4x
 from test_infdit_support import one_cpu_thread  # noqa: F401  (autouse fixture)
 
 CPU = torch.device("cpu")
@@ -52,12 +54,16 @@ def test_twenty_steps_take_39_evaluations_and_a_constant_denoiser_is_reached_exa
     torch.testing.assert_close(result, target, rtol=0, atol=1e-5)
 
 
-def test_init_noise_starts_from_the_upsampled_lr():
-    lr = torch.rand(1, 3, 4, 4)
-    with_lr = initial_state(lr, torch.Generator().manual_seed(5), init_noise=True)
-    pure = initial_state(lr, torch.Generator().manual_seed(5), init_noise=False)
+def test_init_noise_starts_from_the_upsampled_lr_and_the_draw_does_not_depend_on_chunks():
+    # More than one noise chunk, with a ragged last one.
+    lr = torch.rand(1, 3, 150, 160)
+    with_lr = initial_state(lr, torch.Generator().manual_seed(5), True, torch.empty_like(lr))
+    pure = initial_state(lr, torch.Generator().manual_seed(5), False, torch.empty_like(lr))
     torch.testing.assert_close(with_lr - lr, pure)
     assert pure.std() > 20
+    chunks = torch.cat([torch.randn(min(NOISE_CHUNK, lr.numel() - start), generator=g) for g in
+                        [torch.Generator().manual_seed(5)] for start in range(0, lr.numel(), NOISE_CHUNK)])
+    assert torch.equal(pure.view(-1), chunks * 40.0)
 
 
 class RecordingInfDiT(InfDiT):
@@ -91,7 +97,7 @@ def test_the_lr_channels_are_scaled_by_c_in_and_d_combines_skip_and_network_outp
     torch.testing.assert_close(out, c_skip * x + c_out * net.outputs[0])
 
 
-def test_lr_keys_do_not_depend_on_sigma_so_one_map_serves_every_evaluation():
+def test_lr_keys_do_not_depend_on_sigma_so_one_context_serves_every_evaluation():
     weights = tiny_weights(seed=4)
     g = torch.Generator().manual_seed(2)
     lr = torch.rand(1, 3, 8, 8, generator=g) * 2 - 1
@@ -127,14 +133,23 @@ def image():
 
 @pytest.fixture(scope="module")
 def full_sample(tiny, image):
-    return upscale(tiny, image, UpscaleOptions(scale=4, steps=3, seed=11), CPU)
+    """The whole-image sample of :mod:`infdit_full_mode` (not the scheduler with one batch)."""
+    return reference_upscale_4x(tiny, image, steps=3, seed=11, init_noise=True)
 
 
-@pytest.mark.parametrize("n, scan, offload", [(1, "row", False), (2, "column", True), (3, "row", True)])
-def test_a_whole_sample_is_the_same_for_any_block_schedule(tiny, image, full_sample, n, scan, offload):
+@pytest.mark.parametrize("n, scan, offload", [(5, "row", False), (1, "row", False), (2, "column", True),
+                                              (3, "row", True)])
+def test_a_whole_sample_equals_the_whole_image_sample_for_any_block_schedule(tiny, image, full_sample, n, scan,
+                                                                             offload):
     out = upscale(tiny, image, UpscaleOptions(scale=4, steps=3, seed=11, batch_blocks=n, scan=scan, offload=offload),
                   CPU)
     assert (out - full_sample).abs().max() <= 1e-5
+
+
+def test_without_init_noise_the_sample_starts_from_pure_noise(tiny, image):
+    reference = reference_upscale_4x(tiny, image, steps=2, seed=11, init_noise=False)
+    out = upscale(tiny, image, UpscaleOptions(scale=4, steps=2, seed=11, init_noise=False, batch_blocks=2), CPU)
+    assert (out - reference).abs().max() <= 1e-5
 
 
 def test_the_seed_alone_decides_the_sample(tiny, image, full_sample):

@@ -1,9 +1,10 @@
 """Block-scheduled evaluation is exactly the whole-image UniBA computation.
 
-The reference here is written from the released "full" inference: positions from the token
-index, the clamp-and-concatenate neighbour gather of ``get_cat_layer_left_top`` and the LR
-windows of ``nn.Unfold`` after ``proj_lr``. The scheduler must match it for any batch size,
-ragged edge batches, either scan order and either cache placement.
+The reference is :mod:`infdit_full_mode`, written from the released "full" inference:
+positions from the token index, the clamp-and-concatenate neighbour gather of
+``get_cat_layer_left_top`` and the LR windows of ``nn.Unfold`` after ``proj_lr``. The
+scheduler must match it for any batch size, ragged edge batches, either scan order and
+either cache placement.
 """
 
 from __future__ import annotations
@@ -16,49 +17,12 @@ from ultrares.models.infdit.kv_cache import NeighbourCache
 from ultrares.models.infdit.lr_context import LRContext
 from ultrares.models.infdit.placement import Placement
 from ultrares.models.infdit.plan import BlockBatch, CacheSchedule, plan_batches, resolve_scan
-from ultrares.models.infdit.rope import rope_cos_sin
-from ultrares.models.infdit.sampler import edm_precondition
 from ultrares.models.infdit.tiny import tiny_weights
-from ultrares.models.infdit.uniba import to_blocks
+from infdit_full_mode import reference_evaluation
 from test_infdit_support import one_cpu_thread  # noqa: F401  (autouse fixture)
 
 CPU = torch.device("cpu")
 GRID = (5, 7)
-
-
-def reference_gather(x: torch.Tensor) -> torch.Tensor:
-    """The released full-mode gather: pad with the first row/column, then [self, TL, L, T]."""
-    rows, cols = x.shape[1:3]
-    padded = torch.cat([x[:, :1], x], dim=1)
-    padded = torch.cat([padded[:, :, :1], padded], dim=2)
-    return torch.cat([x, padded[:, :rows, :cols], padded[:, 1:, :cols], padded[:, :rows, 1:]], dim=3)
-
-
-def reference_lr_windows(net, lr_image: torch.Tensor) -> torch.Tensor:
-    """proj_lr, nn.Unfold(3 lb, stride lb, padding lb), then keys/values per window token."""
-    cfg, lb = net.cfg, net.cfg.lr_block
-    features = net.lr_xattn.proj_lr(lr_image)
-    unfolded = torch.nn.Unfold(kernel_size=3 * lb, stride=lb, padding=lb)(features)
-    b, _, windows = unfolded.shape
-    tokens = unfolded.view(b, cfg.hidden, 3 * lb, 3 * lb, windows).permute(0, 4, 2, 3, 1).flatten(2, 3)
-    rows, cols = lr_image.shape[-2] // (lb * cfg.lr_patch), lr_image.shape[-1] // (lb * cfg.lr_patch)
-    return net.lr_xattn.token_key_values(tokens).view(b, rows, cols, *tokens.shape[2:3], 2, cfg.heads, -1)
-
-
-def reference_evaluation(net, x, sigma, concat_lr, lr_image, vector) -> torch.Tensor:
-    cfg = net.cfg
-    c_skip, c_out, c_in, c_noise = edm_precondition(sigma)
-    cond = net.conditioning(torch.full((x.shape[0],), c_noise), vector)
-    h = net.embed(torch.cat([x, concat_lr], dim=1) * c_in)
-    rows_t, cols_t = x.shape[-2] // cfg.patch, x.shape[-1] // cfg.patch
-    index = torch.arange(rows_t * cols_t)
-    cos, sin = rope_cos_sin(index // cols_t, index % cols_t, cfg.head_dim, cfg.rope_period, net.dtype)
-    cos, sin = (to_blocks(t.T.reshape(1, -1, rows_t, cols_t), cfg.block)[0][..., None, :] for t in (cos, sin))
-    windows = reference_lr_windows(net, lr_image)
-    for layer in range(cfg.layers):
-        h = net.layer(layer, h, cond, cos, sin, lambda _, k, v: (reference_gather(k), reference_gather(v)),
-                      windows if layer == 0 else None)
-    return c_skip * x + c_out * net.output(h, cond)
 
 
 def make_case(grid: tuple[int, int]):
@@ -145,28 +109,55 @@ def test_perturbing_a_block_changes_only_blocks_below_and_right_within_one_block
     assert torch.equal(changed, expected)
 
 
-def test_offloading_keeps_only_the_next_batchs_neighbours_on_the_device(case):
-    net = case[0]
-    placement = Placement(CPU, offload=True)
-    schedule = CacheSchedule(plan_batches(4, 9, 2, "row"))
-    cache = NeighbourCache(schedule, net.cfg.layers, placement)
-    k = torch.randn(1, 2, 2, net.cfg.block_tokens, net.cfg.heads, net.cfg.head_dim)
-    peak_device = peak_host = 0
+class ObservedPlacement(Placement):
+    """Calls ``observe`` before every copy to the host, i.e. also in the middle of an update."""
+
+    observe = staticmethod(lambda: None)
+
+    def to_host(self, t):
+        self.observe()
+        return super().to_host(t)
+
+
+def replay_cache(schedule: CacheSchedule, layers: int, offload: bool, block_kv: torch.Tensor):
+    """Run the cache through a whole evaluation; peak device and host entries (summed over layers)."""
+    placement = ObservedPlacement(CPU, offload)
+    cache = NeighbourCache(schedule, layers, placement)
+    peaks = [0, 0]
+
+    def observe():
+        peaks[0] = max(peaks[0], cache.device_entries())
+        peaks[1] = max(peaks[1], cache.host_entries())
+
+    placement.observe = observe
     for index, batch in enumerate(schedule.batches):
-        kb = k[:, :len(batch.rows), :len(batch.cols)]
+        kb = block_kv.expand(1, len(batch.rows), len(batch.cols), *block_kv.shape[3:])
         gather = cache.neighbours(index)
-        for layer in range(net.cfg.layers):
+        for layer in range(layers):
             gather(layer, kb, kb)
-        peak_device = max(peak_device, cache.device_entries())
-        peak_host = max(peak_host, cache.host_entries())
-    # Row-major: the right column of the batch just done stays on the device for the next
-    # one; the strip of bottom rows waits on the host.
-    assert peak_device == 2 * net.cfg.layers
-    assert peak_host >= 8 * net.cfg.layers
+            observe()
     assert cache.device_entries() == cache.host_entries() == 0
-    # The memory model's count (held plus newly stored) does not grow with the width...
-    assert schedule.device_blocks(offload=True) == 4
-    assert CacheSchedule(plan_batches(4, 30, 2, "row")).device_blocks(offload=True) == 4
-    # ...while without offloading the whole strip stays on the device.
-    assert schedule.device_blocks(offload=False) >= 9
-    assert CacheSchedule(plan_batches(4, 30, 2, "row")).device_blocks(offload=False) >= 30
+    return tuple(peaks)
+
+
+def test_offloading_keeps_only_the_next_batchs_neighbours_on_the_device(case):
+    layers = case[0].cfg.layers
+    block_kv = torch.randn(1, 1, 1, 4, 2, 3)
+    # Row-major: the right column of the batch just done stays on the device for the next
+    # one; the strip of bottom rows waits on the host, whatever the width.
+    for width in (9, 30):
+        peak_device, peak_host = replay_cache(CacheSchedule(plan_batches(4, width, 2, "row")), layers, True, block_kv)
+        assert peak_device == 2 * layers
+        assert peak_host >= (width - 1) * layers
+    # Without offloading the whole strip stays on the device.
+    assert replay_cache(CacheSchedule(plan_batches(4, 30, 2, "row")), layers, False, block_kv)[0] >= 30 * layers
+
+
+@pytest.mark.parametrize("grid, n, scan", [((4, 9), 2, "row"), ((5, 7), 3, "column"), ((6, 6), 4, "row"),
+                                           ((7, 5), 1, "auto")])
+@pytest.mark.parametrize("offload", [False, True])
+def test_the_memory_models_cache_count_is_the_caches_peak(grid, n, scan, offload):
+    schedule = CacheSchedule(plan_batches(*grid, n, scan))
+    peak_device, peak_host = replay_cache(schedule, 3, offload, torch.randn(1, 1, 1, 4, 2, 3))
+    assert schedule.device_blocks(offload) * 3 == peak_device
+    assert (schedule.host_blocks() * 3 if offload else 0) == peak_host

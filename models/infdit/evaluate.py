@@ -29,7 +29,7 @@ class ImageContext:
     """What stays fixed while one image is sampled: sigma-independent conditioning."""
 
     concat_lr: torch.Tensor
-    """``[B, 3, H, W]`` fp32 bicubic-upsampled LR in [-1, 1], on the placement's store device."""
+    """``[B, 3, H, W]`` bicubic-upsampled LR in [-1, 1] (model dtype), on the placement's store device."""
     lr: LRContext
     vector: torch.Tensor
     """``[B, vector_dim]`` CLIP image embedding."""
@@ -55,9 +55,8 @@ def evaluate(net: InfDiT, x: torch.Tensor, sigma: float, context: ImageContext, 
         ys, xs = slice(batch.rows.start * px, batch.rows.stop * px), slice(batch.cols.start * px, batch.cols.stop * px)
         x_batch = placement.to_device(x[:, :, ys, xs])
         h = net.embed(torch.cat([x_batch, placement.to_device(context.concat_lr[:, :, ys, xs])], dim=1) * c_in)
-        rows, cols = token_positions(batch.rows, batch.cols, cfg.block)
-        cos, sin = (t[..., None, :].to(device) for t in
-                    rope_cos_sin(rows, cols, cfg.head_dim, cfg.rope_period, net.dtype))
+        rows, cols = token_positions(batch.rows, batch.cols, cfg.block, device)
+        cos, sin = (t[..., None, :] for t in rope_cos_sin(rows, cols, cfg.head_dim, cfg.rope_period, net.dtype))
         gather = cache.neighbours(index)
         for layer in range(cfg.layers):
             window_kv = context.lr.windows(batch.rows, batch.cols) if layer == 0 else None

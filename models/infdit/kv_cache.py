@@ -61,17 +61,18 @@ class NeighbourCache:
 
     def _update(self, entries: dict, index: int, batch: BlockBatch, k: torch.Tensor, v: torch.Tensor,
                 keep_next: set[Block]) -> None:
+        """Drop, offload, then store: device memory only grows by what stays on the device."""
         for block in self.schedule.needs[index]:
             if self.schedule.last_use[block] == index:
                 del entries[block]
         offload = self.placement.offload
+        if offload:
+            for block, (kb, vb, on_device) in list(entries.items()):
+                if on_device and block not in keep_next:
+                    entries[block] = (self.placement.to_host(kb), self.placement.to_host(vb), False)
         for i, j in self.schedule.stores[index]:
             kb, vb = k[:, i - batch.rows.start, j - batch.cols.start], v[:, i - batch.rows.start, j - batch.cols.start]
             if not offload or (i, j) in keep_next:
                 entries[(i, j)] = (kb.clone(), vb.clone(), True)
             else:
                 entries[(i, j)] = (self.placement.to_host(kb), self.placement.to_host(vb), False)
-        if offload:
-            for block, (kb, vb, on_device) in list(entries.items()):
-                if on_device and block not in keep_next:
-                    entries[block] = (self.placement.to_host(kb), self.placement.to_host(vb), False)

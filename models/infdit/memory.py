@@ -4,17 +4,16 @@ Terms (``u`` = one token's hidden vector in the model dtype, ``T`` tokens in the
 ``E`` tokens of its extended grid — one extra block row and column):
 
 - weights: the DiT and CLIP parameters, as loaded;
-- sampler state: x, D, the Heun slope and the Euler step, plus the upsampled LR, all fp32
-  ``[B, 3, H, W]`` (on the host with offloading);
-- LR keys: layer 0's cross-attention keys and values of the zero-padded LR token map
-  (on the host with offloading);
+- sampler state: x, D, the Heun slope and the Euler step (fp32 ``[B, 3, H, W]``), the
+  upsampled LR and the cross-attention LR image (model dtype), all on the host with offloading;
 - neighbour cache: the blocks :meth:`.plan.CacheSchedule.device_blocks` keeps on the device,
   times layers times K and V;
 - batch activations: the peak of one layer, reached while the keys and values are gathered:
   the hidden state, the fused QKV output, rotated queries and keys, the extended key/value
   grids and the four-segment keys and values — ``ACTIVATION_UNITS * T + E`` units of ``u`` —
-  plus the fp32 RoPE tables, the batch's pixels and layer 0's LR windows; or, if larger, the
-  peak of building the LR key map tile by tile before the sweep.
+  and layer 0's LR windows, or, if larger, building the keys and values of the LR region
+  under the batch tile by tile (:mod:`.lr_context`); plus, throughout, that LR region, the
+  RoPE tables and the batch's pixels.
 
 Attention itself is assumed fused (PyTorch's flash/efficient kernels on GPU and its flash
 kernel on CPU), i.e. no ``L x 4L`` score matrix. The benchmark measures peaks against this
@@ -33,11 +32,12 @@ from .plan import CacheSchedule, ScanOrder, plan_batches
 
 ACTIVATION_UNITS = 15
 """Hidden-vector copies per batch token at the peak of a layer (see the module docstring)."""
-LR_SETUP_UNITS = 8
-"""Hidden-vector copies per LR token while a tile of the LR key map is built: projection (1),
-fused keys/values (2), normalised keys (1), stacked result (2), and the copies the Linear
-makes of its permuted input and output (2, measured on the CPU)."""
-STATE_BUFFERS = 5
+LR_TILE_UNITS = 8
+"""Hidden-vector copies per LR token while one tile of LR keys and values is computed:
+projection (1), fused keys/values (2), normalised keys (1), stacked result (2), and the copies
+the Linear makes of its permuted input and output (2, measured on the CPU)."""
+SAMPLER_BUFFERS = 4
+"""fp32 full-image buffers of the Heun sampler: x, D, the slope and the Euler step."""
 GiB = 2 ** 30
 
 
@@ -50,56 +50,72 @@ class MemoryEstimate:
     n: int
     weights: int
     state: int
-    lr_keys: int
     cache: int
     activations: int
 
     @property
     def total(self) -> int:
-        return self.weights + self.state + self.lr_keys + self.cache + self.activations
+        return self.weights + self.state + self.cache + self.activations
 
     def summary(self) -> str:
-        parts = [("weights", self.weights), ("sampler state", self.state), ("LR keys", self.lr_keys),
-                 ("neighbour cache", self.cache), ("batch activations", self.activations)]
+        parts = [("weights", self.weights), ("sampler state", self.state), ("neighbour cache", self.cache),
+                 ("batch activations", self.activations)]
         return " + ".join(f"{name} {value / GiB:.2f}" for name, value in parts) + f" = {self.total / GiB:.2f} GiB"
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def lr_tile_bytes(cfg: InfDiTConfig, dtype: torch.dtype, images: int = 1) -> int:
+    """Peak bytes of computing one tile of LR keys and values (its pixels included)."""
+    side = TILE_BLOCKS * cfg.lr_block
+    pixels = images * 3 * (side * cfg.lr_patch) ** 2 * _itemsize(dtype)
+    return images * side * side * LR_TILE_UNITS * cfg.hidden * _itemsize(dtype) + pixels
 
 
 def activation_bytes(cfg: InfDiTConfig, rows: int, cols: int, dtype: torch.dtype, images: int = 1) -> int:
     """Peak bytes of one batch of ``rows x cols`` blocks inside a layer."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    unit = cfg.hidden * itemsize
+    unit = cfg.hidden * _itemsize(dtype)
     tokens = images * rows * cols * cfg.block_tokens
     extended = images * (rows + 1) * (cols + 1) * cfg.block_tokens
     rope = tokens * (2 * cfg.head_dim * 4 + 2 * 8)
     pixels = tokens * cfg.patch * cfg.patch * cfg.out_channels * 4
+    lr_region = 2 * images * (rows + 2) * (cols + 2) * cfg.lr_block ** 2 * unit
     lr_windows = 2 * images * rows * cols * cfg.lr_window_tokens * unit
-    return (ACTIVATION_UNITS * tokens + extended) * unit + rope + pixels + lr_windows
+    layer = (ACTIVATION_UNITS * tokens + extended) * unit + lr_windows
+    region_build = tokens * unit + lr_tile_bytes(cfg, dtype, images)
+    return rope + pixels + lr_region + max(layer, region_build)
 
 
-def lr_setup_bytes(cfg: InfDiTConfig, dtype: torch.dtype, images: int = 1) -> int:
-    """Peak bytes of building the LR key map, one tile at a time (before the sweep starts)."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    side = TILE_BLOCKS * cfg.lr_block
-    pixels = images * 3 * (side * cfg.lr_patch) ** 2 * 4
-    return images * side * side * LR_SETUP_UNITS * cfg.hidden * itemsize + pixels
+def _state_bytes(cfg: InfDiTConfig, height: int, width: int, dtype: torch.dtype, images: int) -> int:
+    pixels = images * cfg.out_channels * height * width
+    return pixels * (SAMPLER_BUFFERS * 4 + _itemsize(dtype)) + pixels // cfg.lr_scale ** 2 * _itemsize(dtype)
+
+
+def _block_kv_bytes(cfg: InfDiTConfig, dtype: torch.dtype, images: int) -> int:
+    """K and V of one block in one layer."""
+    return 2 * images * cfg.block_tokens * cfg.hidden * _itemsize(dtype)
 
 
 def estimate_memory(cfg: InfDiTConfig, height: int, width: int, n: int, *, weight_bytes: int, dtype: torch.dtype,
                     offload: bool, scan: ScanOrder = "auto", images: int = 1) -> MemoryEstimate:
     """Device bytes of sampling a ``height x width`` output (whole blocks) with n x n batches."""
     grid_rows, grid_cols = height // cfg.block_px, width // cfg.block_px
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    block_kv = 2 * images * cfg.block_tokens * cfg.hidden * itemsize
-    batches = plan_batches(grid_rows, grid_cols, n, scan)
-    cache_blocks = CacheSchedule(batches).device_blocks(offload)
-    lb = cfg.lr_block
-    lr_keys = images * (grid_rows + 2) * lb * (grid_cols + 2) * lb * 2 * cfg.hidden * itemsize
-    state = STATE_BUFFERS * images * cfg.out_channels * height * width * 4
+    cache_blocks = CacheSchedule(plan_batches(grid_rows, grid_cols, n, scan)).device_blocks(offload)
     return MemoryEstimate(
-        n=n, weights=weight_bytes, state=0 if offload else state, lr_keys=0 if offload else lr_keys,
-        cache=cache_blocks * cfg.layers * block_kv,
-        activations=max(activation_bytes(cfg, min(n, grid_rows), min(n, grid_cols), dtype, images),
-                        lr_setup_bytes(cfg, dtype, images)))
+        n=n, weights=weight_bytes, state=0 if offload else _state_bytes(cfg, height, width, dtype, images),
+        cache=cache_blocks * cfg.layers * _block_kv_bytes(cfg, dtype, images),
+        activations=activation_bytes(cfg, min(n, grid_rows), min(n, grid_cols), dtype, images))
+
+
+def offloaded_host_bytes(cfg: InfDiTConfig, height: int, width: int, n: int, *, dtype: torch.dtype,
+                         scan: ScanOrder = "auto", images: int = 1) -> int:
+    """Host RAM that offloading takes for what the device does not hold: the sampler state and
+    the strip of cached neighbour keys (the input and output images come on top)."""
+    schedule = CacheSchedule(plan_batches(height // cfg.block_px, width // cfg.block_px, n, scan))
+    strip = schedule.host_blocks() * cfg.layers * _block_kv_bytes(cfg, dtype, images)
+    return _state_bytes(cfg, height, width, dtype, images) + strip
 
 
 def choose_batch_size(cfg: InfDiTConfig, height: int, width: int, budget_bytes: float, *, margin: float = 0.0,

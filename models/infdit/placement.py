@@ -57,10 +57,17 @@ class Placement:
         return out
 
     def to_host(self, t: torch.Tensor) -> torch.Tensor:
-        """A host copy of ``t`` (used for cache entries the next batch does not need)."""
+        """A host copy of ``t`` (used for cache entries the next batch does not need).
+
+        Asynchronous from a GPU (into pinned memory): such a copy is only ever read by later
+        copies back to the device on the same stream, so the sweep need not wait for it.
+        """
         out = self._empty_host(tuple(t.shape), t.dtype)
-        out.copy_(t)
+        out.copy_(t, non_blocking=True)
         return out
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self.device, non_blocking=True)
+        """``t`` on the compute device: a view when it is already there, else a copy. Offloaded
+        tensors are always copied, also when host and device are the same memory (CPU), so that
+        a memory meter sees the copy a GPU would hold."""
+        return t.to(self.device, non_blocking=True, copy=self.offload)

@@ -92,18 +92,30 @@ class CacheSchedule:
     def device_blocks(self, offload: bool) -> int:
         """Peak number of cached blocks per layer held on the device, replaying the cache's rules.
 
-        For each batch: the blocks held before it plus the new blocks it keeps on the device
-        (an upper bound: the cache drops entries a batch no longer needs before adding its own).
-        Host entries are copied straight into the batch's key buffer, so they add nothing here.
+        A batch's update drops the blocks it was the last to read and (offloading) moves the
+        ones the next batch does not read to the host *before* storing its own, so a layer's
+        count peaks after some update. Host entries are copied straight into the batch's key
+        buffer, so they add nothing here.
         """
+        return self._replay(offload)[0]
+
+    def host_blocks(self) -> int:
+        """Peak number of cached blocks per layer waiting in host memory when offloading."""
+        return self._replay(True)[1]
+
+    def _replay(self, offload: bool) -> tuple[int, int]:
         on_device: set[Block] = set()
-        peak = 0
+        on_host: set[Block] = set()
+        device_peak = host_peak = 0
         for index in range(len(self.batches)):
             keep_next = self.needed_next(index)
-            new_on_device = [b for b in self.stores[index] if not offload or b in keep_next]
-            peak = max(peak, len(on_device) + len(new_on_device))
-            on_device -= {b for b in self.needs[index] if self.last_use[b] == index}
-            on_device.update(new_on_device)
+            dropped = {b for b in self.needs[index] if self.last_use[b] == index}
+            on_device -= dropped
+            on_host -= dropped
             if offload:
+                on_host |= on_device - keep_next
                 on_device &= keep_next
-        return peak
+            for block in self.stores[index]:
+                (on_device if not offload or block in keep_next else on_host).add(block)
+            device_peak, host_peak = max(device_peak, len(on_device)), max(host_peak, len(on_host))
+        return device_peak, host_peak

@@ -8,8 +8,10 @@ preallocated full-image buffers updated in place, so no image-sized temporaries 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
+from typing import ContextManager
 
 import torch
 
@@ -17,6 +19,7 @@ SIGMA_DATA = 0.5
 SIGMA_MIN = 0.002
 SIGMA_MAX = 40.0
 RHO = 7.0
+NOISE_CHUNK = 1 << 16
 
 Denoiser = Callable[[torch.Tensor, float, torch.Tensor], torch.Tensor]
 """``(x, sigma, out) -> out``: writes the denoised image D(x; sigma) into ``out``."""
@@ -42,15 +45,24 @@ def evaluations(steps: int) -> int:
     return 2 * steps - 1
 
 
-def initial_state(concat_lr: torch.Tensor, generator: torch.Generator, init_noise: bool,
+def initial_state(concat_lr: torch.Tensor, generator: torch.Generator, init_noise: bool, out: torch.Tensor,
+                  host_work: Callable[[], ContextManager[None]] = contextlib.nullcontext,
                   sigma_max: float = SIGMA_MAX) -> torch.Tensor:
-    """x_T on the CPU: ``concat_lr + sigma_max * N(0, I)`` with init-noise, else ``sigma_max * N(0, I)``.
+    """Write x_T into ``out``: ``concat_lr + sigma_max * N(0, I)`` with init-noise, else ``sigma_max * N(0, I)``.
 
-    The noise is drawn for the whole image at once, so the sample never depends on how the
-    image is later cut into block batches.
+    The noise comes from the CPU ``generator`` in fixed-size chunks (no image-sized temporary),
+    so it depends on the seed and the image size only, never on how the image is later cut
+    into block batches. ``host_work`` wraps the chunk arithmetic, which happens on the host.
     """
-    noise = torch.randn(concat_lr.shape, generator=generator, dtype=torch.float32) * sigma_max
-    return noise + concat_lr.cpu().float() if init_noise else noise
+    flat, lr_flat = out.view(-1), concat_lr.reshape(-1)
+    for start in range(0, flat.numel(), NOISE_CHUNK):
+        stop = min(start + NOISE_CHUNK, flat.numel())
+        with host_work():
+            chunk = torch.randn(stop - start, generator=generator) * sigma_max
+            if init_noise:
+                chunk += lr_flat[start:stop].cpu()
+        flat[start:stop] = chunk
+    return out
 
 
 def heun_sample(denoise: Denoiser, x: torch.Tensor, sigmas: list[float],

@@ -37,11 +37,14 @@ def blocks_to_image(tokens: torch.Tensor, block: int, patch: int, channels: int)
     return image.reshape(b, channels, rows * block * patch, cols * block * patch)
 
 
-def token_positions(rows: range, cols: range, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def token_positions(rows: range, cols: range, block: int,
+                    device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Absolute token row and column of every token of blocks ``rows x cols``: ``[nr, nc, L]``."""
-    inner = torch.arange(block)
-    r = (torch.tensor(list(rows))[:, None] * block + inner)[:, None, :, None].expand(-1, len(cols), -1, block)
-    c = (torch.tensor(list(cols))[:, None] * block + inner)[None, :, None, :].expand(len(rows), -1, block, -1)
+    inner = torch.arange(block, device=device)
+    r = (torch.arange(rows.start, rows.stop, device=device)[:, None] * block + inner)
+    c = (torch.arange(cols.start, cols.stop, device=device)[:, None] * block + inner)
+    r = r[:, None, :, None].expand(-1, len(cols), -1, block)
+    c = c[None, :, None, :].expand(len(rows), -1, block, -1)
     return r.reshape(len(rows), len(cols), -1), c.reshape(len(rows), len(cols), -1)
 
 

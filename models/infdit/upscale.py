@@ -13,21 +13,20 @@ still runs out of memory, the evaluation restarts with n - 1.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .checkpoint import InfDiTWeights
 from .evaluate import ImageContext, evaluate
 from .lr_context import LRContext
-from .memory import MemoryEstimate, choose_batch_size, estimate_memory
+from .memory import BudgetTooSmall, MemoryEstimate, choose_batch_size, estimate_memory
 from .placement import HostObserver, Placement
 from .plan import ScanOrder, plan_batches
 from .preprocess import clip_view, pad_to_multiple, resize_bicubic
-from .sampler import SIGMA_MAX, edm_sigmas, evaluations, heun_sample
+from .sampler import edm_sigmas, evaluations, heun_sample, initial_state
 
 STAGES: dict[int, tuple[int, ...]] = {2: (2,), 4: (4,), 8: (4, 2), 16: (4, 4)}
-NOISE_CHUNK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -96,6 +95,30 @@ def plan_stage(weights: InfDiTWeights, height: int, width: int, options: Upscale
     return choose_batch_size(cfg, height, width, options.budget_bytes, margin=options.margin, **kwargs)
 
 
+def stage_plans(weights: InfDiTWeights, size: tuple[int, int], options: UpscaleOptions) -> list[MemoryEstimate]:
+    """The memory plan of every stage for an input of ``size`` (raises :class:`BudgetTooSmall`)."""
+    return [plan_stage(weights, height, width, options)
+            for height, width in stage_sizes(weights, size, stage_factors(options.scale))]
+
+
+def fit_budget(weights: InfDiTWeights, size: tuple[int, int], options: UpscaleOptions) -> UpscaleOptions:
+    """``options``, with offloading switched on when the budget fits only that way.
+
+    Offloading gives the same result (more slowly, using host RAM), so a budget too small for
+    the neighbour cache and full-image buffers on the device is met with it rather than
+    refused. Raises :class:`BudgetTooSmall` when even one block per batch, offloaded, does not fit.
+    """
+    try:
+        stage_plans(weights, size, options)
+        return options
+    except BudgetTooSmall:
+        if options.offload:
+            raise
+    offloaded = replace(options, offload=True)
+    stage_plans(weights, size, offloaded)
+    return offloaded
+
+
 class _StageSweep:
     """D(x; sigma) for one stage, block batch by block batch, shared by the images of a batch.
 
@@ -136,22 +159,6 @@ class _StageSweep:
         self.progress.rewind(batches_done, (len(self.batches) - old) * self.evaluations_left)
 
 
-def _initial_state(concat_lr: torch.Tensor, generator: torch.Generator, init_noise: bool,
-                   placement: Placement) -> torch.Tensor:
-    """x_T = [LR +] 40 N(0, I) on the store device, drawn on the CPU in fixed-size chunks so no
-    image-sized temporary is created (the draw depends on the seed and the size only)."""
-    x = placement.empty_store(tuple(concat_lr.shape), torch.float32)
-    flat, lr_flat = x.view(-1), concat_lr.view(-1)
-    for start in range(0, flat.numel(), NOISE_CHUNK):
-        stop = min(start + NOISE_CHUNK, flat.numel())
-        with placement.host_work():
-            chunk = torch.randn(stop - start, generator=generator) * SIGMA_MAX
-            if init_noise:
-                chunk += lr_flat[start:stop].cpu()
-        flat[start:stop] = chunk
-    return x
-
-
 def _upscale_stage(weights: InfDiTWeights, lr: torch.Tensor, factor: int, sweep: _StageSweep,
                    generator: torch.Generator) -> torch.Tensor:
     """One 2x/4x pass of a ``[1, 3, h, w]`` image in [-1, 1] (CPU) -> ``[1, 3, h*f, w*f]`` (CPU)."""
@@ -160,18 +167,21 @@ def _upscale_stage(weights: InfDiTWeights, lr: torch.Tensor, factor: int, sweep:
     with placement.host_work():
         padded = pad_to_multiple(lr, cfg.block_px // factor)
         out_h, out_w = padded.shape[-2] * factor, padded.shape[-1] * factor
-        concat_lr = resize_bicubic(padded, (out_h, out_w)).clamp(-1, 1)
+        # Stored in the model dtype, as the reference does: the network input is cast to it
+        # anyway, and the upsampled LR is one of the full-image buffers.
+        concat_lr = resize_bicubic(padded, (out_h, out_w)).clamp(-1, 1).to(weights.net.dtype)
         lr_size = (out_h // cfg.lr_scale, out_w // cfg.lr_scale)
-        cross_lr = resize_bicubic(padded, lr_size)
+        cross_lr = resize_bicubic(padded, lr_size).to(weights.net.dtype)
         clip_lr = resize_bicubic(lr, (height * factor // cfg.lr_scale, width * factor // cfg.lr_scale))
         pixels = clip_view(clip_lr, weights.clip.cfg.image_size)
     vector = weights.clip.encode(pixels)
     sweep.context = ImageContext(placement.to_store(concat_lr), LRContext(weights.net, cross_lr, placement),
                                  vector)
     del concat_lr
-    x = _initial_state(sweep.context.concat_lr, generator, options.init_noise, placement)
-    sample = heun_sample(sweep, x, edm_sigmas(options.steps),
-                         lambda: placement.empty_store(tuple(x.shape), torch.float32))
+    shape = tuple(sweep.context.concat_lr.shape)
+    x = initial_state(sweep.context.concat_lr, generator, options.init_noise,
+                      placement.empty_store(shape, torch.float32), placement.host_work)
+    sample = heun_sample(sweep, x, edm_sigmas(options.steps), lambda: placement.empty_store(shape, torch.float32))
     sweep.context = None
     with placement.host_work():
         return sample[..., :height * factor, :width * factor].clamp(-1, 1).cpu()

@@ -16,7 +16,8 @@ import torch
 from ultrares.models.infdit.checkpoint import convert_checkpoint, load_infdit
 from ultrares.models.infdit.preprocess import clip_view, resize_bicubic
 from ultrares.models.infdit.tiny import TINY_CLIP, released_state_dict, save_released_layout, tiny_weights
-from ultrares.models.infdit.upscale import UpscaleOptions, upscale
+from ultrares.models.infdit.memory import GiB
+from ultrares.models.infdit.upscale import UpscaleOptions, plan_stage, upscale
 
 RELEASED = "mp_rank_00_model_states.pt"
 CONVERTED = "infdit_tiny.safetensors"
@@ -38,7 +39,10 @@ def model_folder(pack_nodes, tmp_path_factory):
     folder_paths.set_temp_directory(str(tmp_path_factory.mktemp("comfy_temp")))
     nodes = __import__("nodes")
     nodes.NODE_CLASS_MAPPINGS.update(pack_nodes)  # as ComfyUI's loader does (checked in test_comfyui_pack)
-    return folder
+    yield folder
+    # Leave ComfyUI's model folders as found: later modules list the "infdit" folder themselves.
+    folder_paths.folder_names_and_paths["infdit"][0].remove(str(folder))
+    folder_paths.filename_list_cache.pop("infdit", None)
 
 
 class RecordingServer:
@@ -135,6 +139,41 @@ def test_the_budget_offloading_and_alpha_inputs_reach_the_sampler(comfy_nodes, m
                                                                    offload_cache=True, scan="column"), image)
     assert executor.success, server.messages[-1]
     assert out.shape == (2, 64, 128, 4)
+
+
+def test_budgets_that_fit_better_offloaded_offload_or_say_so_and_one_above_free_memory_is_lowered(
+        comfy_nodes, model_folder, caplog):
+    import comfy.model_management
+
+    image = torch.rand(1, 12, 20, 3)
+    weights = load_infdit(model_folder / RELEASED)
+    floor = {offload: plan_stage(weights, 48, 80, UpscaleOptions(batch_blocks=1, offload=offload)).total
+             for offload in (False, True)}
+    expected = upscale(weights, image.movedim(-1, 1), UpscaleOptions(scale=4, steps=2, seed=3), torch.device("cpu"))
+    between = (floor[False] + floor[True]) / 2 / GiB
+    with caplog.at_level("INFO"):
+        executor, server, out = run_prompt(comfy_nodes, upscale_prompt(RELEASED, image, vram_budget_gb=between), image)
+    assert executor.success, server.messages[-1]
+    assert "offloading them to CPU RAM (same result, slower)" in caplog.text
+    assert "Inf-DiT: 1 x 1 blocks per batch: weights" in caplog.text
+    torch.testing.assert_close(out, expected.movedim(1, -1), rtol=0, atol=1e-5)
+    caplog.clear()
+    # A budget for two blocks per batch offloaded, but only one on the device.
+    two = {offload: plan_stage(weights, 48, 80, UpscaleOptions(batch_blocks=2, offload=offload)).total
+           for offload in (False, True)}
+    assert floor[False] <= two[True] < two[False]
+    with caplog.at_level("INFO"):
+        executor, server, out = run_prompt(comfy_nodes, upscale_prompt(RELEASED, image, vram_budget_gb=two[True] / GiB),
+                                           image)
+    assert executor.success, server.messages[-1]
+    assert "1 x 1 blocks per batch" in caplog.text and "with offload_cache on, the same budget allows" in caplog.text
+    caplog.clear()
+    above_free = min(2 * comfy.model_management.get_free_memory(torch.device("cpu")) / GiB, 1024.0)
+    with caplog.at_level("WARNING"):
+        executor, server, out = run_prompt(comfy_nodes, upscale_prompt(RELEASED, image, vram_budget_gb=above_free),
+                                           image)
+    assert executor.success, server.messages[-1]
+    assert "is more than the" in caplog.text and "available with the model loaded" in caplog.text
 
 
 def test_cancelling_stops_between_block_batches(comfy_nodes, model_folder):
