@@ -8,9 +8,7 @@ the pack's download-free demo on built-in tiny models).
 from __future__ import annotations
 
 BENCHMARKS: dict[str, str] = {
-BENCHMARKS: dict[str, str] = {
     "clear": ".clear_attention",
     "gspn": ".gspn",
     "infdit": ".infdit_memory",
-}
 }
