@@ -162,6 +162,19 @@ def test_the_triton_kernel_equals_the_dense_reference(triton_device, batch, head
     assert visits.cpu().tolist() == visited_image_tiles(grid, radius, Tile(4, 4), Tile(4, 4)).tolist()
 
 
+def test_the_triton_kernel_skips_key_tiles_whose_closest_pair_lies_on_the_circle(triton_device):
+    # 2x8 query tiles against one-column key tiles: the query tile (rows 12-13, columns 0-7) and
+    # the key tile (row 16, column 11) are 3 rows and 4 columns apart, exactly on the radius-5
+    # circle, so the strict rule skips that key tile.
+    grid, radius, q_tile, k_tile = (17, 12), 5, Tile(2, 8), Tile(16, 1)
+    q, k, v, _, _ = [t if t is None else t.to(triton_device) for t in layout_inputs(1, 1, 16, grid, 2, 0, 0)]
+    layout = dict(grid=grid, n_txt=2, radius=radius, n_ref=0, down_k=None, down_v=None, scale=0.25)
+    visits = torch.zeros(9 * 2, dtype=torch.int32, device=triton_device)
+    out = window_attention_triton(q, k, v, q_tile=q_tile, k_tile=k_tile, visits=visits, **layout)
+    torch.testing.assert_close(out, dense_reference(q, k, v, **layout), rtol=1e-5, atol=1e-5)
+    assert visits.cpu().tolist() == visited_image_tiles(grid, radius, q_tile, k_tile).tolist()
+
+
 def test_the_public_op_runs_the_triton_kernel_with_its_default_tiles(triton_device):
     q, k, v, dk, dv = [t.to(triton_device) for t in layout_inputs(1, 1, 16, (9, 18), 2, 1, 3)]
     layout = dict(grid=(9, 18), n_txt=2, radius=5, n_ref=1, down_k=dk, down_v=dv)
