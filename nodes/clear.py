@@ -185,6 +185,11 @@ def apply_clear(model: comfy.model_patcher.ModelPatcher, pattern: ClearPattern, 
                 backend: str = "auto") -> comfy.model_patcher.ModelPatcher:
     """A clone of ``model`` running CLEAR (the caller's model is left as it was)."""
     network = flux_module(model)
+    if model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY):
+        # A second file's "set" patches would land behind the first one's and lose to them, while
+        # its window would win: refuse rather than run a silent mix of the two.
+        raise ValueError("this model already went through a CLEAR node; connect the model from before it "
+                         "(one CLEAR patch per model)")
     patched = model.clone()
     spatial = weights.spatial_weights if weights is not None and pattern.down_factor > 1 else {}
     attention = ClearAttention(pattern, spatial, proportional, backend, check_interrupt)

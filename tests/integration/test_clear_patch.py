@@ -270,6 +270,8 @@ def test_bad_inputs_are_refused_with_the_reason(pack_nodes, clear_dir):
         patch(pack_nodes, flux, "mystery.safetensors")
     with pytest.raises(ValueError, match="no CLEAR weights file is selected"):
         patch(pack_nodes, flux, "none")
+    with pytest.raises(ValueError, match="already went through a CLEAR node"):
+        patch(pack_nodes, patch(pack_nodes, flux, "clear_local_8.safetensors"), "clear_local_8.safetensors")
 
 
 def test_metadata_and_overrides_choose_the_pattern(pack_nodes, clear_dir):
