@@ -141,6 +141,20 @@ def test_a_window_larger_than_the_grid_gives_the_unpatched_output_and_says_so(pa
     assert "covers the whole 7x10 token grid" in caplog.text and "exact" in caplog.text
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_the_clear_kernels_inside_the_model_give_the_unpatched_output_when_the_window_covers_the_grid(
+        pack_nodes, monkeypatch, backend):
+    # the node hands covering windows to the model's own attention (above); here the CLEAR path
+    # runs anyway, through the token layout, the kernel (Triton interpreted) and the output reshape
+    from ultrares.models.clear.attention import ClearAttention
+
+    model = comfy_harness.tiny_flux_patcher(seed=0)
+    expected = run(model)
+    monkeypatch.setattr(ClearAttention, "is_plain_attention", lambda self, layout: False)
+    out = run(patch(pack_nodes, model, radius=13, backend=backend))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name, down, ntk, proportional, cfg, latent", [
     # odd latent sides (an img2img input cropped to multiples of 8 px): Flux pads them to 7 x 10 tokens
     ("clear_local_3.safetensors", 1, 1.0, False, 1.0, (1, 16, 13, 19)),
