@@ -75,3 +75,19 @@ def test_an_8k_flux_window_of_radius_16_holds_793_keys_and_3_tenths_of_a_percent
     grid = (512, 512)
     share = window_pairs(grid, 16) / (512 * 512) ** 2
     assert 0.0029 < share < 0.0031
+
+
+def test_the_benchmark_prints_the_counted_work_of_the_kernel_against_raster_blocks(capsys):
+    import importlib
+
+    from ultrares.benchmarks import BENCHMARKS
+
+    bench = importlib.import_module(BENCHMARKS["clear"], "ultrares.benchmarks")
+    bench.work_table(["1K"])
+    rows = {line.split(" | ")[1]: line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1K |")}
+    grid = (64, 64)
+    tiled = tiled_work(grid, 16, 512, 0, 0, Tile(8, 16), Tile(8, 8), 64)
+    raster = raster_work(grid, 16, 512)
+    assert f"{tiled.visited_tiles}/{tiled.total_tiles}" in rows["clear_local_16"]
+    assert f"{raster.visited_tiles}/{raster.total_tiles}" in rows["clear_local_16"]
+    assert rows["clear_local_16"].endswith(f"| {raster.computed_pairs / tiled.computed_pairs:.2f}x |")
