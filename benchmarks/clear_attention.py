@@ -8,14 +8,13 @@ blocks), then CPU time of the pack's tiled PyTorch path vs dense SDPA vs FlexAtt
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from ..kernels._clear_tiles import Tile, raster_work, tiled_work
+from ..kernels._clear_tiles import raster_work, tiled_work
 from ..kernels._clear_triton import DEFAULT_K_TILE, DEFAULT_Q_TILE, SIDE_BLOCK
 from ..models.clear.attention import ClearAttention, TokenLayout
 from ..models.clear.downsample import down_sampled_count
