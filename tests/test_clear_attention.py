@@ -140,7 +140,7 @@ def test_the_pytorch_path_checks_for_cancellation_between_tile_rows():
 
 TRITON_CASES = [  # batch, heads, grid, n_txt, n_ref, n_down, radius, dtype
     (2, 2, (9, 11), 4, 0, 0, 3, torch.float32),
-    (1, 2, (10, 7), 3, 2, 6, 2, torch.float32),  # text, reference and down-sampled keys; odd grid
+    (2, 2, (10, 7), 3, 2, 6, 2, torch.float32),  # text, reference and down-sampled keys; odd grid; batch 2
     (1, 1, (6, 9), 0, 0, 0, 1, torch.float32),  # nothing but the token itself
     (1, 2, (9, 11), 5, 0, 4, 4, torch.bfloat16),
 ]
