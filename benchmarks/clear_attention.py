@@ -8,15 +8,14 @@ blocks), then CPU time of the pack's tiled PyTorch path vs dense SDPA vs FlexAtt
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from ..kernels._clear_tiles import Tile, raster_work, tiled_work
-from ..kernels._clear_triton import DEFAULT_K_TILE, DEFAULT_Q_TILE
+from ..kernels._clear_tiles import raster_work, tiled_work
+from ..kernels._clear_triton import DEFAULT_K_TILE, DEFAULT_Q_TILE, SIDE_BLOCK
 from ..models.clear.attention import ClearAttention, TokenLayout
 from ..models.clear.downsample import down_sampled_count
 from ..models.clear.pattern import ClearPattern
@@ -53,7 +52,7 @@ def work_table(sizes: list[str]) -> None:
         for name, pattern in RELEASED.items():
             n_down = down_sampled_count(grid, pattern.down_factor) if pattern.down_factor > 1 else 0
             tiled = tiled_work(grid, pattern.radius, FLUX_TEXT, 0, n_down, DEFAULT_Q_TILE, DEFAULT_K_TILE,
-                               block=RASTER_BLOCK)
+                               SIDE_BLOCK, block=RASTER_BLOCK)
             raster = raster_work(grid, pattern.radius, FLUX_TEXT, 0, n_down, block=RASTER_BLOCK)
             print(f"| {size} | {name} | {attention_flops(tiled.allowed_pairs) / 1e12:.3f} | "
                   f"{100 * tiled.allowed_pairs / dense:.2f} | "

@@ -84,16 +84,16 @@ def allowed_pairs(grid: tuple[int, int], radius: int, n_txt: int, n_ref: int = 0
 
 
 def tiled_work(grid: tuple[int, int], radius: int, n_txt: int, n_ref: int, n_down: int,
-               q_tile: Tile, k_tile: Tile, block: int = 128) -> WindowWork:
-    """Work of the pack's 2D-tiled kernel: image query tiles visit the global key blocks, the
-    down-sampled key blocks and the image key tiles that reach their window; the global query
-    rows run as dense ``block x block`` tiles over the real tokens."""
+               q_tile: Tile, k_tile: Tile, side_block: int, block: int = 128) -> WindowWork:
+    """Work of the pack's 2D-tiled kernel: image query tiles visit the global and down-sampled
+    keys in ``side_block``-key steps and the image key tiles that reach their window; the global
+    query rows run as dense ``block x block`` tiles over the real tokens."""
     n_img = grid[0] * grid[1]
     n_glob = n_txt + n_ref
     n_real = n_glob + n_img
     n_qt = math.prod(tile_counts(grid, q_tile))
     n_kt = math.prod(tile_counts(grid, k_tile))
-    side_blocks = math.ceil(n_txt / k_tile.size) + math.ceil(n_ref / k_tile.size) + math.ceil(n_down / k_tile.size)
+    side_blocks = math.ceil(n_txt / side_block) + math.ceil(n_ref / side_block) + math.ceil(n_down / side_block)
     image_visits = int(visited_image_tiles(grid, radius, q_tile, k_tile).sum())
     glob_rows = math.ceil(n_glob / block) * math.ceil(n_real / block)
     visited = n_qt * side_blocks + image_visits
@@ -103,7 +103,8 @@ def tiled_work(grid: tuple[int, int], radius: int, n_txt: int, n_ref: int, n_dow
         allowed_pairs=allowed_pairs(grid, radius, n_txt, n_ref, n_down),
         visited_tiles=visited + glob_rows,
         total_tiles=total + glob_rows,
-        computed_pairs=visited * q_tile.size * k_tile.size + glob_rows * block * block,
+        computed_pairs=(n_qt * side_blocks * side_block + image_visits * k_tile.size) * q_tile.size
+        + glob_rows * block * block,
     )
 
 

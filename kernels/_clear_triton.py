@@ -16,20 +16,47 @@ Global query rows (text, reference tokens) attend to everything and run as dense
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from ._clear_tiles import Tile, tile_counts
 from .backend import triton_interpreting
 from ._clear_torch import dense_rows, global_rows
 
-# 128 queries (8 rows x 16 columns) per program and 64-key (8 x 8) image tiles: the query tile
-# fills a tensor-core MMA and the small key tiles hug the circle.
-DEFAULT_Q_TILE = Tile(8, 16)
-DEFAULT_K_TILE = Tile(8, 8)
+
+@dataclass(frozen=True)
+class Launch:
+    """Tiles and launch settings of one kernel configuration."""
+
+    q_tile: Tile
+    k_tile: Tile
+    num_warps: int
+    num_stages: int
+
+
+# Configurations in order of preference. The first is the fast one: 128 queries (8 rows x 16
+# columns) fill a tensor-core MMA and 64-key (8 x 8) image tiles hug the circle. A GPU whose
+# shared memory cannot hold a configuration makes Triton raise OutOfResources at its first launch,
+# and the next one is tried. Shared memory per program with head dim 128 (compiled with Triton 3.9
+# for sm_75 to sm_90): the first needs 64 KiB in bfloat16/float16 from Ampere on (96 KiB on
+# Turing) and 224 KiB in float32 (H100 only); the second 128 KiB in float32 (A100, H100); the
+# third 64 KiB in float16 on Turing and 96 KiB in float32 (RTX 30/40 offer 99 KiB). float32 on
+# Turing (64 KiB) fits none of them: use the PyTorch path there.
+LAUNCHES = (
+    Launch(Tile(8, 16), Tile(8, 8), num_warps=8, num_stages=3),
+    Launch(Tile(8, 16), Tile(8, 8), num_warps=8, num_stages=1),
+    Launch(Tile(4, 16), Tile(8, 8), num_warps=4, num_stages=1),
+)
+DEFAULT_Q_TILE = LAUNCHES[0].q_tile
+DEFAULT_K_TILE = LAUNCHES[0].k_tile
 SIDE_BLOCK = 64  # keys per step over the text, reference and down-sampled keys
 LOG2E = 1.4426950408889634
+# (device, dtype) -> index of the first configuration in LAUNCHES that fitted there.
+_FITTING: dict[tuple[str, torch.dtype], int] = {}
 
 
 @triton.jit
@@ -156,41 +183,62 @@ def _check_tile(tile: Tile, name: str) -> None:
         raise ValueError(f"{name} must hold at least 16 tokens (tensor-core minimum), got {tile}")
 
 
-def window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: tuple[int, int],
-                            n_txt: int, radius: int, n_ref: int, down_k: torch.Tensor | None,
-                            down_v: torch.Tensor | None, scale: float, q_tile: Tile = DEFAULT_Q_TILE,
-                            k_tile: Tile = DEFAULT_K_TILE, visits: torch.Tensor | None = None) -> torch.Tensor:
-    """The kernel path; arguments as in :func:`ultrares.kernels.clear_attention.circular_window_attention`.
-
-    ``visits``, when given, is an int32 tensor with one slot per query tile that receives the
-    number of image key tiles the kernel visited for it (tests compare it with the counter).
-    """
-    _check_tile(q_tile, "q_tile")
-    _check_tile(k_tile, "k_tile")
+def _launch(launch: Launch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, down_k: torch.Tensor,
+            down_v: torch.Tensor, out: torch.Tensor, visits: torch.Tensor | None, grid: tuple[int, int], n_txt: int,
+            n_ref: int, n_down: int, radius: int, scale: float) -> None:
+    """Run the kernel on the image query rows with one configuration."""
+    _check_tile(launch.q_tile, "q_tile")
+    _check_tile(launch.k_tile, "k_tile")
     b, heads, _, dim = q.shape
     h, w = grid
+    tiles_y, tiles_x = tile_counts(grid, launch.q_tile)
+    n_tiles = tiles_y * tiles_x
+    count = visits is not None
+    if count and (visits.dtype != torch.int32 or visits.numel() != n_tiles):
+        raise ValueError(f"visits must be an int32 tensor with {n_tiles} elements")
+    _window_fwd[(n_tiles, b * heads)](
+        q, k, v, down_k, down_v, out, visits if count else out,
+        *q.stride(), *k.stride(), *v.stride(), *down_k.stride(), *down_v.stride(), *out.stride(),
+        heads, dim, n_txt, n_ref, n_down, h, w, radius - 1, radius * radius, scale * LOG2E, tiles_x,
+        QTH=launch.q_tile.rows, QTW=launch.q_tile.cols, KTH=launch.k_tile.rows, KTW=launch.k_tile.cols,
+        BLOCK_D=max(16, triton.next_power_of_2(dim)), SIDE=SIDE_BLOCK, COUNT_VISITS=count,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST=q.dtype == torch.bfloat16 and triton_interpreting(),
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
+    )
+
+
+def window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: tuple[int, int],
+                            n_txt: int, radius: int, n_ref: int, down_k: torch.Tensor | None,
+                            down_v: torch.Tensor | None, scale: float, launch: Launch | None = None,
+                            visits: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel path; arguments as in :func:`ultrares.kernels.clear_attention.circular_window_attention`.
+
+    ``launch`` fixes the configuration (default: the first of :data:`LAUNCHES` that fits the
+    GPU). ``visits``, given with ``launch``, is an int32 tensor with one slot per query tile that
+    receives the number of image key tiles the kernel visited for it (tests compare it with the
+    counter).
+    """
+    if visits is not None and launch is None:
+        raise ValueError("visits counts per query tile: give the launch configuration with it")
     out = torch.empty_like(q)
-    for rows in global_rows(q.shape[2], n_txt, h * w):
+    for rows in global_rows(q.shape[2], n_txt, grid[0] * grid[1]):
         dense_rows(q, k, v, out, rows, scale)
     if down_k is None:
         down_k, down_v, n_down = k, v, 0
     else:
         down_k, down_v, n_down = down_k.to(k.dtype), down_v.to(v.dtype), down_k.shape[2]
-    tiles_y, tiles_x = tile_counts(grid, q_tile)
-    n_tiles = tiles_y * tiles_x
-    count = visits is not None
-    if count and (visits.dtype != torch.int32 or visits.numel() != n_tiles):
-        raise ValueError(f"visits must be an int32 tensor with {n_tiles} elements")
-    block_d = max(16, triton.next_power_of_2(dim))
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    _window_fwd[(n_tiles, b * heads)](
-        q, k, v, down_k, down_v, out, visits if count else out,
-        *q.stride(), *k.stride(), *v.stride(), *down_k.stride(), *down_v.stride(), *out.stride(),
-        heads, dim, n_txt, n_ref, n_down, h, w, radius - 1, radius * radius, scale * LOG2E, tiles_x,
-        QTH=q_tile.rows, QTW=q_tile.cols, KTH=k_tile.rows, KTW=k_tile.cols, BLOCK_D=block_d,
-        SIDE=SIDE_BLOCK, COUNT_VISITS=count, PRECISION=precision,
-        UPCAST=q.dtype == torch.bfloat16 and triton_interpreting(),
-        num_warps=8 if q_tile.size * block_d > 8192 else 4,
-    )
-    return out
-
+    layout = dict(grid=grid, n_txt=n_txt, n_ref=n_ref, n_down=n_down, radius=radius, scale=scale)
+    if launch is not None:
+        _launch(launch, q, k, v, down_k, down_v, out, visits, **layout)
+        return out
+    key = (str(q.device), q.dtype)
+    for index in range(_FITTING.get(key, 0), len(LAUNCHES)):
+        try:
+            _launch(LAUNCHES[index], q, k, v, down_k, down_v, out, None, **layout)
+        except OutOfResources:
+            continue
+        _FITTING[key] = index
+        return out
+    raise RuntimeError(f"no configuration of the CLEAR Triton kernel fits the shared memory of {q.device} for "
+                       f"{str(q.dtype).removeprefix('torch.')} inputs; use backend='torch'")

@@ -185,6 +185,11 @@ def apply_clear(model: comfy.model_patcher.ModelPatcher, pattern: ClearPattern, 
                 backend: str = "auto") -> comfy.model_patcher.ModelPatcher:
     """A clone of ``model`` running CLEAR (the caller's model is left as it was)."""
     network = flux_module(model)
+    if model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY):
+        # A second file's "set" patches would land behind the first one's and lose to them, while
+        # its window would win: refuse rather than run a silent mix of the two.
+        raise ValueError("this model already went through a CLEAR node; connect the model from before it "
+                         "(one CLEAR patch per model)")
     patched = model.clone()
     spatial = weights.spatial_weights if weights is not None and pattern.down_factor > 1 else {}
     attention = ClearAttention(pattern, spatial, proportional, backend, check_interrupt)
@@ -241,8 +246,11 @@ class UltraResClearPatch(io.ComfyNode):
                                          "recipe; off = 1/sqrt(head_dim)."),
                 io.Int.Input("min_image_tokens", default=0, min=0, max=1 << 24,
                              tooltip="Use CLEAR attention only when the image has more than this many tokens "
-                                     "(width/16 x height/16); smaller images get the model's usual attention "
-                                     "(the file's weights and the NTK factor still apply)."),
+                                     "(width/16 x height/16); smaller images get the model's full attention, "
+                                     "with the file's weights and the NTK factor still applied (the weights were "
+                                     "tuned for the window, so results there differ from CLEAR's). CLEAR saves "
+                                     "little below ~2K: at 1024x1024 (4096 tokens) radius 16 still costs a third "
+                                     "of full attention. 0 = CLEAR at every size, as in the reference."),
                 io.Combo.Input("backend", options=list(BACKENDS), default="auto",
                                tooltip="auto: the Triton kernel on CUDA GPUs, the exact tiled PyTorch path "
                                        "elsewhere; torch/triton force one."),

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from ultrares.kernels import _clear_torch
 from ultrares.kernels._clear_reference import dense_reference, window_mask
 from ultrares.kernels._clear_tiles import Tile, visited_image_tiles
-from ultrares.kernels._clear_triton import window_attention_triton
+from ultrares.kernels import _clear_triton
+from ultrares.kernels._clear_triton import Launch, window_attention_triton
 from ultrares.kernels.clear_attention import circular_window_attention
 
 
@@ -139,7 +140,7 @@ def test_the_pytorch_path_checks_for_cancellation_between_tile_rows():
 
 TRITON_CASES = [  # batch, heads, grid, n_txt, n_ref, n_down, radius, dtype
     (2, 2, (9, 11), 4, 0, 0, 3, torch.float32),
-    (1, 2, (10, 7), 3, 2, 6, 2, torch.float32),  # text, reference and down-sampled keys; odd grid
+    (2, 2, (10, 7), 3, 2, 6, 2, torch.float32),  # text, reference and down-sampled keys; odd grid; batch 2
     (1, 1, (6, 9), 0, 0, 0, 1, torch.float32),  # nothing but the token itself
     (1, 2, (9, 11), 5, 0, 4, 4, torch.bfloat16),
 ]
@@ -152,7 +153,7 @@ def test_the_triton_kernel_equals_the_dense_reference(triton_device, batch, head
                        for t in layout_inputs(batch, heads, 16, grid, n_txt, n_ref, n_down, dtype)]
     layout = dict(grid=grid, n_txt=n_txt, radius=radius, n_ref=n_ref, down_k=dk, down_v=dv, scale=0.25)
     visits = torch.zeros(9 if grid == (9, 11) else 6, dtype=torch.int32, device=triton_device)
-    out = window_attention_triton(q, k, v, q_tile=Tile(4, 4), k_tile=Tile(4, 4), visits=visits, **layout)
+    out = window_attention_triton(q, k, v, launch=Launch(Tile(4, 4), Tile(4, 4), 4, 1), visits=visits, **layout)
     expected = dense_reference(*(t.float() for t in (q, k, v)), **{**layout, "down_k": None if dk is None else dk.float(),
                                                                  "down_v": None if dv is None else dv.float()})
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
@@ -162,6 +163,19 @@ def test_the_triton_kernel_equals_the_dense_reference(triton_device, batch, head
     assert visits.cpu().tolist() == visited_image_tiles(grid, radius, Tile(4, 4), Tile(4, 4)).tolist()
 
 
+def test_the_triton_kernel_skips_key_tiles_whose_closest_pair_lies_on_the_circle(triton_device):
+    # 2x8 query tiles against one-column key tiles: the query tile (rows 12-13, columns 0-7) and
+    # the key tile (row 16, column 11) are 3 rows and 4 columns apart, exactly on the radius-5
+    # circle, so the strict rule skips that key tile.
+    grid, radius, q_tile, k_tile = (17, 12), 5, Tile(2, 8), Tile(16, 1)
+    q, k, v, _, _ = [t if t is None else t.to(triton_device) for t in layout_inputs(1, 1, 16, grid, 2, 0, 0)]
+    layout = dict(grid=grid, n_txt=2, radius=radius, n_ref=0, down_k=None, down_v=None, scale=0.25)
+    visits = torch.zeros(9 * 2, dtype=torch.int32, device=triton_device)
+    out = window_attention_triton(q, k, v, launch=Launch(q_tile, k_tile, 4, 1), visits=visits, **layout)
+    torch.testing.assert_close(out, dense_reference(q, k, v, **layout), rtol=1e-5, atol=1e-5)
+    assert visits.cpu().tolist() == visited_image_tiles(grid, radius, q_tile, k_tile).tolist()
+
+
 def test_the_public_op_runs_the_triton_kernel_with_its_default_tiles(triton_device):
     q, k, v, dk, dv = [t.to(triton_device) for t in layout_inputs(1, 1, 16, (9, 18), 2, 1, 3)]
     layout = dict(grid=(9, 18), n_txt=2, radius=5, n_ref=1, down_k=dk, down_v=dv)
@@ -169,11 +183,39 @@ def test_the_public_op_runs_the_triton_kernel_with_its_default_tiles(triton_devi
     torch.testing.assert_close(out, dense_reference(q, k, v, **layout), rtol=1e-5, atol=1e-5)
 
 
+def test_a_configuration_the_gpu_cannot_hold_gives_way_to_the_next_one(triton_device, monkeypatch):
+    # float32 needs more shared memory than most GPUs have for the fastest tiles: Triton then
+    # raises OutOfResources at launch, and the next configuration runs (and is kept).
+    q, k, v = (t.to(triton_device) for t in layout_inputs(1, 1, 16, (9, 18), 2, 0, 0)[:3])
+    layout = dict(grid=(9, 18), n_txt=2, radius=3, n_ref=0, down_k=None, down_v=None, scale=0.25)
+    too_big = {_clear_triton.LAUNCHES[0], _clear_triton.LAUNCHES[1]}
+    tried = []
+    launch = _clear_triton._launch
+
+    def limited(config, *args, **kwargs):
+        tried.append(config)
+        if config in too_big:
+            raise _clear_triton.OutOfResources(256 * 1024, 100 * 1024, "shared memory")
+        return launch(config, *args, **kwargs)
+
+    monkeypatch.setattr(_clear_triton, "_launch", limited)
+    monkeypatch.setattr(_clear_triton, "_FITTING", {})
+    out = window_attention_triton(q, k, v, **layout)
+    torch.testing.assert_close(out, dense_reference(q, k, v, **layout), rtol=1e-5, atol=1e-5)
+    assert tried == list(_clear_triton.LAUNCHES)
+    window_attention_triton(q, k, v, **layout)
+    assert tried[3:] == [_clear_triton.LAUNCHES[2]]  # the fitting one is remembered
+    too_big.add(_clear_triton.LAUNCHES[2])
+    monkeypatch.setattr(_clear_triton, "_FITTING", {})
+    with pytest.raises(RuntimeError, match="no configuration of the CLEAR Triton kernel fits.*backend='torch'"):
+        window_attention_triton(q, k, v, **layout)
+
+
 def test_tiles_that_are_not_powers_of_two_are_refused(triton_device):
     q, k, v, _, _ = layout_inputs(1, 1, 16, (4, 6), 0, 0, 0)
     with pytest.raises(ValueError, match="powers of two"):
         window_attention_triton(q, k, v, grid=(4, 6), n_txt=0, radius=2, n_ref=0, down_k=None, down_v=None, scale=1.0,
-                                q_tile=Tile(3, 8))
+                                launch=Launch(Tile(3, 8), Tile(8, 8), 4, 1))
 
 
 @pytest.mark.parametrize("change, message", [

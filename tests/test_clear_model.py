@@ -78,6 +78,17 @@ def test_down_sampling_a_divisible_grid_is_the_reference_cell_sum():
     assert down_sampled_count((8, 12), 4) == expected.shape[2] == 6
 
 
+def test_down_sampling_in_bfloat16_rounds_like_the_reference():
+    # the reference multiplies bfloat16 keys by its bfloat16 spatial_weight and sums each cell
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 2, 4 + 8 * 8, 32, generator=g).to(torch.bfloat16)
+    weight = torch.rand(4, 4, generator=g) / 4
+    expected = reference_down_sample(x, 8, 8, 4, weight.to(torch.bfloat16).reshape(1, 1, 1, 4, 1, 4, 1))
+    out = down_sample(x, (8, 8), 4, weight)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=2 ** -8, atol=0)
+
+
 def test_down_sampling_keeps_only_complete_cells_of_an_uneven_grid():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, 2, 3 + 9 * 14 + 4, 8, generator=g)  # 4 reference tokens after the image are ignored

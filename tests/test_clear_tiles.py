@@ -58,14 +58,15 @@ def test_raster_block_counts_equal_a_brute_force_over_the_dense_mask(grid, radiu
 
 def test_the_2d_kernel_counts_add_up():
     grid, radius = (40, 56), 6
-    work = tiled_work(grid, radius, n_txt=20, n_ref=0, n_down=140, q_tile=Tile(8, 16), k_tile=Tile(8, 8), block=16)
+    work = tiled_work(grid, radius, n_txt=20, n_ref=0, n_down=140, q_tile=Tile(8, 16), k_tile=Tile(8, 8),
+                      side_block=32, block=16)
     q_tiles, k_tiles = 5 * 4, 5 * 7
-    side = math.ceil(20 / 64) + math.ceil(140 / 64)
+    side = math.ceil(20 / 32) + math.ceil(140 / 32)
     image = int(visited_image_tiles(grid, radius, Tile(8, 16), Tile(8, 8)).sum())
     glob = math.ceil(20 / 16) * math.ceil((20 + 40 * 56) / 16)
     assert work.visited_tiles == q_tiles * side + image + glob
     assert work.total_tiles == q_tiles * (side + k_tiles) + glob
-    assert work.computed_pairs == (q_tiles * side + image) * 128 * 64 + glob * 16 * 16 >= work.allowed_pairs
+    assert work.computed_pairs == (q_tiles * side * 32 + image * 64) * 128 + glob * 16 * 16 >= work.allowed_pairs
 
 
 def test_an_8k_flux_window_of_radius_16_holds_793_keys_and_3_tenths_of_a_percent_of_dense():
@@ -74,3 +75,19 @@ def test_an_8k_flux_window_of_radius_16_holds_793_keys_and_3_tenths_of_a_percent
     grid = (512, 512)
     share = window_pairs(grid, 16) / (512 * 512) ** 2
     assert 0.0029 < share < 0.0031
+
+
+def test_the_benchmark_prints_the_counted_work_of_the_kernel_against_raster_blocks(capsys):
+    import importlib
+
+    from ultrares.benchmarks import BENCHMARKS
+
+    bench = importlib.import_module(BENCHMARKS["clear"], "ultrares.benchmarks")
+    bench.work_table(["1K"])
+    rows = {line.split(" | ")[1]: line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1K |")}
+    grid = (64, 64)
+    tiled = tiled_work(grid, 16, 512, 0, 0, Tile(8, 16), Tile(8, 8), 64)
+    raster = raster_work(grid, 16, 512)
+    assert f"{tiled.visited_tiles}/{tiled.total_tiles}" in rows["clear_local_16"]
+    assert f"{raster.visited_tiles}/{raster.total_tiles}" in rows["clear_local_16"]
+    assert rows["clear_local_16"].endswith(f"| {raster.computed_pairs / tiled.computed_pairs:.2f}x |")

@@ -141,20 +141,35 @@ def test_a_window_larger_than_the_grid_gives_the_unpatched_output_and_says_so(pa
     assert "covers the whole 7x10 token grid" in caplog.text and "exact" in caplog.text
 
 
-@pytest.mark.parametrize("name, down, ntk, proportional, cfg", [
-    ("clear_local_3.safetensors", 1, 1.0, False, 1.0),
-    ("clear_local_3_down_2.safetensors", 2, 10.0, True, 2.0),  # cond + uncond: batch 2 per call
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_the_clear_kernels_inside_the_model_give_the_unpatched_output_when_the_window_covers_the_grid(
+        pack_nodes, monkeypatch, backend):
+    # the node hands covering windows to the model's own attention (above); here the CLEAR path
+    # runs anyway, through the token layout, the kernel (Triton interpreted) and the output reshape
+    from ultrares.models.clear.attention import ClearAttention
+
+    model = comfy_harness.tiny_flux_patcher(seed=0)
+    expected = run(model)
+    monkeypatch.setattr(ClearAttention, "is_plain_attention", lambda self, layout: False)
+    out = run(patch(pack_nodes, model, radius=13, backend=backend))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, down, ntk, proportional, cfg, latent", [
+    # odd latent sides (an img2img input cropped to multiples of 8 px): Flux pads them to 7 x 10 tokens
+    ("clear_local_3.safetensors", 1, 1.0, False, 1.0, (1, 16, 13, 19)),
+    ("clear_local_3_down_2.safetensors", 2, 10.0, True, 2.0, LATENT),  # cond + uncond: batch 2 per call
 ])
 def test_the_patched_model_equals_a_hand_built_clear_forward_through_the_sampler(pack_nodes, clear_dir, name, down,
-                                                                                 ntk, proportional, cfg):
+                                                                                 ntk, proportional, cfg, latent):
     state = comfy_harness.clear_released_state_dict(DEPTH, DEPTH_SINGLE, HIDDEN, down_factor=down, seed=5)
     write_file(clear_dir, name, state)
     patched = patch(pack_nodes, comfy_harness.tiny_flux_patcher(seed=0), name, ntk=ntk, proportional=proportional)
     reference = hand_patched_flux(state, ntk, HandBuiltClear(GRID, 3, down, spatial_of(state), proportional))
-    out = run(patched, cfg=cfg)
-    torch.testing.assert_close(out, run(reference, cfg=cfg), rtol=1e-4, atol=1e-4)
+    out = run(patched, latent, cfg=cfg)
+    torch.testing.assert_close(out, run(reference, latent, cfg=cfg), rtol=1e-4, atol=1e-4)
     # and it is not just the plain model
-    assert (out - run(comfy_harness.tiny_flux_patcher(seed=0), cfg=cfg)).abs().max() > 1e-2
+    assert (out - run(comfy_harness.tiny_flux_patcher(seed=0), latent, cfg=cfg)).abs().max() > 1e-2
 
 
 def test_kontext_reference_tokens_are_global_like_text(pack_nodes, clear_dir):
@@ -269,6 +284,8 @@ def test_bad_inputs_are_refused_with_the_reason(pack_nodes, clear_dir):
         patch(pack_nodes, flux, "mystery.safetensors")
     with pytest.raises(ValueError, match="no CLEAR weights file is selected"):
         patch(pack_nodes, flux, "none")
+    with pytest.raises(ValueError, match="already went through a CLEAR node"):
+        patch(pack_nodes, patch(pack_nodes, flux, "clear_local_8.safetensors"), "clear_local_8.safetensors")
 
 
 def test_metadata_and_overrides_choose_the_pattern(pack_nodes, clear_dir):
