@@ -172,20 +172,37 @@ def test_each_workflow_has_a_jpeg_thumbnail_beside_it(path):
     assert thumbnail.read_bytes()[:3] == JPEG_MAGIC
 
 
-def _schemas_in_source() -> dict[str, tuple[list[str], list[str], int]]:
-    """``node_id -> (required inputs, optional inputs, output count)`` read from ``nodes/*.py``."""
+NUMERIC_OPTIONS = ("default", "min", "max")
+
+
+def _literal_options(item: ast.Call) -> dict:
+    """The widget options an input states as literals (defaults, bounds), e.g. ``default=0``."""
+    options = {}
+    for keyword in item.keywords:
+        if keyword.arg in NUMERIC_OPTIONS:
+            try:
+                options[keyword.arg] = ast.literal_eval(keyword.value)
+            except ValueError:
+                pass
+    return options
+
+
+def _schemas_in_source() -> dict[str, tuple[list[str], list[str], int, dict[str, dict]]]:
+    """``node_id -> (required inputs, optional inputs, output count, literal widget options)``
+    read from ``nodes/*.py``."""
     schemas = {}
     for path in sorted(NODES_DIR.glob("*.py")):
         for call in ast.walk(ast.parse(path.read_text())):
             if not (isinstance(call, ast.Call) and getattr(call.func, "attr", None) == "Schema"):
                 continue
             keywords = {keyword.arg: keyword.value for keyword in call.keywords}
-            required, optional = [], []
+            required, optional, options = [], [], {}
             for item in keywords["inputs"].elts:
                 optional_kw = any(k.arg == "optional" and getattr(k.value, "value", False) for k in item.keywords)
                 (optional if optional_kw else required).append(item.args[0].value)
+                options[item.args[0].value] = _literal_options(item)
             outputs = keywords.get("outputs")
-            schemas[keywords["node_id"].value] = (required, optional, len(outputs.elts) if outputs else 0)
+            schemas[keywords["node_id"].value] = (required, optional, len(outputs.elts) if outputs else 0, options)
     return schemas
 
 
@@ -193,7 +210,13 @@ def test_the_snapshot_of_pack_nodes_matches_their_source():
     source = _schemas_in_source()
     snapshot = {name: d for name, d in DEFINITIONS.items() if name.startswith("UltraRes")}
     assert set(snapshot) == set(source), "refresh tests/workflows/node_definitions.json"
-    for name, (required, optional, outputs) in source.items():
-        order = snapshot[name].raw["input_order"]
+    for name, (required, optional, outputs, options) in source.items():
+        raw = snapshot[name].raw
+        order = raw["input_order"]
         assert (order.get("required", []), order.get("optional", []), len(snapshot[name].outputs)) == (
             required, optional, outputs), f"{name}: refresh tests/workflows/node_definitions.json"
+        specs = {**raw["input"].get("required", {}), **raw["input"].get("optional", {})}
+        for input_name, stated in options.items():
+            shown = specs[input_name][1] if len(specs[input_name]) > 1 else {}
+            assert {k: shown.get(k) for k in stated} == stated, (
+                f"{name}.{input_name}: refresh tests/workflows/node_definitions.json")
