@@ -12,7 +12,7 @@ from .machine import describe_machine
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ultrares.benchmarks", description=__doc__)
     parser.add_argument("names", nargs="*", help=f"benchmarks to run, of {sorted(BENCHMARKS)} (default: all)")
-    parser.add_argument("--quick", action="store_true", help="small sizes only (about a minute on a CPU)")
+    parser.add_argument("--quick", action="store_true", help="small sizes only (about two minutes for all three on 2 CPU cores)")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.names) - set(BENCHMARKS))
     if unknown:
