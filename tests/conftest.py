@@ -44,3 +44,17 @@ def triton_device() -> str:
     if not triton_importable():
         pytest.fail("triton is not installed: install the test extra (pip install -e '.[test]')")
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def one_cpu_thread():
+    """One intra-op thread for the test, then the previous setting.
+
+    Tests built on tiny models run many small ops: a second thread only adds pool overhead,
+    and stalls on a busy machine. Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_cpu_thread")``.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

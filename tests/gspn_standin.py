@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,16 +18,6 @@ from torch import nn
 from ultrares.models.gspn.distill import Capture
 
 CONTEXT_DIM = 12
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Import into a test module: tiny tensors gain nothing from a second thread, which only adds
-    pool overhead (and stalls on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @dataclass

@@ -7,13 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from gspn_standin import StandInHost, TinyUNet, one_thread  # noqa: F401  (autouse fixture)
+from gspn_standin import StandInHost, TinyUNet
 from ultrares.models.gspn import GSPNConfig, GSPNLayers, find_attn1_layers, load_gspn_weights, save_gspn_weights
 from ultrares.models.gspn.distill import (DistillSettings, distill, evaluate, layer_matching_backward,
                                          layer_matching_loss, trajectory_points)
 from ultrares.models.gspn.optimizer_state import (load_optimizer_state, make_optimizer, optimizer_path,
                                                   save_optimizer_state)
 from ultrares.models.gspn.loss_plot import draw_loss_plot
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 FAMILY = "TinyStandIn"
 HELD_OUT_SEED = 10_000

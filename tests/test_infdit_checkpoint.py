@@ -12,7 +12,8 @@ from ultrares.models.infdit import convert
 from ultrares.models.infdit.checkpoint import CheckpointError, convert_checkpoint, load_infdit
 from ultrares.models.infdit.config import InfDiTConfig
 from ultrares.models.infdit.tiny import TINY, TINY_CLIP, released_state_dict, save_released_layout, tiny_weights
-from test_infdit_support import one_cpu_thread  # noqa: F401  (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from ultrares.models.infdit.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_view
 from ultrares.models.infdit.tiny import TINY_CLIP, tiny_weights
-from test_infdit_support import one_cpu_thread  # noqa: F401  (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def reference_tower(clip, pixels: torch.Tensor, activation) -> torch.Tensor:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ultrares.models.infdit.lr_context import LRContext
 from ultrares.models.infdit.placement import Placement
 from ultrares.models.infdit.tiny import TINY, tiny_weights
-from test_infdit_support import one_cpu_thread  # noqa: F401  (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 CPU = torch.device("cpu")
 

@@ -12,7 +12,8 @@ from ultrares.models.infdit.meter import LiveTensorMeter
 from ultrares.models.infdit.network import InfDiT
 from ultrares.models.infdit.tiny import TINY, tiny_weights
 from ultrares.models.infdit.upscale import UpscaleOptions, fit_budget, plan_stage, upscale, weight_bytes
-from test_infdit_support import one_cpu_thread  # noqa: F401  (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 CPU = torch.device("cpu")
 

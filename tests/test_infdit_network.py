@@ -13,7 +13,8 @@ from ultrares.models.infdit.plan import BlockBatch
 from ultrares.models.infdit.rope import apply_rope, rope_cos_sin
 from ultrares.models.infdit.tiny import TINY, tiny_weights
 from ultrares.models.infdit.uniba import SEGMENTS, blocks_to_image, gather_segments, to_blocks, token_positions
-from test_infdit_support import one_cpu_thread  # noqa: F401  (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def reference_rope_table(period: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:

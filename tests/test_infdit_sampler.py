@@ -17,7 +17,8 @@ from ultrares.models.infdit.sampler import (NOISE_CHUNK, edm_precondition, edm_s
 from ultrares.models.infdit.tiny import TINY, tiny_weights
 from ultrares.models.infdit.upscale import UpscaleOptions, upscale
 from infdit_full_mode import reference_upscale_4x
-from test_infdit_support import one_cpu_thread  # noqa: F401  (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 CPU = torch.device("cpu")
 

@@ -19,7 +19,8 @@ from ultrares.models.infdit.placement import Placement
 from ultrares.models.infdit.plan import BlockBatch, CacheSchedule, plan_batches, resolve_scan
 from ultrares.models.infdit.tiny import tiny_weights
 from infdit_full_mode import reference_evaluation
-from test_infdit_support import one_cpu_thread  # noqa: F401  (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 CPU = torch.device("cpu")
 GRID = (5, 7)

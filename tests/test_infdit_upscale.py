@@ -8,7 +8,8 @@ import torch
 from ultrares.models.infdit.preprocess import pad_to_multiple, resize_bicubic
 from ultrares.models.infdit.tiny import tiny_weights
 from ultrares.models.infdit.upscale import UpscaleOptions, upscale
-from test_infdit_support import one_cpu_thread  # noqa: F401  (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 CPU = torch.device("cpu")
 FAST = dict(steps=2, seed=1)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import comfy_harness
-from gspn_standin import one_thread  # noqa: F401  (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 HELD_OUT_SEED = 500
 
