@@ -8,7 +8,6 @@ blocks), then CPU time of the pack's tiled PyTorch path vs dense SDPA vs FlexAtt
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 
 import torch
@@ -19,6 +18,7 @@ from ..kernels._clear_triton import DEFAULT_K_TILE, DEFAULT_Q_TILE, SIDE_BLOCK
 from ..models.clear.attention import ClearAttention, TokenLayout
 from ..models.clear.downsample import down_sampled_count
 from ..models.clear.pattern import ClearPattern
+from .timing import timed_call
 
 FLUX_HEADS, FLUX_HEAD_DIM, FLUX_TEXT = 24, 128, 512
 SIZES = {"1K": 64, "2K": 128, "4K": 256, "8K": 512}  # square images: tokens per side (16 px each)
@@ -73,13 +73,7 @@ def best_times(runners: dict[str, Callable[[], object]], repeats: int, device: t
     best = {name: float("inf") for name in runners}
     for _ in range(repeats):
         for name, fn in runners.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            best[name] = min(best[name], time.perf_counter() - start)
+            best[name] = min(best[name], timed_call(fn, device))
     return best
 
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from ..kernels.gspn_scan import gspn_scan
 from ..models.gspn import GSPNAttention
 from .machine import describe_machine
+from .timing import timed_call
 
 CPU_SIDES = (64, 96, 128, 192, 256)
 GPU_SIDES = (64, 128, 256, 512, 1024, 2048, 4096)
@@ -47,13 +48,7 @@ def _time(fn: Callable[[], object], device: torch.device, repeats: int) -> float
     clock = time.perf_counter if device.type == "cuda" else time.process_time
 
     def once() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = clock()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return clock() - start
+        return timed_call(fn, device, clock)
 
     if once() > 1.0:  # slow sizes: one timed run is enough
         repeats = 1

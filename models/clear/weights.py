@@ -25,12 +25,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ..key_lists import name_first
+
 DOUBLE_PREFIX = "transformer_blocks"
 SINGLE_PREFIX = "single_transformer_blocks"
 DOUBLE_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 SINGLE_PROJECTIONS = ("to_q", "to_k", "to_v")
 SPATIAL_SUFFIX = "attn.processor.spatial_weight"
-SHOWN = 5  # how many offending keys an error names
 
 Block = tuple[str, int]  # ("double", i) or ("single", i)
 Offset = tuple[int, int, int]  # (dim, start, length) of a slice
@@ -43,11 +44,6 @@ class ClearFileError(ValueError):
 
 def _natural(key: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
-
-
-def _first(keys: list[str]) -> str:
-    more = f" (+{len(keys) - SHOWN} more)" if len(keys) > SHOWN else ""
-    return ", ".join(keys[:SHOWN]) + more
 
 
 def released_keys(depth: int, depth_single: int, down_sampled: bool) -> list[str]:
@@ -124,7 +120,7 @@ def plan_weights(state_dict: Mapping[str, torch.Tensor], key_map: KeyMap, model_
     missing = [k for k in expected if k not in state_dict]
     unexpected = sorted(set(state_dict) - set(expected), key=_natural)
     if missing or unexpected:
-        parts = [f"missing {_first(missing)}" if missing else "", f"unexpected {_first(unexpected)}" if unexpected else ""]
+        parts = [f"missing {name_first(missing)}" if missing else "", f"unexpected {name_first(unexpected)}" if unexpected else ""]
         raise ClearFileError(f"{name} does not fit this Flux ({depth} double + {depth_single} single blocks): "
                              + "; ".join(p for p in parts if p))
     spatial = _spatial_weights(state_dict, name)
@@ -151,5 +147,5 @@ def plan_weights(state_dict: Mapping[str, torch.Tensor], key_map: KeyMap, model_
         if on_progress is not None:
             on_progress(done + 1, len(projections))
     if bad:
-        raise ClearFileError(f"{name} does not fit this Flux: {_first(bad)}")
+        raise ClearFileError(f"{name} does not fit this Flux: {name_first(bad)}")
     return ClearWeights(patches, spatial)

@@ -18,11 +18,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..key_lists import name_first
 from .layers import GSPNConfig, GSPNLayers, LayerSpec
 
 FORMAT = "ultrares.gspn"
 FORMAT_VERSION = "1"
-_SHOWN = 5
 
 
 class GSPNWeightsError(ValueError):
@@ -59,18 +59,13 @@ def save_gspn_weights(path: str | os.PathLike, layers: GSPNLayers, base_model: s
     os.replace(partial, path)
 
 
-def _first(items: Sequence[str]) -> str:
-    shown = ", ".join(items[:_SHOWN])
-    return shown + (f" (and {len(items) - _SHOWN} more)" if len(items) > _SHOWN else "")
-
-
 def _check_layers(name: str, file_specs: list[LayerSpec], model_specs: Sequence[LayerSpec]) -> None:
     have = {s.name: s.dim for s in file_specs}
     want = {s.name: s.dim for s in model_specs}
     missing = [f"{k} (width {v})" for k, v in want.items() if k not in have]
     extra = [f"{k} (width {v})" for k, v in have.items() if k not in want]
     resized = [f"{k} (file width {have[k]}, model width {v})" for k, v in want.items() if k in have and have[k] != v]
-    problems = [f"{label}: {_first(items)}" for label, items in (
+    problems = [f"{label}: {name_first(items)}" for label, items in (
         ("layers of the model missing from the file", missing), ("layers the model does not have", extra),
         ("layers of another width", resized)) if items]
     if problems:
@@ -112,7 +107,7 @@ def load_gspn_weights(path: str | os.PathLike, base_model: str | None = None,
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if state[k].shape != expected[k])
     if missing or unexpected or wrong:
-        details = [f"{label}: {_first(keys)}" for label, keys in (
+        details = [f"{label}: {name_first(keys)}" for label, keys in (
             ("missing keys", missing), ("unexpected keys", unexpected),
             ("keys with the wrong shape", [f"{k} {tuple(state[k].shape)} != {tuple(expected[k])}" for k in wrong]))
             if keys]

@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..key_lists import name_first
 from .clip_vision import ClipVisionConfig, ClipVisionEncoder
 from .config import InfDiTConfig
 from .network import InfDiT
@@ -101,11 +102,6 @@ def _rename(key: str, rules: list[tuple[re.Pattern[str], str]]) -> str | None:
     return None
 
 
-def _describe(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
-
-
 # ---------------------------------------------------------------------------------------------
 # Reading files
 
@@ -175,7 +171,7 @@ def read_state_dict(path: str | Path, allow_globals: tuple[str, ...] = ()) -> tu
     tensors = {key: value for key, value in data.items() if isinstance(value, torch.Tensor)}
     others = sorted(key for key in data if key not in tensors)
     if others:
-        raise CheckpointError(f"{path.name}: entries that are not tensors in the state dict: {_describe(others)}")
+        raise CheckpointError(f"{path.name}: entries that are not tensors in the state dict: {name_first(others, 8)}")
     return tensors, {}
 
 
@@ -210,7 +206,7 @@ def split_sat(state: dict[str, torch.Tensor]) -> SplitCheckpoint:
         elif not any(regex.match(key) for regex in _SAT_IGNORED):
             unknown.append(key)
     if unknown:
-        raise CheckpointError(f"unexpected keys in the SAT checkpoint: {_describe(sorted(unknown))}")
+        raise CheckpointError(f"unexpected keys in the SAT checkpoint: {name_first(sorted(unknown), 8)}")
     rope = state.get(SAT_ROPE_TABLE)
     return SplitCheckpoint(dit, clip, rope.shape[0] if rope is not None else DEFAULT_ROPE_PERIOD, sat=True)
 
@@ -247,7 +243,7 @@ def split_checkpoint(state: dict[str, torch.Tensor], metadata: dict) -> SplitChe
         raise CheckpointError(
             "this is not an Inf-DiT checkpoint: it has neither the released (SAT) keys such as "
             "'transformer.layers.0.attention.query_key_value.weight' nor this pack's 'blocks.0.qkv.weight' "
-            f"(first keys: {_describe(sorted(state), 5)})")
+            f"(first keys: {name_first(sorted(state))})")
     dit = {key: value for key, value in state.items() if not key.startswith(CLIP_PREFIX)}
     clip = {key[len(CLIP_PREFIX):]: value for key, value in state.items() if key.startswith(CLIP_PREFIX)}
     return SplitCheckpoint(dit, clip, int(metadata.get("rope_period", DEFAULT_ROPE_PERIOD)))
@@ -264,12 +260,12 @@ def clip_state_from_file(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
             rest = [key for key in state if not key.startswith(prefix)
                     and not re.match(OPENCLIP_TEXT + r"\Z", key.removeprefix("image_encoder.model."))]
             if rest:
-                raise CheckpointError(f"unexpected keys beside the CLIP image tower: {_describe(sorted(rest))}")
+                raise CheckpointError(f"unexpected keys beside the CLIP image tower: {name_first(sorted(rest), 8)}")
             return tower
     if "conv1.weight" in state:
         return dict(state)
     raise CheckpointError("this is not an OpenCLIP ViT image tower: no 'visual.conv1.weight' or 'conv1.weight' "
-                          f"(first keys: {_describe(sorted(state), 5)})")
+                          f"(first keys: {name_first(sorted(state))})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,9 +321,9 @@ def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: s
     unexpected = [source_name(key) for key in sorted(set(state) - set(expected))]
     wrong = [f"{source_name(key)} {tuple(state[key].shape)} (expected {tuple(expected[key].shape)})"
              for key in sorted(set(state) & set(expected)) if state[key].shape != expected[key].shape]
-    problems = ([f"missing {what} keys: {_describe(missing)}"] if missing else []) + \
-               ([f"unexpected {what} keys: {_describe(unexpected)}"] if unexpected else []) + \
-               ([f"{what} shapes that do not fit the inferred configuration: {_describe(wrong)}"] if wrong else [])
+    problems = ([f"missing {what} keys: {name_first(missing, 8)}"] if missing else []) + \
+               ([f"unexpected {what} keys: {name_first(unexpected, 8)}"] if unexpected else []) + \
+               ([f"{what} shapes that do not fit the inferred configuration: {name_first(wrong, 8)}"] if wrong else [])
     if problems:
         raise CheckpointError("; ".join(problems))
     module.load_state_dict(state, assign=True)
