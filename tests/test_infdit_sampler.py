@@ -133,7 +133,7 @@ def image():
 
 
 @pytest.fixture(scope="module")
-def full_sample(tiny, image):
+def full_sample(one_cpu_thread, tiny, image):
     """The whole-image sample of :mod:`infdit_full_mode` (not the scheduler with one batch)."""
     return reference_upscale_4x(tiny, image, steps=3, seed=11, init_noise=True)
 

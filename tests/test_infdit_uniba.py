@@ -41,7 +41,7 @@ def make_case(grid: tuple[int, int]):
 
 
 @pytest.fixture(scope="module")
-def case():
+def case(one_cpu_thread):
     return make_case(GRID)
 
 
