@@ -122,10 +122,12 @@ def budgets(weights, side, device, offload: bool) -> None:
 
 
 def released_weight_bytes(dtype: torch.dtype = torch.bfloat16) -> int:
-    """Bytes of the released DiT and its CLIP tower in ``dtype``, counted without building them."""
+    """Bytes of the released DiT (RoPE tables included) and its CLIP tower in ``dtype``, counted
+    without building them."""
     with torch.device("meta"):
         modules = (InfDiT(RELEASED), ClipVisionEncoder(ClipVisionConfig()))
-    return sum(p.numel() for m in modules for p in m.parameters()) * torch.empty((), dtype=dtype).element_size()
+    elements = sum(t.numel() for m in modules for t in (*m.parameters(), *m.buffers()))
+    return elements * torch.empty((), dtype=dtype).element_size()
 
 
 def released_derived(cases: list[tuple[int, int]], margin: float) -> None:

@@ -19,7 +19,6 @@ from .lr_context import LRContext
 from .network import InfDiT
 from .placement import Placement
 from .plan import BlockBatch, CacheSchedule
-from .rope import rope_cos_sin
 from .sampler import edm_precondition
 from .uniba import token_positions
 
@@ -56,7 +55,7 @@ def evaluate(net: InfDiT, x: torch.Tensor, sigma: float, context: ImageContext, 
         x_batch = placement.to_device(x[:, :, ys, xs])
         h = net.embed(torch.cat([x_batch, placement.to_device(context.concat_lr[:, :, ys, xs])], dim=1) * c_in)
         rows, cols = token_positions(batch.rows, batch.cols, cfg.block, device)
-        cos, sin = (t[..., None, :] for t in rope_cos_sin(rows, cols, cfg.head_dim, cfg.rope_period, net.dtype))
+        cos, sin = (t[..., None, :] for t in net.rope(rows, cols))
         gather = cache.neighbours(index)
         for layer in range(cfg.layers):
             window_kv = context.lr.windows(batch.rows, batch.cols) if layer == 0 else None

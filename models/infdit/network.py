@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import InfDiTConfig
-from .rope import apply_rope
+from .rope import RotaryTable, apply_rope
 from .uniba import blocks_to_image, to_blocks
 
 Neighbours = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -145,6 +145,7 @@ class InfDiT(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.layers))
         self.lr_xattn = LRCrossAttention(cfg)
         self.final = FinalLayer(cfg)
+        self.rope = RotaryTable(cfg.rope_period, cfg.head_dim)
 
     @property
     def dtype(self) -> torch.dtype:

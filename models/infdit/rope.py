@@ -2,14 +2,23 @@
 
 The first half of each head rotates with the token's row, the second half with its column;
 within a half, dims (2m, 2m+1) form one rotation pair with frequency 10000^(-2m/half).
-Angles are computed in fp32 exactly as the reference builds its table and then cast to the
-compute dtype (the reference stores the table in the model dtype). Positions wrap at
-``period`` tokens per axis, as in the reference sampler.
+
+The reference looks cos and sin up in ``[period, period, head_dim]`` tables (``freqs_cos``,
+``freqs_sin``) that it builds in fp32 and then casts with the model: the released checkpoint
+holds them in bf16, and those stored values are what its attention uses, in every compute
+dtype. Entry ``[r, c]`` is the row part at ``r`` followed by the column part at ``c``, so a
+table is given exactly by its diagonal ``[period, head_dim]``: :class:`RotaryTable` holds the
+diagonal of the checkpoint's tables (their values, whatever arithmetic made them) and looks
+tokens up in it. Positions wrap at ``period`` tokens per axis, as in the reference sampler.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+CHECK_ROWS = 64
+"""Table rows compared at a time by :func:`table_diagonal` (bounds its temporary memory)."""
 
 
 def rope_frequencies(head_dim: int) -> torch.Tensor:
@@ -18,17 +27,37 @@ def rope_frequencies(head_dim: int) -> torch.Tensor:
     return 1.0 / (10000 ** (torch.arange(0, half, 2)[: half // 2].float() / half))
 
 
-def _axis_angles(positions: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    angles = positions.float()[..., None] * freqs
-    return angles.repeat_interleave(2, dim=-1)
+def rope_table(period: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The diagonal ``[period, head_dim]`` of a freshly built table, as the reference builds it:
+    fp32 positions ``arange(period) / period * period`` (not always whole numbers), fp32 angles."""
+    positions = torch.arange(period) / period * period
+    axis = (positions[:, None] * rope_frequencies(head_dim)).repeat_interleave(2, dim=-1)
+    angles = torch.cat([axis, axis], dim=-1)
+    return angles.cos(), angles.sin()
 
 
-def rope_cos_sin(rows: torch.Tensor, cols: torch.Tensor, head_dim: int, period: int,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, ``[..., head_dim]``, for tokens at integer ``rows``/``cols`` (any shape)."""
-    freqs = rope_frequencies(head_dim).to(rows.device)
-    angles = torch.cat([_axis_angles(rows % period, freqs), _axis_angles(cols % period, freqs)], dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+def full_table(diagonal: torch.Tensor) -> torch.Tensor:
+    """The reference's ``[period, period, head_dim]`` layout of a table diagonal."""
+    period, half = diagonal.shape[0], diagonal.shape[1] // 2
+    return torch.cat([diagonal[:, None, :half].expand(-1, period, -1),
+                      diagonal[None, :, half:].expand(period, -1, -1)], dim=-1)
+
+
+def table_diagonal(table: torch.Tensor) -> torch.Tensor:
+    """The diagonal of a ``[period, period, head_dim]`` table that is exactly a row part and a
+    column part (every table the reference builds is); ``ValueError`` otherwise."""
+    if table.dim() != 3 or table.shape[0] != table.shape[1] or table.shape[2] % 4:
+        raise ValueError(f"shape {tuple(table.shape)} is not [period, period, head_dim] with head_dim divisible by 4")
+    index = torch.arange(table.shape[0])
+    diagonal = table[index, index]
+    half = table.shape[2] // 2
+    for start in range(0, table.shape[0], CHECK_ROWS):
+        rows, row_parts = table[start:start + CHECK_ROWS], diagonal[start:start + CHECK_ROWS, None, :half]
+        if not (torch.equal(rows[..., :half], row_parts.expand_as(rows[..., :half]))
+                and torch.equal(rows[..., half:], diagonal[None, :, half:].expand_as(rows[..., half:]))):
+            raise ValueError("it is not a 2D rotary table: its entries do not depend on the row alone in the first "
+                             "half of each head and on the column alone in the second half")
+    return diagonal
 
 
 def rotate_pairs(t: torch.Tensor) -> torch.Tensor:
@@ -39,3 +68,25 @@ def rotate_pairs(t: torch.Tensor) -> torch.Tensor:
 
 def apply_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return t * cos + rotate_pairs(t) * sin
+
+
+class RotaryTable(nn.Module):
+    """The cos and sin table diagonals ``[period, head_dim]`` as buffers of the weights (loaded
+    from the checkpoint and cast with the model, as the reference casts its tables), and the
+    lookup. A new module holds a freshly built table, as a newly built reference model does."""
+
+    def __init__(self, period: int, head_dim: int):
+        super().__init__()
+        cos, sin = rope_table(period, head_dim)
+        self.register_buffer("cos", cos)
+        self.register_buffer("sin", sin)
+
+    @property
+    def period(self) -> int:
+        return self.cos.shape[0]
+
+    def forward(self, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin ``[..., head_dim]`` (table dtype) for tokens at integer ``rows``/``cols`` (any shape)."""
+        rows, cols, half = rows % self.period, cols % self.period, self.cos.shape[1] // 2
+        return (torch.cat([self.cos[rows, :half], self.cos[cols, half:]], dim=-1),
+                torch.cat([self.sin[rows, :half], self.sin[cols, half:]], dim=-1))

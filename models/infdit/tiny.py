@@ -6,7 +6,8 @@ rules as the released model: 4-px patches, LR cross-attention at 1/4 of the outp
 LR-block window; RoPE wraps every 64 tokens so small images exercise the wrap) and a 2-layer
 CLIP tower (two heads). :func:`save_released_layout` writes such weights
 the way the release was saved: SAT names under DeepSpeed's ``['module']``, with the unused
-tensors and the client state (including a numpy RNG state) beside them.
+tensors and the client state (including a numpy RNG state) beside them; the RoPE tables are
+bf16 buffers, as in the release (built in fp32, then cast with the bf16 model).
 """
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import SAT_CLIP_PREFIX, SAT_ROPE_TABLE, InfDiTWeights, pack_to_sat
+from .checkpoint import ROPE_TABLES, SAT_CLIP_PREFIX, InfDiTWeights, pack_to_sat
 from .clip_vision import ClipVisionConfig, ClipVisionEncoder
 from .config import InfDiTConfig
 from .network import InfDiT, randomize_
-from .rope import rope_cos_sin
 
 TINY = InfDiTConfig(hidden=64, layers=2, heads=2, patch=4, block=4, lr_block=2, time_channels=32, vector_dim=16,
                     rope_period=64)
@@ -40,15 +40,14 @@ def tiny_weights(seed: int = 0, cfg: InfDiTConfig = TINY, clip_cfg: ClipVisionCo
 
 
 def released_state_dict(weights: InfDiTWeights, seed: int = 0) -> dict[str, torch.Tensor]:
-    """``['module']`` of the release for these weights: SAT names plus the tensors it ignores."""
+    """``['module']`` of the release for these weights: SAT names plus the tensors it ignores,
+    the RoPE tables (the network's own, whole) in bf16 whatever the weights' dtype."""
     cfg = weights.net.cfg
     generator = torch.Generator().manual_seed(seed)
     clip = weights.clip.state_dict() if weights.clip is not None else None
     state = pack_to_sat(weights.net.state_dict(), clip)
-    rows = torch.arange(cfg.rope_period)
-    cos, sin = rope_cos_sin(rows[:, None].expand(-1, cfg.rope_period), rows[None, :].expand(cfg.rope_period, -1),
-                            cfg.head_dim, cfg.rope_period, torch.float32)
-    state[SAT_ROPE_TABLE], state[SAT_ROPE_TABLE.replace("cos", "sin")] = cos, sin
+    for key in ROPE_TABLES.values():
+        state[key] = state[key].bfloat16()
     for layer in range(cfg.layers):
         for param in ("weight", "bias"):
             state[f"mixins.adaln_layer.k_layer_norm.{layer}.{param}"] = torch.randn(cfg.head_dim, generator=generator)

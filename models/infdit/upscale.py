@@ -63,8 +63,9 @@ class Progress:
 
 
 def weight_bytes(weights: InfDiTWeights) -> int:
+    """Device bytes of the loaded model: parameters and buffers (the RoPE tables)."""
     modules = [weights.net] + ([weights.clip] if weights.clip is not None else [])
-    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+    return sum(t.numel() * t.element_size() for m in modules for t in (*m.parameters(), *m.buffers()))
 
 
 def stage_factors(scale: int) -> tuple[int, ...]:
