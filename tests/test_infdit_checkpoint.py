@@ -179,7 +179,7 @@ def test_stored_table_values_are_used_even_where_a_recomputation_would_round_oth
     assert relative(scheduled_evaluation(net, torch.float32), reference(net, torch.float32, (cos, changed[SIN]))) <= 1e-5
 
 
-@pytest.mark.parametrize("stored", [torch.bfloat16])
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float32])
 def test_a_converted_file_computes_exactly_what_the_released_file_computes(released_file, tmp_path, stored):
     target = tmp_path / "converted.safetensors"
     convert_checkpoint(released_file, target, stored)

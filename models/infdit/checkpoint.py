@@ -407,13 +407,24 @@ class InfDiTWeights:
     clip: ClipVisionEncoder | None
 
 
+ALIGNMENT = 64
+"""Bytes PyTorch aligns its CPU allocations to."""
+
+
+def _in_dtype(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``value`` in ``dtype``, in aligned memory: safetensors hands out views into the file at any
+    offset, and CPU kernels round differently on unaligned weights (a converted fp32 file would
+    otherwise compute other last bits than the file it came from)."""
+    return value.to(dtype, copy=value.data_ptr() % ALIGNMENT != 0)
+
+
 def _build(cls, cfg, state: dict[str, torch.Tensor], what: str, dtype: torch.dtype,
            source_name: Callable[[str], str] = str) -> torch.nn.Module:
     """``cls(cfg)`` holding ``state`` in ``dtype``: every tensor is cast, the RoPE tables too, as the
     reference casts its buffers with the model before loading the stored values into them."""
     with torch.device("meta"):
         module = cls(cfg)
-    load_strict(module, {key: value.to(dtype) for key, value in state.items()}, what, source_name)
+    load_strict(module, {key: _in_dtype(value, dtype) for key, value in state.items()}, what, source_name)
     return module.eval().requires_grad_(False)
 
 
