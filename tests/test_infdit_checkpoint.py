@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import os
+import pickle
+import subprocess
 
 import pytest
 import torch
@@ -310,6 +313,43 @@ def test_an_unknown_pickled_object_is_refused_by_name_unless_allowed(released, t
     with pytest.raises(CheckpointError, match=r"datetime\.timedelta.*--allow-global datetime\.timedelta"):
         load_infdit(path)
     assert load_infdit(path, allow_globals=("datetime.timedelta",)).net.cfg == TINY
+
+
+class Pickled:
+    """An object that pickles as a call of ``function(*args)`` (torch.load would make that call)."""
+
+    def __init__(self, function, *args):
+        self.call = (function, args)
+
+    def __reduce__(self):
+        return self.call
+
+
+@pytest.mark.parametrize("payload, name", [(Pickled(os.system, "exit 0"), "posix.system"),
+                                           (Pickled(eval, "0"), "builtins.eval"),
+                                           (Pickled(subprocess.Popen, ["true"]), "subprocess.Popen")],
+                         ids=["os.system", "eval", "subprocess"])
+def test_a_pickle_that_runs_commands_is_refused_by_name_without_advice_to_allow_it(released, tmp_path, payload, name):
+    if os.name == "nt" and name == "posix.system":
+        name = "nt.system"
+    path = tmp_path / "hostile.pt"
+    torch.save({"module": released, "client_state": payload}, path)
+    with pytest.raises(CheckpointError) as refused:
+        load_infdit(path)
+    text = str(refused.value)
+    assert f"pickled call of {name}, which runs commands or code" in text
+    assert not any(advice in text for advice in ("weights_only", "allow-global", "allow_globals", "safe_globals"))
+    with pytest.raises(CheckpointError, match="will not allow the pickled global"):
+        load_infdit(path, allow_globals=(name,))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 4")
+def test_a_pickle_the_safe_loader_cannot_read_is_refused_without_torchs_advice_to_load_it_unsafely(tmp_path):
+    path = tmp_path / "protocol4.pt"
+    path.write_bytes(pickle.dumps({"module": {}}, protocol=4))
+    with pytest.raises(CheckpointError, match=r"cannot read the file as a torch checkpoint \(Unsupported operand") as refused:
+        load_infdit(path)
+    assert "weights_only" not in str(refused.value)
 
 
 def test_clip_comes_from_a_separate_openclip_file_when_the_checkpoint_has_none(weights, tmp_path):

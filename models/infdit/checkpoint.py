@@ -20,13 +20,16 @@ which its tables must fit.
 The pickle is opened with ``torch.load(weights_only=True)``: besides tensors it may only
 build the numpy types DeepSpeed stores its RNG state with. Any other pickled global is
 refused by name (running it could execute code from the file), unless the caller names it
-in ``allow_globals`` after deciding to trust the file.
+in ``allow_globals`` after deciding to trust the file; globals that run commands or code
+(``os.system``, ``eval``, ``subprocess`` ...) are never allowed and never suggested.
 """
 
 from __future__ import annotations
 
+import _compat_pickle
 import importlib
 import math
+import pickle
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -115,6 +118,29 @@ def _rename(key: str, rules: list[tuple[re.Pattern[str], str]]) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # Reading files
 
+CODE_RUNNING_MODULES = frozenset({
+    "builtins", "os", "posix", "nt", "sys", "subprocess", "shutil", "socket", "importlib", "runpy", "pty",
+    "ctypes", "code", "codeop", "pickle", "_pickle", "marshal", "multiprocessing", "threading", "_thread", "signal",
+    "asyncio", "types", "functools", "operator", "inspect", "pdb", "bdb", "webbrowser", "platform", "io", "_io",
+    "pathlib", "tempfile", "glob", "timeit", "pydoc", "site", "zipimport", "copyreg", "imp", "urllib", "http",
+})
+"""Modules whose pickled globals can run commands or code (eval, os.system, subprocess.Popen,
+getattr, functools.partial ...): never allowed, never suggested to a user."""
+
+
+def _python3_name(name: str) -> str:
+    """A pickled global as Python 3 names it: protocol-2 pickles use Python 2's module names
+    (``commands.Popen`` is ``subprocess.Popen``) and torch drops the ``builtins.`` prefix."""
+    module, _, attr = name.rpartition(".")
+    if not module:
+        return f"builtins.{name}"
+    module, attr = _compat_pickle.NAME_MAPPING.get((module, attr), (module, attr))
+    return f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{attr}"
+
+
+def _runs_code(name: str) -> bool:
+    return _python3_name(name).split(".")[0] in CODE_RUNNING_MODULES
+
 
 def _allowed_pickle_globals(extra: tuple[str, ...]) -> list:
     try:
@@ -126,6 +152,9 @@ def _allowed_pickle_globals(extra: tuple[str, ...]) -> list:
                      (_reconstruct, "numpy._core.multiarray._reconstruct"), np.ndarray, np.dtype]
     allowed += [cls for name in dir(np.dtypes) if isinstance(cls := getattr(np.dtypes, name), type)]
     for name in extra:
+        if _runs_code(name):
+            raise CheckpointError(f"will not allow the pickled global {name!r}: it can run commands or code, which "
+                                  "a weights file never needs")
         module, _, attr = name.rpartition(".")
         try:
             allowed.append((getattr(importlib.import_module(module), attr), name))
@@ -137,8 +166,18 @@ def _allowed_pickle_globals(extra: tuple[str, ...]) -> list:
 def _refused_global(error: Exception) -> str | None:
     text = str(error)
     match = (re.search(r"GLOBAL ([\w.]+) was not an allowed global", text)
+             or re.search(r"unsupported GLOBAL ([\w.]+) whose module [\w.]+ is blocked", text)
              or re.search(r"but got <class '([\w.]+)'>", text))
     return match.group(1) if match else None
+
+
+def _unpickling_reason(error: Exception) -> str:
+    """What torch's safe unpickler objected to, without its advice to load the file unsafely."""
+    text = str(error)
+    if not isinstance(error, pickle.UnpicklingError) and "weights_only" not in text:
+        return text
+    match = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    return match.group(1).strip() if match else "its pickle is not one the safe loader reads"
 
 
 def _load_pickle(path: Path, allow_globals: tuple[str, ...]) -> dict:
@@ -153,7 +192,13 @@ def _load_pickle(path: Path, allow_globals: tuple[str, ...]) -> dict:
         except Exception as error:
             name = _refused_global(error)
             if name is None:
-                raise CheckpointError(f"{path.name}: cannot read the file as a torch checkpoint ({error})") from error
+                raise CheckpointError(f"{path.name}: cannot read the file as a torch checkpoint "
+                                      f"({_unpickling_reason(error)})") from error
+            if _runs_code(name):
+                raise CheckpointError(
+                    f"{path.name} was refused: it contains a pickled call of {_python3_name(name)}, which runs "
+                    "commands or code on the machine that opens the file. A weights file never needs it; do not "
+                    "open this file with any loader that runs pickled code.") from error
             raise CheckpointError(
                 f"{path.name} contains the pickled Python object {name}, which is not on the list of types "
                 "this loader builds (tensors, and the numpy types DeepSpeed stores its RNG state with). "
