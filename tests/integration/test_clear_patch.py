@@ -1,9 +1,12 @@
 """The CLEAR patch node on a tiny real ComfyUI Flux (CPU): released-layout files load onto the
 model, the patched model equals a hand-built CLEAR forward through ComfyUI's sampler, and the
-original model, other patches and other attention overrides are left intact."""
+original model, other patches and other attention overrides are left intact, including
+overrides that nodes applied after CLEAR install (newer ComfyUI's attention backend and
+sparse attention nodes, as stand-ins where 0.3.64 lacks them)."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 
@@ -297,3 +300,169 @@ def test_metadata_and_overrides_choose_the_pattern(pack_nodes, clear_dir):
     torch.testing.assert_close(from_metadata, run(patch(pack_nodes, flux, "clear_local_3.safetensors")), rtol=0, atol=0)
     overridden = run(patch(pack_nodes, flux, name, radius=13))
     assert not torch.equal(overridden, from_metadata)
+
+
+def count_attention_calls(model, latent_shape=LATENT) -> int:
+    calls = []
+
+    def counting(func, *args, **kwargs):
+        calls.append(1)
+        return func(*args, **kwargs)
+
+    counted = model.clone()
+    counted.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = counting
+    run(counted, latent_shape)
+    return len(calls)
+
+
+def prepare_state_passes_model_options() -> bool:
+    import comfy.model_patcher
+
+    return "model_options" in inspect.signature(comfy.model_patcher.ModelPatcher.prepare_state).parameters
+
+
+def later_sparse_attention_node(model, min_tokens: int = 0):
+    """Stand-in for core's Model Sparse Attention node applied after CLEAR
+    (comfy_extras/nodes_sparse_attention.py, Comfy-Org/ComfyUI 01dafad3; 0.3.64 has no such node).
+
+    Like ``install_override`` there, it puts its override on top of the current one, chaining to
+    it, when the node runs and again at every sampling step (newer ComfyUI: an ON_PREPARE_STATE
+    callback, which gets the run's model options; 0.3.64's prepare_state passes none, so a
+    CALC_COND_BATCH wrapper does it at the same point of each step), and leaves the slot alone
+    once it is on top. Its override runs its own attention (ComfyUI's, recorded as "own") on
+    calls of ``min_tokens`` tokens or more and hands shorter ones to the previous override.
+    Its functions carry the core module's name, as the real node's do.
+    """
+    import comfy.patcher_extension
+
+    seen: list[tuple[str, int]] = []
+    installed = set()
+
+    def make_override(previous):
+        def override(func, q, k, v, heads, **kwargs):
+            tokens = q.shape[2] if kwargs.get("skip_reshape") else q.shape[1]
+            if tokens >= min_tokens:
+                seen.append(("own", tokens))
+                return func(q, k, v, heads, **kwargs)
+            seen.append(("passed", tokens))
+            return func(q, k, v, heads, **kwargs) if previous is None else previous(func, q, k, v, heads, **kwargs)
+        override.__module__ = "comfy_extras.nodes_sparse_attention"
+        return override
+
+    def install(transformer_options):
+        current = transformer_options.get("optimized_attention_override")
+        if current in installed:
+            return
+        override = make_override(current)
+        installed.add(override)
+        transformer_options["optimized_attention_override"] = override
+
+    patched = model.clone()
+    install(patched.model_options["transformer_options"])
+    if prepare_state_passes_model_options():
+        patched.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_PREPARE_STATE, "standin_sparse",
+                                      lambda patcher, timestep, model_options: install(
+                                          model_options["transformer_options"]))
+    else:
+        def every_step(executor, model, conds, x_in, timestep, model_options):
+            install(model_options["transformer_options"])
+            return executor(model, conds, x_in, timestep, model_options)
+
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, "standin_sparse", every_step)
+    return patched, seen
+
+
+SMALL_LATENT = (1, 16, 8, 8)  # 4 x 4 = 16 image tokens
+
+
+def test_clear_keeps_the_image_calls_under_an_override_reinstalled_at_every_step(pack_nodes, caplog):
+    model = comfy_harness.tiny_flux_patcher(seed=0)
+    clear = patch(pack_nodes, model, radius=2, min_tokens=40)  # CLEAR on the 7 x 10 grid, not on 4 x 4
+    clear_alone = run(clear)
+    plain_small = run(model, SMALL_LATENT)
+    later, seen = later_sparse_attention_node(clear)
+    with caplog.at_level(logging.INFO):
+        out = run(later)
+    torch.testing.assert_close(out, clear_alone, rtol=0, atol=0)
+    assert seen == [], "every call of the large image was CLEAR's"
+    torch.testing.assert_close(run(later, SMALL_LATENT), plain_small, rtol=0, atol=0)
+    assert [who for who, _ in seen] == ["own"] * count_attention_calls(model, SMALL_LATENT)
+    assert caplog.text.count("the attention override slot held core's Model Sparse Attention node") == 1
+    # the graph without CLEAR on top: the other override's own attention, not CLEAR's
+    assert not torch.equal(run(later_sparse_attention_node(model)[0]), clear_alone)
+
+
+def test_calls_clear_declines_reach_the_override_it_displaced_and_the_chain_below(pack_nodes):
+    model = comfy_harness.tiny_flux_patcher(seed=0)
+    clear = patch(pack_nodes, model, radius=2, min_tokens=40)
+    later, seen = later_sparse_attention_node(clear, min_tokens=10 ** 6)  # hands every call down
+    torch.testing.assert_close(run(later, SMALL_LATENT), run(model, SMALL_LATENT), rtol=0, atol=0)
+    assert [who for who, _ in seen] == ["passed"] * count_attention_calls(model, SMALL_LATENT)
+
+
+def set_model_optimized_attention(model, attention):
+    """``ModelPatcher.set_model_optimized_attention`` where the host has it (newer ComfyUI's Model
+    Attention Backend node calls it); a copy of its body otherwise (comfy/model_patcher.py,
+    Comfy-Org/ComfyUI 08d0e510): the slot gets a closure that runs ``attention`` and ignores the
+    backend ComfyUI chose."""
+    setter = getattr(model, "set_model_optimized_attention", None)
+    if setter is not None:
+        return setter(attention)
+
+    def optimized_attention_override(_, *args, **kwargs):
+        return attention(*args, **kwargs)
+
+    optimized_attention_override.__qualname__ = ("ModelPatcher.set_model_optimized_attention.<locals>."
+                                                 "optimized_attention_override")
+    model.model_options["transformer_options"]["optimized_attention_override"] = optimized_attention_override
+
+
+def test_an_attention_backend_node_after_clear_becomes_its_dense_fallback_and_is_named(pack_nodes, caplog):
+    import comfy.ldm.modules.attention as comfy_attention
+
+    model = comfy_harness.tiny_flux_patcher(seed=0)
+    clear = patch(pack_nodes, model, radius=2, min_tokens=40)
+    clear_alone = run(clear)
+    backend_calls = []
+
+    def attention_pytorch(*args, **kwargs):
+        backend_calls.append(1)
+        return comfy_attention.attention_pytorch(*args, **kwargs)
+
+    with_backend = clear.clone()
+    set_model_optimized_attention(with_backend, attention_pytorch)
+    backend_only = model.clone()
+    set_model_optimized_attention(backend_only, attention_pytorch)
+    with caplog.at_level(logging.INFO):
+        torch.testing.assert_close(run(with_backend), clear_alone, rtol=0, atol=0)
+    assert backend_calls == []
+    assert caplog.text.count("an attention backend set through ModelPatcher.set_model_optimized_attention") == 1
+    assert "(attention_pytorch)" in caplog.text
+    torch.testing.assert_close(run(with_backend, SMALL_LATENT), run(backend_only, SMALL_LATENT), rtol=0, atol=0)
+    assert len(backend_calls) == 2 * count_attention_calls(model, SMALL_LATENT)
+
+
+def test_the_override_is_tagged_memory_efficient_for_core_memory_estimates(pack_nodes):
+    override = patch(pack_nodes, comfy_harness.tiny_flux_patcher(seed=0), radius=2).model_options[
+        "transformer_options"]["optimized_attention_override"]
+    assert override.memory_efficient is True
+
+
+def test_overrides_are_described_by_the_node_that_installed_them():
+    from ultrares.nodes.attention_override import describe_override
+
+    def sparse(func, *args, **kwargs):
+        return func(*args, **kwargs)
+
+    for module in ("comfy_extras.nodes_sparse_attention", "/opt/ComfyUI/comfy_extras/nodes_sparse_attention"):
+        sparse.__module__ = module  # how ComfyUI names a module it loads by path
+        assert describe_override(sparse).startswith("core's Model Sparse Attention node")
+
+    def other_pack(func, *args, **kwargs):
+        return func(*args, **kwargs)
+
+    other_pack.__module__ = "custom_nodes.KJNodes.nodes"
+    assert describe_override(other_pack) == ("another node's attention override (custom_nodes.KJNodes.nodes."
+                                             "test_overrides_are_described_by_the_node_that_installed_them.<locals>."
+                                             "other_pack)")
+    assert describe_override(None).startswith("no override")
