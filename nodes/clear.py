@@ -43,16 +43,42 @@ LAYOUT_KEY = "ultrares_clear_layout"
 BLOCK_KEY = "ultrares_clear_block"
 NO_FILE = "none"
 THETA_ATTRIBUTE = "diffusion_model.pe_embedder.theta"
+# FLUX.1's block layout as ``FluxParams`` of newer ComfyUI spells it (fields absent on older hosts
+# take these values): per-block modulation, GELU MLPs, biased projections, no text norm.
+FLUX1_LAYOUT = {"global_modulation": False, "mlp_silu_act": False, "yak_mlp": False, "txt_norm": False,
+                "ops_bias": True, "qkv_bias": True}
 
 log = logging.getLogger(__name__)
 
 
+def flux1_layout_differences(model: comfy.model_patcher.ModelPatcher,
+                             network: comfy.ldm.flux.model.Flux) -> list[str]:
+    """How a Flux-class network differs from FLUX.1's layout (Flux.2, Chroma, ... share the class)."""
+    params = network.params
+    found = [f"{name}={getattr(params, name)!r}" for name, expected in FLUX1_LAYOUT.items()
+             if getattr(params, name, expected) != expected]
+    if getattr(params, "txt_ids_dims", None):
+        found.append(f"txt_ids_dims={list(params.txt_ids_dims)}")
+    if len(params.axes_dim) != 3:
+        found.append(f"{len(params.axes_dim)} RoPE axes")
+    image_model = model.model.model_config.unet_config.get("image_model", "flux")
+    if image_model != "flux":
+        found.insert(0, f"image_model {image_model!r}")
+    return found
+
+
 def flux_module(model: comfy.model_patcher.ModelPatcher) -> comfy.ldm.flux.model.Flux:
-    """The model's Flux network, or a clear error for any other model."""
+    """The model's Flux network, or a clear error for any other model, Flux-class variants with
+    another block layout included (CLEAR's weights and window were made for FLUX.1)."""
     network = model.get_model_object("diffusion_model")
+    family = type(model.model.model_config).__name__
     if not isinstance(network, comfy.ldm.flux.model.Flux):
-        raise ValueError(f"CLEAR patches FLUX models only; this model is {type(model.model.model_config).__name__} "
-                         f"({type(network).__name__})")
+        raise ValueError(f"CLEAR patches FLUX models only; this model is {family} ({type(network).__name__})")
+    differences = flux1_layout_differences(model, network)
+    if differences:
+        raise ValueError(f"CLEAR supports FLUX.1's block layout only (the one its weights were fine-tuned on); this "
+                         f"{family} model has another ({', '.join(differences)}). Flux-class variants such as "
+                         "Flux.2 and Chroma are not supported yet.")
     return network
 
 

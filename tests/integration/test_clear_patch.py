@@ -6,9 +6,11 @@ sparse attention nodes, as stand-ins where 0.3.64 lacks them)."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import math
+import types
 
 import pytest
 import torch
@@ -466,3 +468,34 @@ def test_overrides_are_described_by_the_node_that_installed_them():
                                              "test_overrides_are_described_by_the_node_that_installed_them.<locals>."
                                              "other_pack)")
     assert describe_override(None).startswith("no override")
+
+
+def flux_variant_standin(image_model: str, family: str, **params):
+    """A tiny FLUX.1 dressed as another Flux-class variant the way newer ComfyUI builds one
+    (0.3.64 has none): its model_detection.py gives the variant its own ``image_model`` (Flux.2
+    also ``global_modulation``, ``mlp_silu_act``, no biases, ``txt_ids_dims=[3]``, 4 RoPE axes),
+    supported_models.py its own model config class, and the same comfy.ldm.flux.model.Flux class
+    takes the extra fields in its FluxParams (model.py and model_detection.py as found by content
+    in the search index; Comfy-Org/ComfyUI's own copies of those two files are not stored there)."""
+    model = comfy_harness.tiny_flux_patcher(seed=0)
+    config = model.model.model_config
+    config.unet_config = {**config.unet_config, "image_model": image_model}
+    config.__class__ = type(family, (type(config),), {})
+    network = model.model.diffusion_model
+    network.params = types.SimpleNamespace(**{**dataclasses.asdict(network.params), **params})
+    return model
+
+
+def test_flux_class_variants_whose_layout_clear_does_not_fit_are_refused_by_name(pack_nodes, clear_dir):
+    write_file(clear_dir, "clear_local_8.safetensors", comfy_harness.clear_released_state_dict(DEPTH, DEPTH_SINGLE, HIDDEN))
+    flux2 = flux_variant_standin("flux2", "Flux2", global_modulation=True, mlp_silu_act=True, qkv_bias=False,
+                                 ops_bias=False, txt_ids_dims=[3], axes_dim=[8, 8, 8, 8])
+    chroma = flux_variant_standin("chroma", "Chroma")
+    for weights in ("clear_local_8.safetensors", "none"):
+        with pytest.raises(ValueError, match=r"FLUX\.1's block layout only .* this Flux2 model has another "
+                                             r"\(image_model 'flux2', global_modulation=True, mlp_silu_act=True, "
+                                             r"ops_bias=False, qkv_bias=False, txt_ids_dims=\[3\], 4 RoPE axes\)"):
+            patch(pack_nodes, flux2, weights, radius=8)
+        with pytest.raises(ValueError, match=r"this Chroma model has another \(image_model 'chroma'\).*not supported yet"):
+            patch(pack_nodes, chroma, weights, radius=8)
+    assert patch(pack_nodes, comfy_harness.tiny_flux_patcher(seed=0), "clear_local_8.safetensors") is not None
