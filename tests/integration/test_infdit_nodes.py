@@ -13,6 +13,7 @@ import json
 import pytest
 import torch
 
+import comfy_harness
 from ultrares.models.infdit.checkpoint import convert_checkpoint, load_infdit
 from ultrares.models.infdit.preprocess import clip_view, resize_bicubic
 from ultrares.models.infdit.tiny import TINY_CLIP, released_state_dict, save_released_layout, tiny_weights
@@ -103,7 +104,7 @@ def run_prompt(comfy_nodes, prompt: dict, image: torch.Tensor, on_progress=None)
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("test", prompt, None))
     assert valid, json.dumps([error, node_errors], default=str)
     server = RecordingServer()
-    executor = execution.PromptExecutor(server)
+    executor = comfy_harness.prompt_executor(server)
     comfy.utils.set_progress_bar_global_hook(
         (lambda value, total, preview, node_id=None: on_progress(value, total)) if on_progress else None)
     try:
