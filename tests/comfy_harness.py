@@ -198,6 +198,32 @@ def tiny_sdxl_patcher(seed: int = 0, **overrides: Any):
     return _patcher_from_config(comfy.supported_models.SDXL({**TINY_SDXL_CONFIG, **overrides}), seed)
 
 
+def dynamic_patcher_standin(free_bytes: int | None = None) -> type:
+    """Stand-in for newer ComfyUI's ``ModelPatcherDynamic`` (comfy/model_patcher.py, Comfy-Org/ComfyUI
+    08d0e510), which main.py makes ``comfy.model_patcher.CoreModelPatcher`` when Dynamic VRAM is on.
+
+    A ``ModelPatcher`` that says it is dynamic and answers ``get_free_memory(device)`` itself, as
+    the real one does (model management's reading plus the VRAM comfy-aimdo frees on demand);
+    here ``free_bytes``, or model management's reading when None. Loading stays the host's: the
+    real class loads through comfy-aimdo, which needs CUDA (and on a CPU load device it hands
+    back a plain ``ModelPatcher`` anyway).
+    """
+    import comfy.model_management
+    import comfy.model_patcher
+
+    class DynamicPatcherStandIn(comfy.model_patcher.ModelPatcher):
+        free_memory_reads: list[torch.device] = []
+
+        def is_dynamic(self) -> bool:
+            return True
+
+        def get_free_memory(self, device: torch.device) -> int:
+            self.free_memory_reads.append(device)
+            return comfy.model_management.get_free_memory(device) if free_bytes is None else free_bytes
+
+    return DynamicPatcherStandIn
+
+
 def flux_conditioning(batch: int = 1, tokens: int = 7, seed: int = 0) -> list:
     """Random CONDITIONING that fits :data:`TINY_FLUX_CONFIG` (text width 48, pooled 32)."""
     g = torch.Generator().manual_seed(seed)
