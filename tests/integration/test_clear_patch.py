@@ -323,8 +323,8 @@ def prepare_state_passes_model_options() -> bool:
     return "model_options" in inspect.signature(comfy.model_patcher.ModelPatcher.prepare_state).parameters
 
 
-def later_sparse_attention_node(model, min_tokens: int = 0):
-    """Stand-in for core's Model Sparse Attention node applied after CLEAR
+def sparse_attention_node(model, min_tokens: int = 0):
+    """Stand-in for core's Model Sparse Attention node applied to ``model``
     (comfy_extras/nodes_sparse_attention.py, Comfy-Org/ComfyUI 01dafad3; 0.3.64 has no such node).
 
     Like ``install_override`` there, it puts its override on top of the current one, chaining to
@@ -382,7 +382,7 @@ def test_clear_keeps_the_image_calls_under_an_override_reinstalled_at_every_step
     clear = patch(pack_nodes, model, radius=2, min_tokens=40)  # CLEAR on the 7 x 10 grid, not on 4 x 4
     clear_alone = run(clear)
     plain_small = run(model, SMALL_LATENT)
-    later, seen = later_sparse_attention_node(clear)
+    later, seen = sparse_attention_node(clear)
     with caplog.at_level(logging.INFO):
         out = run(later)
     torch.testing.assert_close(out, clear_alone, rtol=0, atol=0)
@@ -391,13 +391,23 @@ def test_clear_keeps_the_image_calls_under_an_override_reinstalled_at_every_step
     assert [who for who, _ in seen] == ["own"] * count_attention_calls(model, SMALL_LATENT)
     assert caplog.text.count("the attention override slot held core's Model Sparse Attention node") == 1
     # the graph without CLEAR on top: the other override's own attention, not CLEAR's
-    assert not torch.equal(run(later_sparse_attention_node(model)[0]), clear_alone)
+    assert not torch.equal(run(sparse_attention_node(model)[0]), clear_alone)
+
+
+def test_clear_applied_after_the_sparse_node_keeps_the_image_calls_too(pack_nodes):
+    # CLEAR chains to the sparse override at patch time; that node then puts a new override on
+    # top of CLEAR's at every step, and CLEAR goes back on top of it.
+    model = comfy_harness.tiny_flux_patcher(seed=0)
+    clear_alone = run(patch(pack_nodes, model, radius=2, min_tokens=40))
+    earlier, seen = sparse_attention_node(model)
+    torch.testing.assert_close(run(patch(pack_nodes, earlier, radius=2, min_tokens=40)), clear_alone, rtol=0, atol=0)
+    assert seen == []
 
 
 def test_calls_clear_declines_reach_the_override_it_displaced_and_the_chain_below(pack_nodes):
     model = comfy_harness.tiny_flux_patcher(seed=0)
     clear = patch(pack_nodes, model, radius=2, min_tokens=40)
-    later, seen = later_sparse_attention_node(clear, min_tokens=10 ** 6)  # hands every call down
+    later, seen = sparse_attention_node(clear, min_tokens=10 ** 6)  # hands every call down
     torch.testing.assert_close(run(later, SMALL_LATENT), run(model, SMALL_LATENT), rtol=0, atol=0)
     assert [who for who, _ in seen] == ["passed"] * count_attention_calls(model, SMALL_LATENT)
 
