@@ -485,8 +485,8 @@ def flux_variant_standin(image_model: str, family: str, **params):
     (0.3.64 has none): its model_detection.py gives the variant its own ``image_model`` (Flux.2
     also ``global_modulation``, ``mlp_silu_act``, no biases, ``txt_ids_dims=[3]``, 4 RoPE axes),
     supported_models.py its own model config class, and the same comfy.ldm.flux.model.Flux class
-    takes the extra fields in its FluxParams (model.py and model_detection.py as found by content
-    in the search index; Comfy-Org/ComfyUI's own copies of those two files are not stored there)."""
+    takes the extra fields in its FluxParams (newer copies of model.py and model_detection.py of
+    unknown origin: no Comfy-Org/ComfyUI copy of those two files newer than 0.3.64 could be had)."""
     model = comfy_harness.tiny_flux_patcher(seed=0)
     config = model.model.model_config
     config.unet_config = {**config.unet_config, "image_model": image_model}
