@@ -466,7 +466,7 @@ def test_overrides_are_described_by_the_node_that_installed_them():
     def sparse(func, *args, **kwargs):
         return func(*args, **kwargs)
 
-    for module in ("comfy_extras.nodes_sparse_attention", "/opt/ComfyUI/comfy_extras/nodes_sparse_attention"):
+    for module in ("comfy_extras.nodes_sparse_attention", r"D:\ComfyUI\comfy_extras\nodes_sparse_attention"):
         sparse.__module__ = module  # how ComfyUI names a module it loads by path
         assert describe_override(sparse).startswith("core's Model Sparse Attention node")
 
