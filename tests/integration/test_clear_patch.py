@@ -460,7 +460,7 @@ def test_the_override_is_tagged_memory_efficient_for_core_memory_estimates(pack_
     assert override.memory_efficient is True
 
 
-def test_overrides_are_described_by_the_node_that_installed_them():
+def test_overrides_are_described_by_the_node_that_installed_them(pack_nodes):
     from ultrares.nodes.attention_override import describe_override
 
     def sparse(func, *args, **kwargs):
