@@ -22,6 +22,7 @@ from ..models.infdit.plan import SCAN_ORDERS
 from ..models.infdit.upscale import (UpscaleOptions, fit_budget, stage_factors, stage_plans, stage_sizes, upscale,
                                      weight_bytes)
 from .category import CATEGORY
+from .patchers import free_device_memory, new_patcher
 from .runtime import check_interrupt, progress_callback
 
 INFDIT_CATEGORY = f"{CATEGORY}/Inf-DiT"
@@ -102,8 +103,7 @@ class UltraResInfDiTLoader(io.ComfyNode):
         if weights.clip is None:
             raise ValueError(f"{checkpoint} has no CLIP image tower: choose the OpenCLIP ViT-L/14 DataComp-XL file "
                              "(open_clip_pytorch_model.bin) as clip_vision")
-        patcher = comfy.model_patcher.ModelPatcher(_Modules(weights), load_device=device,
-                                                   offload_device=mm.unet_offload_device())
+        patcher = new_patcher(_Modules(weights), device, mm.unet_offload_device())
         return io.NodeOutput(LoadedInfDiT(weights, patcher, checkpoint))
 
 
@@ -164,7 +164,7 @@ class UltraResInfDiTUpscale(io.ComfyNode):
             least = replace(options, offload=True, batch_blocks=1)
             need = least if requested is None else fit_budget(weights, size, options)
             mm.load_models_gpu([patcher], memory_required=_working_memory(weights, size, need), force_full_load=True)
-            available = mm.get_free_memory(device) + weight_bytes(weights)
+            available = free_device_memory(patcher, device) + weight_bytes(weights)
             budget = available if requested is None else min(requested, available)
             if budget < (requested or 0):
                 logging.warning("Inf-DiT: the VRAM budget of %.2f GiB is more than the %.2f GiB available with the "

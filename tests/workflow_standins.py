@@ -44,6 +44,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+import comfy_harness
+
 SIZE_DIVISOR = 16
 MAX_STEPS = 2
 SIZE_INPUTS = ("width", "height")
@@ -89,7 +91,7 @@ def write_flux_unet(path: Path, seed: int = 0) -> None:
     """FLUX.1-dev's DiT (full width, 1 + 1 blocks, guidance embedding) in fp8."""
     import comfy.model_detection
 
-    config = comfy.model_detection.model_config_from_unet_config(dict(FLUX_CONFIG))
+    config = comfy.model_detection.model_config_from_unet_config(comfy_harness.flux_unet_config(FLUX_CONFIG))
     with torch.device("meta"):
         shapes = _meta_shapes(config.get_model({}).diffusion_model)
     save_file(random_tensors(shapes, seed, torch.float8_e4m3fn), str(path))
