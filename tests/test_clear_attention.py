@@ -3,6 +3,8 @@ tiled PyTorch path and the Triton kernel (interpreted on CPU) equal the dense ma
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ultrares.kernels import _clear_torch
 from ultrares.kernels._clear_reference import dense_reference, window_mask
-from ultrares.kernels._clear_tiles import Tile, visited_image_tiles
+from ultrares.kernels._clear_tiles import Tile, tile_counts, visited_image_tiles
 from ultrares.kernels import _clear_triton
 from ultrares.kernels._clear_triton import Launch, window_attention_triton
 from ultrares.kernels.clear_attention import circular_window_attention
@@ -176,6 +178,22 @@ def test_the_triton_kernel_skips_key_tiles_whose_closest_pair_lies_on_the_circle
     out = window_attention_triton(q, k, v, launch=Launch(q_tile, k_tile, 4, 1), visits=visits, **layout)
     torch.testing.assert_close(out, dense_reference(q, k, v, **layout), rtol=1e-5, atol=1e-5)
     assert visits.cpu().tolist() == visited_image_tiles(grid, radius, q_tile, k_tile).tolist()
+
+
+@pytest.mark.parametrize("launch", _clear_triton.LAUNCHES, ids=lambda launch: launch.name)
+@pytest.mark.parametrize("grid, radius", [((13, 21), 5), ((9, 40), 1), ((6, 7), 30), ((20, 3), 9), ((11, 37), 2),
+                                          ((17, 25), 10)])
+def test_every_launch_visits_exactly_the_counted_tiles_and_equals_the_dense_reference(triton_device, launch, grid,
+                                                                                       radius):
+    # The kernel finds each row's span of key tiles itself (an integer square root per row);
+    # the counter finds them by testing every tile: both must agree tile for tile in number, and
+    # a wrong span would miss keys (output) or add tiles (count).
+    q, k, v, dk, dv = [t.to(triton_device) for t in layout_inputs(1, 1, 16, grid, 3, 0, 2)]
+    layout = dict(grid=grid, n_txt=3, radius=radius, n_ref=0, down_k=dk, down_v=dv, scale=0.25)
+    visits = torch.zeros(math.prod(tile_counts(grid, launch.q_tile)), dtype=torch.int32, device=triton_device)
+    out = window_attention_triton(q, k, v, launch=launch, visits=visits, **layout)
+    torch.testing.assert_close(out, dense_reference(q, k, v, **layout), rtol=1e-5, atol=1e-5)
+    assert visits.cpu().tolist() == visited_image_tiles(grid, radius, launch.q_tile, launch.k_tile).tolist()
 
 
 def test_the_public_op_runs_the_triton_kernel_with_its_default_tiles(triton_device):
