@@ -323,7 +323,10 @@ AOT_CALL = dict(heads=24, dim=128, n_txt=512, n_ref=0, n_down=64 * 64, grid=(256
 
 
 def aot_builds() -> list:
-    """The builds the compiled-kernel table holds: every launch configuration in every GPU dtype."""
+    """The builds the compiled-kernel table holds: every launch configuration in every dtype the
+    dispatcher sends to the kernel, on every architecture it is offered on; and, as the record of
+    why float32 stays on the torch path, the float32 builds a float32 dispatch would need (the
+    fast launch where it fits, sm_90; the smallest one on sm_80)."""
     from .aot import KernelBuild, pointer
 
     c = AOT_CALL
@@ -335,17 +338,18 @@ def aot_builds() -> list:
     strides = {}
     for name, values in (("sq", fused), ("sk", fused), ("sv", fused), ("sdk", down), ("sdv", down), ("so", contiguous)):
         strides.update({f"{name}_{axis}": s for axis, s in zip("bhld", values)})
-    builds = []
-    for launch in LAUNCHES:
-        for dtype in GPU_DTYPES:
-            ptr = pointer(dtype)
-            args = dict(Q=ptr, K=ptr, V=ptr, DK=ptr, DV=ptr, O=ptr, VISITS=ptr, **strides, n_heads=heads, head_dim=dim,
-                        n_txt=c["n_txt"], n_ref=c["n_ref"], n_down=c["n_down"], grid_h=c["grid"][0],
-                        grid_w=c["grid"][1], reach=c["radius"] - 1, r2=c["radius"] ** 2, qk_scale=dim ** -0.5 * LOG2E,
-                        tiles_x=tile_counts(c["grid"], launch.q_tile)[1], QTH=launch.q_tile.rows,
-                        QTW=launch.q_tile.cols, KTH=launch.k_tile.rows, KTW=launch.k_tile.cols, BLOCK_D=dim,
-                        SIDE=SIDE_BLOCK, COUNT_VISITS=False, PRECISION="tf32", UPCAST=False)
-            builds.append(KernelBuild(KERNEL, launch.name, dtype, AOT_ARCHS, _window_fwd, args,
-                                      launch.num_warps, launch.num_stages, pipelined=(_attend_run, _load_key_tile), dots=True,
-                                      max_spill_bytes=MAX_SPILL_BYTES))
-    return builds
+
+    def build(launch: Launch, dtype: torch.dtype, archs: tuple[int, ...], max_spill_bytes: int | None) -> KernelBuild:
+        ptr = pointer(dtype)
+        args = dict(Q=ptr, K=ptr, V=ptr, DK=ptr, DV=ptr, O=ptr, VISITS=ptr, **strides, n_heads=heads, head_dim=dim,
+                    n_txt=c["n_txt"], n_ref=c["n_ref"], n_down=c["n_down"], grid_h=c["grid"][0],
+                    grid_w=c["grid"][1], reach=c["radius"] - 1, r2=c["radius"] ** 2, qk_scale=dim ** -0.5 * LOG2E,
+                    tiles_x=tile_counts(c["grid"], launch.q_tile)[1], QTH=launch.q_tile.rows,
+                    QTW=launch.q_tile.cols, KTH=launch.k_tile.rows, KTW=launch.k_tile.cols, BLOCK_D=dim,
+                    SIDE=SIDE_BLOCK, COUNT_VISITS=False, PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                    UPCAST=False)
+        return KernelBuild(KERNEL, launch.name, dtype, archs, _window_fwd, args, launch.num_warps, launch.num_stages,
+                           pipelined=(_attend_run, _load_key_tile), dots=True, max_spill_bytes=max_spill_bytes)
+
+    dispatched = [build(launch, dtype, AOT_ARCHS, MAX_SPILL_BYTES) for launch in LAUNCHES for dtype in GPU_DTYPES]
+    return dispatched + [build(LAUNCHES[0], torch.float32, (90,), None), build(LAUNCHES[-1], torch.float32, (80,), None)]

@@ -92,3 +92,11 @@ def test_a_gpu_with_less_shared_memory_gets_the_next_launch_that_fits():
     assert smaller is not None and smaller > 0
     assert _clear_triton.first_fitting_launch(torch.bfloat16, 86, 1024) is None
     assert _clear_triton.first_fitting_launch(torch.bfloat16, 87, 10**9) is None  # never built for sm_87
+
+
+def test_float32_builds_run_on_fmas_and_spill_which_is_why_dispatch_keeps_float32_on_the_torch_path(fresh):
+    rows = [r for r in fresh if r["kernel"] == _clear_triton.KERNEL and r["dtype"] == "float32"]
+    assert rows
+    for row in rows:
+        assert row["tensor_cores"] == "none" and row["spill_stores"] > 10_000
+    assert torch.float32 not in _clear_triton.GPU_DTYPES
