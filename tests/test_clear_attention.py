@@ -304,6 +304,18 @@ def test_the_pytorch_path_is_differentiable_and_its_gradients_equal_the_dense_re
         assert_gradients_close(got, expected, rtol=1e-5)
 
 
+def test_bfloat16_gradients_stay_within_bfloat16_error_of_the_float32_reference():
+    inputs = layout_inputs(2, 2, 16, (9, 8), 3, 2, 6, dtype=torch.bfloat16)
+    layout = dict(grid=(9, 8), n_txt=3, radius=4, n_ref=2, scale=0.25)
+    _, got = gradients(lambda q, k, v, dk, dv: circular_window_attention(q, k, v, down_k=dk, down_v=dv,
+                                                                         backend="torch", **layout), inputs)
+    _, expected = gradients(lambda q, k, v, dk, dv: dense_reference(q, k, v, down_k=dk, down_v=dv, **layout),
+                            [t.float() for t in inputs])
+    for g, e in zip(got, expected, strict=True):
+        assert g.dtype == torch.bfloat16
+        assert (g.float() - e).norm() / e.norm() < 2e-2
+
+
 def test_the_op_passes_an_fp64_gradcheck_with_text_reference_and_down_sampled_keys():
     q, k, v, dk, dv = [t.double().requires_grad_() for t in layout_inputs(2, 1, 4, (5, 6), 2, 1, 3)]
     layout = dict(grid=(5, 6), n_txt=2, radius=2, n_ref=1, backend="torch")
