@@ -78,8 +78,9 @@ KERNEL = "clear_window_fwd"  # the kernel's name in the compiled table
 _FITTING: dict[tuple[str, torch.dtype], int] = {}
 
 
-class NoFittingLaunch(RuntimeError):
-    """No configuration of the kernel fits this GPU's shared memory."""
+class KernelCannotRun(RuntimeError):
+    """The kernel cannot take this call: no configuration fits the GPU's shared memory, or the
+    grid is beyond the kernel's limit (``auto`` then runs the torch path)."""
 
 
 def first_fitting_launch(dtype: torch.dtype, arch: int, shared_memory: int) -> int | None:
@@ -252,7 +253,8 @@ def _launch(launch: Launch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d
     b, heads, _, dim = q.shape
     h, w = grid
     if max(h, w) > MAX_GRID_SIDE:
-        raise ValueError(f"the kernel handles grids up to {MAX_GRID_SIDE} tokens a side, got {grid}")
+        raise KernelCannotRun(f"the CLEAR Triton kernel handles grids up to {MAX_GRID_SIDE} tokens a side, got "
+                              f"{grid}; use backend='torch'")
     # A radius beyond the grid's diagonal lets every pair through, like the smallest such radius:
     # clamping keeps the kernel's integer distances far from overflow and below FAR.
     radius = min(radius, math.isqrt((h - 1) ** 2 + (w - 1) ** 2) + 1)
@@ -309,7 +311,7 @@ def window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
             continue
         _FITTING[key] = index
         return out
-    raise NoFittingLaunch(f"no configuration of the CLEAR Triton kernel fits the shared memory of {q.device} for "
+    raise KernelCannotRun(f"no configuration of the CLEAR Triton kernel fits the shared memory of {q.device} for "
                        f"{str(q.dtype).removeprefix('torch.')} inputs; use backend='torch'")
 
 

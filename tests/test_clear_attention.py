@@ -231,6 +231,21 @@ def test_a_configuration_the_gpu_cannot_hold_gives_way_to_the_next_one(triton_de
         window_attention_triton(q, k, v, **layout)
 
 
+def test_a_call_the_kernel_cannot_take_runs_the_torch_path_under_auto_and_raises_when_triton_was_asked(
+        triton_device, monkeypatch):
+    from ultrares.kernels import clear_attention
+
+    q, k, v = (t.to(triton_device) for t in layout_inputs(1, 1, 16, (6, 7), 2, 0, 0)[:3])
+    layout = dict(grid=(6, 7), n_txt=2, radius=3)
+    monkeypatch.setattr(_clear_triton, "MAX_GRID_SIDE", 6)  # a grid beyond the kernel's limit
+    with pytest.raises(RuntimeError, match="grids up to 6 tokens a side.*backend='torch'"):
+        circular_window_attention(q, k, v, backend="triton", **layout)
+    # auto on a GPU would choose the kernel for these tensors; here it is made to
+    monkeypatch.setattr(clear_attention, "resolve_backend", lambda *args, **kwargs: "triton")
+    out = circular_window_attention(q, k, v, backend="auto", **layout)
+    torch.testing.assert_close(out, dense_reference(q, k, v, **layout), rtol=1e-5, atol=1e-5)
+
+
 def test_tiles_that_are_not_powers_of_two_are_refused(triton_device):
     q, k, v, _, _ = layout_inputs(1, 1, 16, (4, 6), 0, 0, 0)
     with pytest.raises(ValueError, match="powers of two"):
