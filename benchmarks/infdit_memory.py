@@ -20,7 +20,7 @@ from ..models.infdit.clip_vision import ClipVisionConfig, ClipVisionEncoder
 from ..models.infdit.config import RELEASED
 from ..models.infdit.memory import GiB, BudgetTooSmall, choose_batch_size, estimate_memory, offloaded_host_bytes
 from ..models.infdit.network import InfDiT
-from ..models.infdit.meter import LiveTensorMeter
+from .meter import LiveTensorMeter
 from ..models.infdit.tiny import tiny_weights
 from ..models.infdit.upscale import UpscaleOptions, plan_stage, upscale, weight_bytes
 

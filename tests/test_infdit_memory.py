@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ultrares.models.infdit.memory import BudgetTooSmall, choose_batch_size, estimate_memory
-from ultrares.models.infdit.meter import LiveTensorMeter
+from ultrares.benchmarks.meter import LiveTensorMeter
 from ultrares.models.infdit.network import InfDiT
 from ultrares.models.infdit.tiny import TINY, tiny_weights
 from ultrares.models.infdit.upscale import UpscaleOptions, fit_budget, plan_stage, upscale, weight_bytes

@@ -7,7 +7,7 @@ stays flat as the image grows.
 
 An optional :class:`HostObserver` wraps every host allocation made here and the host-side
 preparation work; on a CPU-only machine, where host and device are the same memory, a memory
-meter (:class:`.meter.LiveTensorMeter`) uses it to tell the two apart.
+meter (the benchmarks' ``LiveTensorMeter``) uses it to tell the two apart.
 """
 
 from __future__ import annotations
