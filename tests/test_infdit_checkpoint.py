@@ -19,8 +19,9 @@ from ultrares.models.infdit.lr_context import LRContext
 from ultrares.models.infdit.placement import Placement
 from ultrares.models.infdit.plan import plan_batches
 from ultrares.models.infdit.rope import table_diagonal
-from ultrares.models.infdit.tiny import TINY, TINY_CLIP, released_state_dict, save_released_layout, tiny_weights
+from ultrares.models.infdit.tiny import TINY, TINY_CLIP, tiny_weights
 from infdit_full_mode import reference_evaluation, reference_rope_table
+from infdit_release import released_state_dict, save_released_layout
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 

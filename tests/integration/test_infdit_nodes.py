@@ -15,9 +15,10 @@ import torch
 
 from ultrares.models.infdit.checkpoint import convert_checkpoint, load_infdit
 from ultrares.models.infdit.preprocess import clip_view, resize_bicubic
-from ultrares.models.infdit.tiny import TINY_CLIP, released_state_dict, save_released_layout, tiny_weights
+from ultrares.models.infdit.tiny import TINY_CLIP, tiny_weights
 from ultrares.models.infdit.memory import GiB
 from ultrares.models.infdit.upscale import UpscaleOptions, plan_stage, upscale
+from infdit_release import released_state_dict, save_released_layout
 
 RELEASED = "mp_rank_00_model_states.pt"
 CONVERTED = "infdit_tiny.safetensors"
