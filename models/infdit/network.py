@@ -191,18 +191,3 @@ class InfDiT(nn.Module):
         shift, scale = cond.final.chunk(2, dim=-1)
         tokens = self.final.linear(modulate(self._norm(self._norm(h)), shift, scale))
         return blocks_to_image(tokens, self.cfg.block, self.cfg.patch, self.cfg.out_channels)
-
-
-def randomize_(model: nn.Module, seed: int, std: float = 0.05) -> nn.Module:
-    """Deterministic random weights for tests and benchmarks (LayerNorm scales near 1).
-
-    Every tensor gets noise, so segment biases, positional embeddings and zero-initialised
-    heads all influence the output (a zero tensor could hide a wrong order).
-    """
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator) * std
-            is_norm_scale = name.endswith("weight") and param.dim() == 1
-            param.copy_(noise + 1.0 if is_norm_scale else noise)
-    return model
