@@ -18,7 +18,7 @@ from ultrares.models.infdit.evaluate import ImageContext, evaluate
 from ultrares.models.infdit.lr_context import LRContext
 from ultrares.models.infdit.placement import Placement
 from ultrares.models.infdit.plan import plan_batches
-from ultrares.models.infdit.rope import table_diagonal
+from ultrares.models.infdit.attention import table_diagonal
 from ultrares.models.infdit.tiny import TINY, TINY_CLIP, tiny_weights
 from infdit_full_mode import reference_evaluation, reference_rope_table
 from infdit_release import released_state_dict, save_released_layout

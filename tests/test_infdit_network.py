@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ultrares.models.infdit.attention import (SEGMENTS, RotaryTable, apply_rope, blocks_to_image, full_table,
+                                             gather_segments, table_diagonal, to_blocks, token_positions)
 from ultrares.models.infdit.network import modulate
 from ultrares.models.infdit.plan import BlockBatch
-from ultrares.models.infdit.rope import RotaryTable, apply_rope, full_table, table_diagonal
 from ultrares.models.infdit.tiny import TINY, tiny_weights
-from ultrares.models.infdit.uniba import SEGMENTS, blocks_to_image, gather_segments, to_blocks, token_positions
 from infdit_full_mode import reference_rope_table
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")

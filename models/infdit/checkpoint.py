@@ -10,7 +10,7 @@ keys by name.
 
 The 2D RoPE tables are weights like the others. The release stores them as bf16 buffers
 (``[1024, 1024, 80]``) and the reference's attention uses those stored values in every
-compute dtype, so the network keeps them (by their diagonal, see :mod:`.rope`) instead of
+compute dtype, so the network keeps them (by their diagonal, see :mod:`.attention`) instead of
 recomputing them, casts them with the other weights, and a converted file carries them as
 ``rope.cos`` / ``rope.sin``. Their period (positions per axis; ``8 x image_size / patch`` in
 the reference, which fixes ``image_size`` at 512) is the one size no other tensor records: it
@@ -44,7 +44,7 @@ from ..key_lists import name_first
 from .clip_vision import ClipVisionConfig, ClipVisionEncoder
 from .config import InfDiTConfig
 from .network import InfDiT
-from .rope import full_table, table_diagonal
+from .attention import full_table, table_diagonal
 
 PACK_FORMAT = "ultrares-infdit"
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")

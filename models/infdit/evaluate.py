@@ -20,7 +20,7 @@ from .network import InfDiT
 from .placement import Placement
 from .plan import BlockBatch, CacheSchedule
 from .sampler import edm_precondition
-from .uniba import token_positions
+from .attention import token_positions
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 from .network import Neighbours
 from .placement import Placement
 from .plan import Block, BlockBatch, CacheSchedule
-from .uniba import gather_segments
+from .attention import gather_segments
 
 
 class NeighbourCache:

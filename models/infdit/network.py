@@ -25,8 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import InfDiTConfig
-from .rope import RotaryTable, apply_rope
-from .uniba import blocks_to_image, to_blocks
+from .attention import RotaryTable, apply_rope, block_attention, blocks_to_image, to_blocks
 
 Neighbours = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """``(layer, k, v) -> (keys, values)``: a batch's own K/V in block layout to its gathered
@@ -37,14 +36,6 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     """adaLN modulation with per-image ``[B, D]`` shift and scale on a block-layout tensor."""
     view = (shift.shape[0],) + (1,) * (x.dim() - 2) + (shift.shape[-1],)
     return x * (1 + scale.view(view)) + shift.view(view)
-
-
-def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Dense attention inside each block: ``[B, nr, nc, L, H, d]`` queries -> ``[B, nr, nc, L, H*d]``."""
-    lead = q.shape[:3]
-    out = F.scaled_dot_product_attention(q.flatten(0, 2).transpose(1, 2), k.flatten(0, 2).transpose(1, 2),
-                                         v.flatten(0, 2).transpose(1, 2))
-    return out.transpose(1, 2).reshape(*lead, q.shape[3], -1)
 
 
 class TwoLayerMLP(nn.Module):
