@@ -16,8 +16,7 @@ from ultrares.models.infdit.checkpoint import ROPE_TABLES, CheckpointError, conv
 from ultrares.models.infdit.config import InfDiTConfig
 from ultrares.models.infdit.evaluate import ImageContext, evaluate
 from ultrares.models.infdit.lr_context import LRContext
-from ultrares.models.infdit.placement import Placement
-from ultrares.models.infdit.plan import plan_batches
+from ultrares.models.infdit.schedule import Placement, plan_batches
 from ultrares.models.infdit.attention import table_diagonal
 from ultrares.models.infdit.tiny import TINY, TINY_CLIP, tiny_weights
 from infdit_full_mode import reference_evaluation, reference_rope_table

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ultrares.models.infdit.lr_context import LRContext
-from ultrares.models.infdit.placement import Placement
+from ultrares.models.infdit.schedule import Placement
 from ultrares.models.infdit.tiny import TINY, tiny_weights
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")

@@ -10,8 +10,7 @@ import torch
 from ultrares.models.infdit.evaluate import ImageContext, evaluate
 from ultrares.models.infdit.lr_context import LRContext
 from ultrares.models.infdit.network import InfDiT
-from ultrares.models.infdit.placement import Placement
-from ultrares.models.infdit.plan import plan_batches
+from ultrares.models.infdit.schedule import Placement, plan_batches
 from ultrares.models.infdit.sampler import (NOISE_CHUNK, edm_precondition, edm_sigmas, evaluations, heun_sample,
                                             initial_state)
 from ultrares.models.infdit.tiny import TINY, tiny_weights

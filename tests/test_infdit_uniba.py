@@ -15,8 +15,7 @@ import torch
 from ultrares.models.infdit.evaluate import ImageContext, evaluate
 from ultrares.models.infdit.kv_cache import NeighbourCache
 from ultrares.models.infdit.lr_context import LRContext
-from ultrares.models.infdit.placement import Placement
-from ultrares.models.infdit.plan import BlockBatch, CacheSchedule, plan_batches, resolve_scan
+from ultrares.models.infdit.schedule import BlockBatch, CacheSchedule, Placement, plan_batches, resolve_scan
 from ultrares.models.infdit.tiny import tiny_weights
 from infdit_full_mode import reference_evaluation
 

@@ -14,13 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .attention import token_positions
 from .kv_cache import NeighbourCache
 from .lr_context import LRContext
 from .network import InfDiT
-from .placement import Placement
-from .plan import BlockBatch, CacheSchedule
 from .sampler import edm_precondition
-from .attention import token_positions
+from .schedule import BlockBatch, CacheSchedule, Placement
 
 
 @dataclass
@@ -40,7 +39,7 @@ def evaluate(net: InfDiT, x: torch.Tensor, sigma: float, context: ImageContext, 
     """Write the EDM denoiser output ``D = c_skip x + c_out F(c_in [x, lr]; sigma)`` into ``out``.
 
     ``x`` and ``out`` are ``[B, 3, H, W]`` fp32 on the store device; ``batches`` must cover the
-    block grid in a valid UniBA order (see :func:`.plan.plan_batches`). ``check_interrupt`` is
+    block grid in a valid UniBA order (see :func:`.schedule.plan_batches`). ``check_interrupt`` is
     called before every batch and ``on_batch`` after it.
     """
     cfg, device = net.cfg, placement.device

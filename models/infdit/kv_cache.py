@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 
 from .network import Neighbours
-from .placement import Placement
-from .plan import Block, BlockBatch, CacheSchedule
+from .schedule import Block, BlockBatch, CacheSchedule, Placement
 from .attention import gather_segments
 
 

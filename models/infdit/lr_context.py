@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .network import InfDiT
-from .placement import Placement
+from .schedule import Placement
 
 TILE_BLOCKS = 4
 """Keys and values are computed in fixed tiles of this many LR blocks per side, aligned to

@@ -6,7 +6,7 @@ Terms (``u`` = one token's hidden vector in the model dtype, ``T`` tokens in the
 - weights: the DiT and CLIP parameters, as loaded;
 - sampler state: x, D, the Heun slope and the Euler step (fp32 ``[B, 3, H, W]``), the
   upsampled LR and the cross-attention LR image (model dtype), all on the host with offloading;
-- neighbour cache: the blocks :meth:`.plan.CacheSchedule.device_blocks` keeps on the device,
+- neighbour cache: the blocks :meth:`.schedule.CacheSchedule.device_blocks` keeps on the device,
   times layers times K and V;
 - batch activations: the peak of one layer, reached while the keys and values are gathered:
   the hidden state, the fused QKV output, rotated queries and keys, the extended key/value
@@ -28,7 +28,7 @@ import torch
 
 from .config import InfDiTConfig
 from .lr_context import TILE_BLOCKS
-from .plan import CacheSchedule, ScanOrder, plan_batches
+from .schedule import CacheSchedule, ScanOrder, plan_batches
 
 ACTIVATION_UNITS = 15
 """Hidden-vector copies per batch token at the peak of a layer (see the module docstring)."""

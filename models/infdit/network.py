@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import InfDiTConfig
 from .attention import RotaryTable, apply_rope, block_attention, blocks_to_image, to_blocks
+from .config import InfDiTConfig
 
 Neighbours = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """``(layer, k, v) -> (keys, values)``: a batch's own K/V in block layout to its gathered

@@ -21,10 +21,9 @@ from .checkpoint import InfDiTWeights
 from .evaluate import ImageContext, evaluate
 from .lr_context import LRContext
 from .memory import BudgetTooSmall, MemoryEstimate, choose_batch_size, estimate_memory
-from .placement import HostObserver, Placement
-from .plan import ScanOrder, plan_batches
 from .preprocess import clip_view, pad_to_multiple, resize_bicubic
 from .sampler import edm_sigmas, evaluations, heun_sample, initial_state
+from .schedule import HostObserver, Placement, ScanOrder, plan_batches
 
 STAGES: dict[int, tuple[int, ...]] = {2: (2,), 4: (4,), 8: (4, 2), 16: (4, 4)}
 

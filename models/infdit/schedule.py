@@ -1,4 +1,5 @@
-"""Block batches and the neighbour K/V they exchange: the geometry of one evaluation.
+"""The block schedule of one evaluation: the batches, their order, the neighbour K/V they
+exchange, and where tensors live.
 
 Under UniBA, block (i, j) attends to (i-1, j-1), (i, j-1) and (i-1, j) (clamped at the top
 and left border), so any order in which those come first is valid. The sweep cuts the
@@ -9,12 +10,24 @@ width or height, so ``"auto"`` scans along the shorter side.
 :class:`CacheSchedule` says, for each batch, which blocks outside it it reads, which of its
 own blocks later batches read, and after which batch each stored block can be dropped. Both
 the evaluation and the memory model use it, so the model counts exactly what is kept.
+
+**Placement.** Compute always happens on ``device``. With ``offload``, everything whose size
+grows with the image (the cached K/V strip, the LR cross-attention keys, the sampler's
+full-image buffers) lives in host memory and only the slices a batch needs travel to the
+device, so device memory stays flat as the image grows.
+
+An optional :class:`HostObserver` wraps every host allocation made here and the host-side
+preparation work; on a CPU-only machine, where host and device are the same memory, a memory
+meter (the benchmarks' ``LiveTensorMeter``) uses it to tell the two apart.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import ContextManager, Literal, Protocol
+
+import torch
 
 ScanOrder = Literal["auto", "row", "column"]
 SCAN_ORDERS: tuple[str, ...] = ("auto", "row", "column")
@@ -119,3 +132,58 @@ class CacheSchedule:
                 (on_device if not offload or block in keep_next else on_host).add(block)
             device_peak, host_peak = max(device_peak, len(on_device)), max(host_peak, len(on_host))
         return device_peak, host_peak
+
+
+HOST = torch.device("cpu")
+
+
+class HostObserver(Protocol):
+    def host_work(self) -> ContextManager[None]: ...
+
+
+@dataclass
+class Placement:
+    device: torch.device
+    offload: bool = False
+    observer: HostObserver | None = None
+
+    def host_work(self) -> ContextManager[None]:
+        """Wraps work done in host memory whatever the device (resizing, drawing noise)."""
+        return self.observer.host_work() if self.observer is not None else contextlib.nullcontext()
+
+    @property
+    def store_device(self) -> torch.device:
+        """Device of tensors that grow with the image: the host when offloading."""
+        return HOST if self.offload else self.device
+
+    def _empty_host(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        with self.host_work():
+            return torch.empty(shape, dtype=dtype, device=HOST, pin_memory=self.device.type == "cuda")
+
+    def empty_store(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised image-sized buffer on :attr:`store_device`."""
+        if self.offload:
+            return self._empty_host(shape, dtype)
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
+    def to_store(self, t: torch.Tensor) -> torch.Tensor:
+        """A copy of ``t`` on :attr:`store_device` that owns its memory (never a view into ``t``)."""
+        out = self.empty_store(tuple(t.shape), t.dtype)
+        out.copy_(t)
+        return out
+
+    def to_host(self, t: torch.Tensor) -> torch.Tensor:
+        """A host copy of ``t`` (used for cache entries the next batch does not need).
+
+        Asynchronous from a GPU (into pinned memory): such a copy is only ever read by later
+        copies back to the device on the same stream, so the sweep need not wait for it.
+        """
+        out = self._empty_host(tuple(t.shape), t.dtype)
+        out.copy_(t, non_blocking=True)
+        return out
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on the compute device: a view when it is already there, else a copy. Offloaded
+        tensors are always copied, also when host and device are the same memory (CPU), so that
+        a memory meter sees the copy a GPU would hold."""
+        return t.to(self.device, non_blocking=True, copy=self.offload)
