@@ -14,8 +14,7 @@ from safetensors.torch import load_file, save_file
 from ultrares.models.infdit import convert
 from ultrares.models.infdit.checkpoint import ROPE_TABLES, CheckpointError, convert_checkpoint, load_infdit
 from ultrares.models.infdit.config import InfDiTConfig
-from ultrares.models.infdit.evaluate import ImageContext, evaluate
-from ultrares.models.infdit.lr_context import LRContext
+from ultrares.models.infdit.evaluate import ImageContext, LRContext, evaluate
 from ultrares.models.infdit.schedule import Placement, plan_batches
 from ultrares.models.infdit.attention import table_diagonal
 from ultrares.models.infdit.tiny import TINY, TINY_CLIP, tiny_weights

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ultrares.models.infdit.lr_context import LRContext
+from ultrares.models.infdit.evaluate import LRContext
 from ultrares.models.infdit.schedule import Placement
 from ultrares.models.infdit.tiny import TINY, tiny_weights
 

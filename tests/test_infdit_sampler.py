@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from ultrares.models.infdit.evaluate import ImageContext, evaluate
-from ultrares.models.infdit.lr_context import LRContext
+from ultrares.models.infdit.evaluate import ImageContext, LRContext, evaluate
 from ultrares.models.infdit.network import InfDiT
 from ultrares.models.infdit.schedule import Placement, plan_batches
 from ultrares.models.infdit.sampler import (NOISE_CHUNK, edm_precondition, edm_sigmas, evaluations, heun_sample,

@@ -12,9 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ultrares.models.infdit.evaluate import ImageContext, evaluate
-from ultrares.models.infdit.kv_cache import NeighbourCache
-from ultrares.models.infdit.lr_context import LRContext
+from ultrares.models.infdit.evaluate import ImageContext, LRContext, NeighbourCache, evaluate
 from ultrares.models.infdit.schedule import BlockBatch, CacheSchedule, Placement, plan_batches, resolve_scan
 from ultrares.models.infdit.tiny import tiny_weights
 from infdit_full_mode import reference_evaluation

@@ -12,7 +12,7 @@ Terms (``u`` = one token's hidden vector in the model dtype, ``T`` tokens in the
   the hidden state, the fused QKV output, rotated queries and keys, the extended key/value
   grids and the four-segment keys and values — ``ACTIVATION_UNITS * T + E`` units of ``u`` —
   and layer 0's LR windows, or, if larger, building the keys and values of the LR region
-  under the batch tile by tile (:mod:`.lr_context`); plus, throughout, that LR region, the
+  under the batch tile by tile (:class:`.evaluate.LRContext`); plus, throughout, that LR region, the
   RoPE tables and the batch's pixels.
 
 Attention itself is assumed fused (PyTorch's flash/efficient kernels on GPU and its flash
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import InfDiTConfig
-from .lr_context import TILE_BLOCKS
+from .evaluate import TILE_BLOCKS
 from .schedule import CacheSchedule, ScanOrder, plan_batches
 
 ACTIVATION_UNITS = 15

@@ -18,8 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .checkpoint import InfDiTWeights
-from .evaluate import ImageContext, evaluate
-from .lr_context import LRContext
+from .evaluate import ImageContext, LRContext, evaluate
 from .memory import BudgetTooSmall, MemoryEstimate, choose_batch_size, estimate_memory
 from .preprocess import clip_view, pad_to_multiple, resize_bicubic
 from .sampler import edm_sigmas, evaluations, heun_sample, initial_state
