@@ -15,7 +15,7 @@ from ultrares.models.infdit import convert
 from ultrares.models.infdit.checkpoint import ROPE_TABLES, CheckpointError, convert_checkpoint, load_infdit
 from ultrares.models.infdit.config import InfDiTConfig
 from ultrares.models.infdit.evaluate import ImageContext, LRContext, evaluate
-from ultrares.models.infdit.schedule import Placement, plan_batches
+from ultrares.models.infdit.schedule import Placement, plan_batches, plan_schedule
 from ultrares.models.infdit.attention import table_diagonal
 from ultrares.models.infdit.tiny import TINY, TINY_CLIP, tiny_weights
 from infdit_full_mode import reference_evaluation, reference_rope_table
@@ -139,7 +139,8 @@ def scheduled_evaluation(net, dtype: torch.dtype) -> torch.Tensor:
     placement = Placement(CPU)
     with torch.inference_mode():
         context = ImageContext(concat_lr, LRContext(net, lr_image, placement), vector)
-        return evaluate(net, x, 2.5, context, plan_batches(*GRID, 2, "row"), placement, torch.empty_like(x))
+        schedule = plan_schedule(plan_batches(*GRID, 2, "row"))
+        return evaluate(net, x, 2.5, context, schedule, placement, torch.empty_like(x))
 
 
 def reference(net, dtype: torch.dtype, rope_tables) -> torch.Tensor:

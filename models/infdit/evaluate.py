@@ -33,7 +33,7 @@ import torch
 from .attention import gather_segments, token_positions
 from .network import InfDiT, Neighbours
 from .sampler import edm_precondition
-from .schedule import Block, BlockBatch, CacheSchedule, Placement
+from .schedule import Block, BlockBatch, CacheSteps, Placement, Schedule
 
 TILE_BLOCKS = 4
 """Keys and values are computed in fixed tiles of this many LR blocks per side, aligned to
@@ -94,10 +94,9 @@ class LRContext:
 
 
 class NeighbourCache:
-    """The per-layer neighbour K/V of one block-scheduled evaluation."""
+    """The per-layer neighbour K/V of one evaluation, kept as the schedule's steps say."""
 
-    def __init__(self, schedule: CacheSchedule, layers: int, placement: Placement):
-        self.schedule = schedule
+    def __init__(self, layers: int, placement: Placement):
         self.placement = placement
         self._entries: list[dict[Block, tuple[torch.Tensor, torch.Tensor, bool]]] = [{} for _ in range(layers)]
 
@@ -106,19 +105,18 @@ class NeighbourCache:
         return sum(on_device for entries in self._entries for *_, on_device in entries.values())
 
     def host_entries(self) -> int:
+        """Cached blocks currently on the host, summed over layers."""
         return sum(not on_device for entries in self._entries for *_, on_device in entries.values())
 
-    def neighbours(self, index: int) -> Neighbours:
-        """The gather callback for batch ``index``: extends its K/V with cached blocks, then
-        stores the blocks later batches read and drops those this batch was the last to read."""
-        batch = self.schedule.batches[index]
-        keep_next = self.schedule.needed_next(index)
+    def neighbours(self, batch: BlockBatch, steps: CacheSteps) -> Neighbours:
+        """The gather callback of ``batch``: extends its K/V with the cached blocks it reads,
+        then carries out its cache steps."""
 
         def gather(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             entries = self._entries[layer]
             extended_k = self._extend(batch, k, entries, 0)
             extended_v = self._extend(batch, v, entries, 1)
-            self._update(entries, index, batch, k, v, keep_next)
+            self._carry_out(steps, entries, batch, k, v)
             keys = gather_segments(extended_k)
             del extended_k
             return keys, gather_segments(extended_v)
@@ -137,23 +135,21 @@ class NeighbourCache:
                 extended[:, a, b].copy_(entries[(i, j)][which], non_blocking=True)
         return extended
 
-    def _update(self, entries: dict, index: int, batch: BlockBatch, k: torch.Tensor, v: torch.Tensor,
-                keep_next: set[Block]) -> None:
+    def _carry_out(self, steps: CacheSteps, entries: dict, batch: BlockBatch, k: torch.Tensor,
+                   v: torch.Tensor) -> None:
         """Drop, offload, then store: device memory only grows by what stays on the device."""
-        for block in self.schedule.needs[index]:
-            if self.schedule.last_use[block] == index:
-                del entries[block]
-        offload = self.placement.offload
-        if offload:
-            for block, (kb, vb, on_device) in list(entries.items()):
-                if on_device and block not in keep_next:
-                    entries[block] = (self.placement.to_host(kb), self.placement.to_host(vb), False)
-        for i, j in self.schedule.stores[index]:
-            kb, vb = k[:, i - batch.rows.start, j - batch.cols.start], v[:, i - batch.rows.start, j - batch.cols.start]
-            if not offload or (i, j) in keep_next:
-                entries[(i, j)] = (kb.clone(), vb.clone(), True)
-            else:
-                entries[(i, j)] = (self.placement.to_host(kb), self.placement.to_host(vb), False)
+        to_host = self.placement.to_host
+        for block in steps.drop:
+            del entries[block]
+        for block in steps.offload:
+            kb, vb, _ = entries[block]
+            entries[block] = (to_host(kb), to_host(vb), False)
+        for i, j in steps.store:
+            r, c = i - batch.rows.start, j - batch.cols.start
+            entries[(i, j)] = (k[:, r, c].clone(), v[:, r, c].clone(), True)
+        for i, j in steps.store_on_host:
+            r, c = i - batch.rows.start, j - batch.cols.start
+            entries[(i, j)] = (to_host(k[:, r, c]), to_host(v[:, r, c]), False)
 
 
 @dataclass
@@ -167,21 +163,21 @@ class ImageContext:
     """``[B, vector_dim]`` CLIP image embedding."""
 
 
-def evaluate(net: InfDiT, x: torch.Tensor, sigma: float, context: ImageContext, batches: list[BlockBatch],
+def evaluate(net: InfDiT, x: torch.Tensor, sigma: float, context: ImageContext, schedule: Schedule,
              placement: Placement, out: torch.Tensor, on_batch: Callable[[], None] | None = None,
              check_interrupt: Callable[[], None] | None = None) -> torch.Tensor:
     """Write the EDM denoiser output ``D = c_skip x + c_out F(c_in [x, lr]; sigma)`` into ``out``.
 
-    ``x`` and ``out`` are ``[B, 3, H, W]`` fp32 on the store device; ``batches`` must cover the
-    block grid in a valid UniBA order (see :func:`.schedule.plan_batches`). ``check_interrupt`` is
-    called before every batch and ``on_batch`` after it.
+    ``x`` and ``out`` are ``[B, 3, H, W]`` fp32 on the store device; ``schedule``'s batches must
+    cover the block grid (see :func:`.schedule.plan_schedule`), planned for ``placement``'s
+    offloading. ``check_interrupt`` is called before every batch and ``on_batch`` after it.
     """
     cfg, device = net.cfg, placement.device
     c_skip, c_out, c_in, c_noise = edm_precondition(sigma)
     cond = net.conditioning(torch.full((x.shape[0],), c_noise, device=device), context.vector.to(device))
-    cache = NeighbourCache(CacheSchedule(batches), cfg.layers, placement)
+    cache = NeighbourCache(cfg.layers, placement)
     px = cfg.block_px
-    for index, batch in enumerate(batches):
+    for batch, steps in zip(schedule.batches, schedule.steps):
         if check_interrupt is not None:
             check_interrupt()
         ys, xs = slice(batch.rows.start * px, batch.rows.stop * px), slice(batch.cols.start * px, batch.cols.stop * px)
@@ -189,7 +185,7 @@ def evaluate(net: InfDiT, x: torch.Tensor, sigma: float, context: ImageContext, 
         h = net.embed(torch.cat([x_batch, placement.to_device(context.concat_lr[:, :, ys, xs])], dim=1) * c_in)
         rows, cols = token_positions(batch.rows, batch.cols, cfg.block, device)
         cos, sin = (t[..., None, :] for t in net.rope(rows, cols))
-        gather = cache.neighbours(index)
+        gather = cache.neighbours(batch, steps)
         for layer in range(cfg.layers):
             window_kv = context.lr.windows(batch.rows, batch.cols) if layer == 0 else None
             h = net.layer(layer, h, cond, cos, sin, gather, window_kv)

@@ -7,9 +7,18 @@ block grid into n x n batches (ragged at the right and bottom edges) and visits 
 row-major or column-major; the strip of K/V kept between batches then spans the image
 width or height, so ``"auto"`` scans along the shorter side.
 
-:class:`CacheSchedule` says, for each batch, which blocks outside it it reads, which of its
-own blocks later batches read, and after which batch each stored block can be dropped. Both
-the evaluation and the memory model use it, so the model counts exactly what is kept.
+**The cache policy** lives here and nowhere else. :func:`plan_schedule` turns the batches
+into a :class:`Schedule`: per batch, the blocks it reads from the neighbour cache and the
+steps that follow (drop, offload, store), with the number of blocks each place then holds.
+The cache (:class:`.evaluate.NeighbourCache`) carries out these steps, in every layer, and the
+memory model (:mod:`.memory`) counts them; neither decides anything itself.
+
+A schedule is plain data (block coordinates and batch indices, no tensors), the same for
+every evaluation of a sample. An executor that shares the batches among several devices
+reads from it which blocks cross between them: a batch's dependencies are the batches that
+own the blocks it reads, and a stored block is read by the batches that list it in
+``read``. Across evaluations, a batch's next evaluation needs only its own pixels of this
+one (the sampler's update is per pixel) and, again, its dependencies' keys.
 
 **Placement.** Compute always happens on ``device``. With ``offload``, everything whose size
 grows with the image (the cached K/V strip, the LR cross-attention keys, the sampler's
@@ -80,58 +89,85 @@ def plan_batches(grid_rows: int, grid_cols: int, n: int, scan: ScanOrder = "auto
     return [BlockBatch(range(r, min(r + n, grid_rows)), range(c, min(c + n, grid_cols))) for r, c in pairs]
 
 
-class CacheSchedule:
-    """Which neighbour blocks each batch reads from the cache, stores for later, and drops."""
+@dataclass(frozen=True)
+class CacheSteps:
+    """What one batch does with the neighbour cache, in each layer, in this order."""
 
-    def __init__(self, batches: list[BlockBatch]):
-        self.batches = batches
-        owner = {block: index for index, batch in enumerate(batches) for block in batch.blocks}
-        self.needs: list[list[Block]] = []
-        self.last_use: dict[Block, int] = {}
-        for index, batch in enumerate(batches):
-            needed = sorted({src for _, _, src in batch.outside_sources()})
-            for block in needed:
-                if owner.get(block, len(batches)) >= index:
-                    raise ValueError(f"batch {index} reads block {block} before it is computed: "
-                                     "the batch order is not a valid UniBA order")
-                self.last_use[block] = index
-            self.needs.append(needed)
-        self.stores: list[list[Block]] = [[b for b in batch.blocks if b in self.last_use] for batch in batches]
+    read: tuple[Block, ...]
+    """Its neighbours outside the batch (above and to the left), read into its key grid."""
+    drop: tuple[Block, ...]
+    """Cached blocks no later batch reads: freed, wherever they are."""
+    offload: tuple[Block, ...]
+    """Cached blocks on the device that the next batch does not read: moved to the host."""
+    store: tuple[Block, ...]
+    """Its own blocks that later batches read, cached on the device."""
+    store_on_host: tuple[Block, ...]
+    """Its own blocks that later batches read but the next one does not: cached on the host."""
+    device_blocks: int
+    """Cached blocks on the device once these steps are done."""
+    host_blocks: int
+    """Cached blocks on the host once these steps are done."""
 
-    def needed_next(self, index: int) -> set[Block]:
-        """Blocks the batch after ``index`` reads (kept on the device when offloading)."""
-        return set(self.needs[index + 1]) if index + 1 < len(self.needs) else set()
 
-    def device_blocks(self, offload: bool) -> int:
-        """Peak number of cached blocks per layer held on the device, replaying the cache's rules.
+@dataclass(frozen=True)
+class Schedule:
+    """One evaluation as plain data: the batches in order, what each depends on, its cache steps."""
 
-        A batch's update drops the blocks it was the last to read and (offloading) moves the
-        ones the next batch does not read to the host *before* storing its own, so a layer's
-        count peaks after some update. Host entries are copied straight into the batch's key
-        buffer, so they add nothing here.
+    batches: tuple[BlockBatch, ...]
+    depends_on: tuple[tuple[int, ...], ...]
+    """Per batch, the earlier batches whose blocks it reads: the edges of the batch DAG."""
+    steps: tuple[CacheSteps, ...]
+    offload: bool
+
+    @property
+    def device_peak(self) -> int:
+        """The most cached blocks (per layer) on the device at any time.
+
+        Every batch drops and offloads before it stores, so the count peaks once some batch's
+        steps are done. Entries read from the host are copied straight into the batch's key
+        grid, so they add nothing here.
         """
-        return self._replay(offload)[0]
+        return max((steps.device_blocks for steps in self.steps), default=0)
 
-    def host_blocks(self) -> int:
-        """Peak number of cached blocks per layer waiting in host memory when offloading."""
-        return self._replay(True)[1]
+    @property
+    def host_peak(self) -> int:
+        """The most cached blocks (per layer) waiting on the host at any time."""
+        return max((steps.host_blocks for steps in self.steps), default=0)
 
-    def _replay(self, offload: bool) -> tuple[int, int]:
-        on_device: set[Block] = set()
-        on_host: set[Block] = set()
-        device_peak = host_peak = 0
-        for index in range(len(self.batches)):
-            keep_next = self.needed_next(index)
-            dropped = {b for b in self.needs[index] if self.last_use[b] == index}
-            on_device -= dropped
-            on_host -= dropped
-            if offload:
-                on_host |= on_device - keep_next
-                on_device &= keep_next
-            for block in self.stores[index]:
-                (on_device if not offload or block in keep_next else on_host).add(block)
-            device_peak, host_peak = max(device_peak, len(on_device)), max(host_peak, len(on_host))
-        return device_peak, host_peak
+
+def plan_schedule(batches: list[BlockBatch], offload: bool = False) -> Schedule:
+    """The cache policy: each batch reads its outside neighbours, then drops the blocks it was
+    the last to read, then (offloading) moves to the host the device blocks the next batch
+    does not read, then stores its own blocks that later batches read (on the host if the
+    next batch does not read them). Refuses an order that reads a block before it exists."""
+    owner = {block: index for index, batch in enumerate(batches) for block in batch.blocks}
+    reads = [tuple(sorted({src for _, _, src in batch.outside_sources()})) for batch in batches]
+    last_reader: dict[Block, int] = {}
+    for index, read in enumerate(reads):
+        for block in read:
+            if owner.get(block, len(batches)) >= index:
+                raise ValueError(f"batch {index} reads block {block} before it is computed: "
+                                 "the batch order is not a valid UniBA order")
+            last_reader[block] = index
+    on_device: set[Block] = set()
+    on_host: set[Block] = set()
+    steps = []
+    for index, batch in enumerate(batches):
+        read_next = set(reads[index + 1]) if index + 1 < len(batches) else set()
+        drop = tuple(block for block in reads[index] if last_reader[block] == index)
+        on_device.difference_update(drop)
+        on_host.difference_update(drop)
+        offloaded = tuple(sorted(on_device - read_next)) if offload else ()
+        on_device.difference_update(offloaded)
+        on_host.update(offloaded)
+        kept = [block for block in batch.blocks if block in last_reader]
+        store = tuple(block for block in kept if not offload or block in read_next)
+        store_on_host = tuple(block for block in kept if offload and block not in read_next)
+        on_device.update(store)
+        on_host.update(store_on_host)
+        steps.append(CacheSteps(reads[index], drop, offloaded, store, store_on_host, len(on_device), len(on_host)))
+    depends_on = tuple(tuple(sorted({owner[block] for block in read})) for read in reads)
+    return Schedule(tuple(batches), depends_on, tuple(steps), offload)
 
 
 HOST = torch.device("cpu")

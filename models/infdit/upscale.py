@@ -22,7 +22,7 @@ from .evaluate import ImageContext, LRContext, evaluate
 from .memory import BudgetTooSmall, MemoryEstimate, choose_batch_size, estimate_memory
 from .preprocess import clip_view, pad_to_multiple, resize_bicubic
 from .sampler import edm_sigmas, evaluations, heun_sample, initial_state
-from .schedule import HostObserver, Placement, ScanOrder, plan_batches
+from .schedule import HostObserver, Placement, ScanOrder, Schedule, plan_batches, plan_schedule
 
 STAGES: dict[int, tuple[int, ...]] = {2: (2,), 4: (4,), 8: (4, 2), 16: (4, 4)}
 
@@ -130,15 +130,18 @@ class _StageSweep:
                  images: int):
         self.weights, self.grid, self.n, self.options = weights, grid, n, options
         self.placement, self.progress, self.check_interrupt = placement, progress, check_interrupt
-        self.batches = plan_batches(*grid, n, options.scan)
+        self.schedule = self._plan()
         self.evaluations_left = evaluations(options.steps) * images
         self.context: ImageContext | None = None
+
+    def _plan(self) -> Schedule:
+        return plan_schedule(plan_batches(*self.grid, self.n, self.options.scan), self.placement.offload)
 
     def __call__(self, x: torch.Tensor, sigma: float, out: torch.Tensor) -> torch.Tensor:
         while True:
             done_before = self.progress.done
             try:
-                evaluate(self.weights.net, x, sigma, self.context, self.batches, self.placement, out,
+                evaluate(self.weights.net, x, sigma, self.context, self.schedule, self.placement, out,
                          self.progress.step, self.check_interrupt)
                 self.evaluations_left -= 1
                 return out
@@ -152,10 +155,10 @@ class _StageSweep:
     def _shrink(self, batches_done: int) -> None:
         if self.placement.device.type == "cuda":
             torch.cuda.empty_cache()
-        old = len(self.batches)
+        old = len(self.schedule.batches)
         self.n -= 1
-        self.batches = plan_batches(*self.grid, self.n, self.options.scan)
-        self.progress.rewind(batches_done, (len(self.batches) - old) * self.evaluations_left)
+        self.schedule = self._plan()
+        self.progress.rewind(batches_done, (len(self.schedule.batches) - old) * self.evaluations_left)
 
 
 def _upscale_stage(weights: InfDiTWeights, lr: torch.Tensor, factor: int, sweep: _StageSweep,
@@ -209,7 +212,7 @@ def upscale(weights: InfDiTWeights, images: torch.Tensor, options: UpscaleOption
     progress = Progress(0, on_progress)
     sweeps = [_StageSweep(weights, (height // block_px, width // block_px), plan_stage(weights, height, width, options).n,
                           options, placement, progress, check_interrupt, count) for height, width in sizes]
-    progress.total = sum(len(sweep.batches) * sweep.evaluations_left for sweep in sweeps)
+    progress.total = sum(len(sweep.schedule.batches) * sweep.evaluations_left for sweep in sweeps)
     generator = torch.Generator().manual_seed(options.seed)
     results = []
     with torch.inference_mode():
