@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from ultrares.models.infdit._full_reference import reference_evaluation, reference_rope_table
 from ultrares.models.infdit import convert
 from ultrares.models.infdit.checkpoint import ROPE_TABLES, CheckpointError, convert_checkpoint, load_infdit
 from ultrares.models.infdit.config import InfDiTConfig
@@ -18,7 +19,6 @@ from ultrares.models.infdit.evaluate import ImageContext, LRContext, evaluate
 from ultrares.models.infdit.schedule import Placement, plan_batches, plan_schedule
 from ultrares.models.infdit.attention import table_diagonal
 from ultrares.models.infdit.tiny import TINY, TINY_CLIP, tiny_weights
-from infdit_full_mode import reference_evaluation, reference_rope_table
 from infdit_release import released_state_dict, save_released_layout
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")

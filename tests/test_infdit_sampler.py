@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from ultrares.models.infdit._full_reference import reference_upscale_4x
 from ultrares.models.infdit.evaluate import ImageContext, LRContext, evaluate
 from ultrares.models.infdit.network import InfDiT
 from ultrares.models.infdit.schedule import Placement, plan_batches, plan_schedule
@@ -14,7 +15,6 @@ from ultrares.models.infdit.sampler import (NOISE_CHUNK, edm_precondition, edm_s
                                             initial_state)
 from ultrares.models.infdit.tiny import TINY, tiny_weights
 from ultrares.models.infdit.upscale import UpscaleOptions, upscale
-from infdit_full_mode import reference_upscale_4x
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -132,7 +132,7 @@ def image():
 
 @pytest.fixture(scope="module")
 def full_sample(one_cpu_thread, tiny, image):
-    """The whole-image sample of :mod:`infdit_full_mode` (not the scheduler with one batch)."""
+    """The whole-image reference's sample (not the scheduler with one batch)."""
     return reference_upscale_4x(tiny, image, steps=3, seed=11, init_noise=True)
 
 

@@ -1,10 +1,10 @@
 """Block-scheduled evaluation is exactly the whole-image UniBA computation.
 
-The reference is :mod:`infdit_full_mode`, written from the released "full" inference:
-positions from the token index, the clamp-and-concatenate neighbour gather of
-``get_cat_layer_left_top`` and the LR windows of ``nn.Unfold`` after ``proj_lr``. The
-scheduler must match it for any batch size, ragged edge batches, either scan order and
-either cache placement.
+The reference is the package's whole-image Inf-DiT (``models/infdit/_full_reference.py``),
+written from the released "full" inference: positions from the token index, the
+clamp-and-concatenate neighbour gather of ``get_cat_layer_left_top`` and the LR windows of
+``nn.Unfold`` after ``proj_lr``. The scheduler must match it for any batch size, ragged edge
+batches, either scan order and either cache placement.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ultrares.models.infdit._full_reference import reference_evaluation
 from ultrares.models.infdit.evaluate import ImageContext, LRContext, evaluate
 from ultrares.models.infdit.schedule import BlockBatch, Placement, plan_batches, plan_schedule
 from ultrares.models.infdit.tiny import tiny_weights
-from infdit_full_mode import reference_evaluation
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 

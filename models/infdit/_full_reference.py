@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ultrares.models.infdit.attention import to_blocks
+from .attention import to_blocks
 
 
 def reference_rope_table(period: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
