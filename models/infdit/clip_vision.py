@@ -15,8 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .preprocess import clip_view
-
 OPENCLIP_HEAD_WIDTH = 64
 
 
@@ -103,7 +101,3 @@ class ClipVisionEncoder(nn.Module):
         (``encode_image(normalize=True)``, then normalised once more)."""
         out = self.forward(pixels.to(self.conv1.weight.device)).float()
         return F.normalize(F.normalize(out, dim=-1), dim=-1)
-
-    def embed(self, image: torch.Tensor) -> torch.Tensor:
-        """Image in [-1, 1] ``[B, 3, H, W]`` -> L2-normalised embedding (preprocessing included)."""
-        return self.encode(clip_view(image.float(), self.cfg.image_size))
