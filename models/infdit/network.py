@@ -1,8 +1,10 @@
 """The Inf-DiT network in plain PyTorch, evaluated one rectangle of UniBA blocks at a time.
 
-The module holds the weights and runs the per-token maths; *which* keys a block attends to
-comes from a ``neighbours`` callback (see :mod:`.schedule`), so the same code evaluates the
-whole image or an n x n batch of blocks with cached neighbours.
+Each module holds its weights and its ``forward`` is the released model's maths (the order
+of ``AdaLNMixin.layer_forward`` and ``FinalLayerMixin``). *Which* keys a block attends to
+comes from a ``neighbours`` callback, so the same code evaluates the whole image
+(:mod:`._full_reference`, the released clamp-and-concatenate gather) or an n x n batch of
+blocks whose neighbours come from the cache (:mod:`.evaluate`, as :mod:`.schedule` plans).
 
 Quirks of the released model that change numbers and are reproduced here:
 
@@ -17,6 +19,7 @@ Quirks of the released model that change numbers and are reproduced here:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,15 +30,23 @@ from torch import nn
 from .attention import RotaryTable, apply_rope, block_attention, blocks_to_image, to_blocks
 from .config import InfDiTConfig
 
+Gather = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""``(k, v) -> (keys, values)``: one layer's K/V of the blocks being computed (block layout) to
+each block's ``[B, nr, nc, 4L, heads, head_dim]`` segments (self, top-left, left, top), before
+the block bias."""
 Neighbours = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-"""``(layer, k, v) -> (keys, values)``: a batch's own K/V in block layout to its gathered
-``[B, nr, nc, 4L, heads, head_dim]`` segments (self, top-left, left, top), before the block bias."""
+"""``(layer, k, v) -> (keys, values)``: the :data:`Gather` of every layer."""
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation with per-image ``[B, D]`` shift and scale on a block-layout tensor."""
     view = (shift.shape[0],) + (1,) * (x.dim() - 2) + (shift.shape[-1],)
     return x * (1 + scale.view(view)) + shift.view(view)
+
+
+def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm without affine parameters over the last dimension (the trunk's norms)."""
+    return F.layer_norm(x, x.shape[-1:], eps=eps)
 
 
 class TwoLayerMLP(nn.Module):
@@ -62,21 +73,6 @@ class TimestepEmbedding(TwoLayerMLP):
         freqs = (1 / 10000) ** (torch.arange(half, dtype=torch.float32, device=c_noise.device) / half)
         angles = torch.outer(c_noise.float(), freqs)
         return super().forward(torch.cat([angles.cos(), angles.sin()], dim=1).to(self.fc1.weight.dtype))
-
-
-class DiTBlock(nn.Module):
-    """One pre-LN adaLN layer (no gates) with QK-LayerNorm, 2D RoPE and the UniBA block bias."""
-
-    def __init__(self, cfg: InfDiTConfig):
-        super().__init__()
-        d = cfg.hidden
-        self.ada = nn.Linear(d, 4 * d)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.qk_norm = nn.LayerNorm(cfg.head_dim, eps=cfg.eps)
-        self.block_bias = nn.Parameter(torch.zeros(4, cfg.heads, cfg.head_dim))
-        self.attn_out = nn.Linear(d, d)
-        self.fc1 = nn.Linear(d, cfg.mlp_ratio * d)
-        self.fc2 = nn.Linear(cfg.mlp_ratio * d, d)
 
 
 class LRCrossAttention(nn.Module):
@@ -109,11 +105,72 @@ class LRCrossAttention(nn.Module):
         return self.dense(block_attention(q, k + self.key_pos[0], v))
 
 
+class DiTBlock(nn.Module):
+    """One pre-LN adaLN layer (no gates) with QK-LayerNorm, 2D RoPE and the UniBA block bias."""
+
+    def __init__(self, cfg: InfDiTConfig):
+        super().__init__()
+        d = cfg.hidden
+        self.ada = nn.Linear(d, 4 * d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.qk_norm = nn.LayerNorm(cfg.head_dim, eps=cfg.eps)
+        self.block_bias = nn.Parameter(torch.zeros(4, cfg.heads, cfg.head_dim))
+        self.attn_out = nn.Linear(d, d)
+        self.fc1 = nn.Linear(d, cfg.mlp_ratio * d)
+        self.fc2 = nn.Linear(cfg.mlp_ratio * d, d)
+        self.heads, self.block_tokens, self.eps = cfg.heads, cfg.block_tokens, cfg.eps
+
+    def forward(self, h: torch.Tensor, modulation: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                gather: Gather, lr_attention: LRCrossAttention | None = None,
+                lr_window_kv: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens ``h`` ``[B, nr, nc, L, D]`` and this layer's ``[B, 4D]`` modulation -> the layer's output::
+
+            h = h + Attn(mod(LN(h), shift_msa, scale_msa))     over each block's UniBA keys
+            h = h + CrossAttn(LN(h), LR);  m = post_norm(h)    layer 0 (``lr_attention`` given)
+            m = LN(h)                                          every other layer
+            h = h + MLP(mod(m, shift_mlp, scale_mlp))
+        """
+        shift_msa, scale_msa, shift_mlp, scale_mlp = modulation.chunk(4, dim=-1)
+        h = h + self.attention(h, shift_msa, scale_msa, cos, sin, gather)
+        if lr_attention is None:
+            m = layer_norm(h, self.eps)
+        else:
+            h = h + lr_attention(layer_norm(h, self.eps), lr_window_kv)
+            m = lr_attention.post_norm(h)
+        return h + self.fc2(F.gelu(self.fc1(modulate(m, shift_mlp, scale_mlp)), approximate="tanh"))
+
+    def attention(self, h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, gather: Gather) -> torch.Tensor:
+        """``Attn(mod(LN(h), shift, scale))``: QK-LayerNorm, RoPE, the gathered keys plus their
+        segment's bias, attention inside each block, output projection."""
+        qkv = self.qkv(modulate(layer_norm(h, self.eps), shift, scale))
+        q, k, v = qkv.unflatten(-1, (3, self.heads, -1)).unbind(-3)
+        del qkv
+        q = apply_rope(self.qk_norm(q), cos, sin)
+        k = apply_rope(self.qk_norm(k), cos, sin)  # the query LayerNorm, as released
+        keys, values = gather(k, v)
+        del k, v
+        keys += self.block_bias.repeat_interleave(self.block_tokens, dim=0)
+        return self.attn_out(block_attention(q, keys, values))
+
+
 class FinalLayer(nn.Module):
+    """The output head: ``F = unpatchify(Linear(mod(LN(LN(h)), shift, scale)))``."""
+
     def __init__(self, cfg: InfDiTConfig):
         super().__init__()
         self.ada = nn.Linear(cfg.hidden, 2 * cfg.hidden)
         self.linear = nn.Linear(cfg.hidden, cfg.patch * cfg.patch * cfg.out_channels)
+        self.block, self.patch, self.channels, self.eps = cfg.block, cfg.patch, cfg.out_channels, cfg.eps
+
+    def forward(self, h: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+        """Tokens ``[B, nr, nc, L, D]`` and the ``[B, 2D]`` modulation -> pixels ``[B, 3, h, w]``.
+
+        LayerNorm twice: SAT's ``final_layernorm``, then the head's own ``norm_final``.
+        """
+        shift, scale = modulation.chunk(2, dim=-1)
+        tokens = self.linear(modulate(layer_norm(layer_norm(h, self.eps), self.eps), shift, scale))
+        return blocks_to_image(tokens, self.block, self.patch, self.channels)
 
 
 @dataclass
@@ -125,7 +182,8 @@ class Conditioning:
 
 
 class InfDiT(nn.Module):
-    """The DiT of Inf-DiT (weights and per-token maths; evaluation order lives in :mod:`.schedule`)."""
+    """The DiT of Inf-DiT, in the pieces an executor runs: the conditioning once per evaluation,
+    then per rectangle of blocks the embedding, every layer and the output head."""
 
     def __init__(self, cfg: InfDiTConfig):
         super().__init__()
@@ -142,9 +200,6 @@ class InfDiT(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.patch_embed.weight.dtype
 
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, (self.cfg.hidden,), eps=self.cfg.eps)
-
     def conditioning(self, c_noise: torch.Tensor, vector: torch.Tensor) -> Conditioning:
         """Time + CLIP-vector embedding, SiLU, then every adaLN head (which applies SiLU again)."""
         e = F.silu(self.time_embed(c_noise) + self.vector_embed(vector.to(self.dtype)))
@@ -157,28 +212,15 @@ class InfDiT(nn.Module):
 
     def layer(self, index: int, h: torch.Tensor, cond: Conditioning, cos: torch.Tensor, sin: torch.Tensor,
               neighbours: Neighbours, lr_window_kv: torch.Tensor | None = None) -> torch.Tensor:
-        """One transformer layer on block-layout tokens ``[B, nr, nc, L, D]``."""
-        cfg, blk = self.cfg, self.blocks[index]
-        shift_msa, scale_msa, shift_mlp, scale_mlp = cond.layers[index].chunk(4, dim=-1)
-        q, k, v = blk.qkv(modulate(self._norm(h), shift_msa, scale_msa)).unflatten(-1, (3, cfg.heads, -1)).unbind(-3)
-        q = apply_rope(blk.qk_norm(q), cos, sin)
-        k = apply_rope(blk.qk_norm(k), cos, sin)
-        keys, values = neighbours(index, k, v)
-        del k, v
-        keys += blk.block_bias.repeat_interleave(cfg.block_tokens, dim=0)
-        h = h + blk.attn_out(block_attention(q, keys, values))
-        del q, keys, values
-        if index == 0:
-            if lr_window_kv is None:
-                raise ValueError("layer 0 needs the LR cross-attention keys and values")
-            h = h + self.lr_xattn(self._norm(h), lr_window_kv)
-            m = self.lr_xattn.post_norm(h)
-        else:
-            m = self._norm(h)
-        return h + blk.fc2(F.gelu(blk.fc1(modulate(m, shift_mlp, scale_mlp)), approximate="tanh"))
+        """Layer ``index`` on block-layout tokens ``[B, nr, nc, L, D]``; layer 0 is the one with
+        the nearby-LR cross-attention, whose keys and values ``lr_window_kv`` it then needs."""
+        gather = functools.partial(neighbours, index)
+        if index > 0:
+            return self.blocks[index](h, cond.layers[index], cos, sin, gather)
+        if lr_window_kv is None:
+            raise ValueError("layer 0 needs the LR cross-attention keys and values")
+        return self.blocks[0](h, cond.layers[0], cos, sin, gather, self.lr_xattn, lr_window_kv)
 
     def output(self, h: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """Final layer (LayerNorm twice, modulation, Linear) and unpatchify -> ``[B, 3, h, w]``."""
-        shift, scale = cond.final.chunk(2, dim=-1)
-        tokens = self.final.linear(modulate(self._norm(self._norm(h)), shift, scale))
-        return blocks_to_image(tokens, self.cfg.block, self.cfg.patch, self.cfg.out_channels)
+        """The output head -> ``[B, 3, h, w]``."""
+        return self.final(h, cond.final)
