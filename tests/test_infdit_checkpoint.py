@@ -231,6 +231,35 @@ def test_a_converted_files_tables_must_fit_its_rope_period_and_an_old_file_witho
         load_infdit(tmp_path / "old.safetensors")
 
 
+class StandInOperations:
+    """An ``operations`` namespace shaped like ``comfy.ops.disable_weight_init``: subclasses of
+    torch.nn's layers that skip the random initialisation (the loader assigns the weights)."""
+
+    class Linear(torch.nn.Linear):
+        def reset_parameters(self) -> None:
+            return None
+
+    class Conv2d(torch.nn.Conv2d):
+        def reset_parameters(self) -> None:
+            return None
+
+    class LayerNorm(torch.nn.LayerNorm):
+        def reset_parameters(self) -> None:
+            return None
+
+
+def test_the_loader_builds_both_networks_from_the_given_operations(released_file):
+    weights = load_infdit(released_file, operations=StandInOperations)
+    stand_ins = (StandInOperations.Linear, StandInOperations.Conv2d, StandInOperations.LayerNorm)
+    for module in (weights.net, weights.clip):
+        layers = [m for m in module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.LayerNorm))]
+        assert layers and all(isinstance(layer, stand_ins) for layer in layers)
+    plain = load_infdit(released_file)
+    assert torch.equal(scheduled_evaluation(weights.net, torch.float32), scheduled_evaluation(plain.net, torch.float32))
+    pixels = torch.randn(1, 3, TINY_CLIP.image_size, TINY_CLIP.image_size)
+    assert torch.equal(weights.clip.encode(pixels), plain.clip.encode(pixels))
+
+
 def test_the_released_file_is_refused_by_plain_weights_only_loading(released_file):
     # Its numpy RNG state is why the loader names the numpy types it may build.
     with pytest.raises(Exception, match="numpy"):

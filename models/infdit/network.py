@@ -15,6 +15,10 @@ Quirks of the released model that change numbers and are reproduced here:
 - layer 0 adds the nearby-LR cross-attention and then uses its own affine LayerNorm before
   the MLP; every other LayerNorm of the trunk has no affine parameters;
 - the MLP uses the tanh approximation of GELU.
+
+Every Linear, Conv2d and LayerNorm is built from ``operations`` (default ``torch.nn``), as in
+ComfyUI's own networks, so that ``comfy.ops`` (manual cast, fp8 weights, low-VRAM loading)
+can be passed in by the nodes.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +41,9 @@ each block's ``[B, nr, nc, 4L, heads, head_dim]`` segments (self, top-left, left
 the block bias."""
 Neighbours = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """``(layer, k, v) -> (keys, values)``: the :data:`Gather` of every layer."""
+Operations = ModuleType | type
+"""A namespace with ``Linear``, ``Conv2d`` and ``LayerNorm`` classes: ``torch.nn``, or one of
+``comfy.ops`` (``disable_weight_init``, ``manual_cast`` ...)."""
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -52,10 +60,10 @@ def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
 class TwoLayerMLP(nn.Module):
     """Linear -> SiLU -> Linear: the timestep and CLIP-vector embeddings."""
 
-    def __init__(self, inputs: int, width: int):
+    def __init__(self, inputs: int, width: int, operations: Operations = nn):
         super().__init__()
-        self.fc1 = nn.Linear(inputs, width)
-        self.fc2 = nn.Linear(width, width)
+        self.fc1 = operations.Linear(inputs, width)
+        self.fc2 = operations.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.silu(self.fc1(x)))
@@ -64,8 +72,8 @@ class TwoLayerMLP(nn.Module):
 class TimestepEmbedding(TwoLayerMLP):
     """EDM noise level ``c_noise`` -> ``[B, hidden]``: cos-then-sin features, then the MLP."""
 
-    def __init__(self, channels: int, width: int):
-        super().__init__(channels, width)
+    def __init__(self, channels: int, width: int, operations: Operations = nn):
+        super().__init__(channels, width, operations)
         self.channels = channels
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
@@ -79,16 +87,16 @@ class LRCrossAttention(nn.Module):
     """Layer 0's nearby-LR cross-attention: each block's queries see the LR tokens of the 3x3
     LR blocks around it (zero tokens outside the image), with learned absolute positions."""
 
-    def __init__(self, cfg: InfDiTConfig):
+    def __init__(self, cfg: InfDiTConfig, operations: Operations = nn):
         super().__init__()
         d, h, hd = cfg.hidden, cfg.heads, cfg.head_dim
-        self.proj_lr = nn.Conv2d(3, d, kernel_size=cfg.lr_patch, stride=cfg.lr_patch)
-        self.query = nn.Linear(d, d)
-        self.key_value = nn.Linear(d, 2 * d)
-        self.dense = nn.Linear(d, d)
-        self.post_norm = nn.LayerNorm(d, eps=cfg.eps)
-        self.q_norm = nn.LayerNorm(hd, eps=cfg.eps)
-        self.k_norm = nn.LayerNorm(hd, eps=cfg.eps)
+        self.proj_lr = operations.Conv2d(3, d, kernel_size=cfg.lr_patch, stride=cfg.lr_patch)
+        self.query = operations.Linear(d, d)
+        self.key_value = operations.Linear(d, 2 * d)
+        self.dense = operations.Linear(d, d)
+        self.post_norm = operations.LayerNorm(d, eps=cfg.eps)
+        self.q_norm = operations.LayerNorm(hd, eps=cfg.eps)
+        self.k_norm = operations.LayerNorm(hd, eps=cfg.eps)
         self.query_pos = nn.Parameter(torch.zeros(1, cfg.block_tokens, h, hd))
         self.key_pos = nn.Parameter(torch.zeros(1, cfg.lr_window_tokens, h, hd))
         self.heads = h
@@ -108,16 +116,16 @@ class LRCrossAttention(nn.Module):
 class DiTBlock(nn.Module):
     """One pre-LN adaLN layer (no gates) with QK-LayerNorm, 2D RoPE and the UniBA block bias."""
 
-    def __init__(self, cfg: InfDiTConfig):
+    def __init__(self, cfg: InfDiTConfig, operations: Operations = nn):
         super().__init__()
         d = cfg.hidden
-        self.ada = nn.Linear(d, 4 * d)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.qk_norm = nn.LayerNorm(cfg.head_dim, eps=cfg.eps)
+        self.ada = operations.Linear(d, 4 * d)
+        self.qkv = operations.Linear(d, 3 * d)
+        self.qk_norm = operations.LayerNorm(cfg.head_dim, eps=cfg.eps)
         self.block_bias = nn.Parameter(torch.zeros(4, cfg.heads, cfg.head_dim))
-        self.attn_out = nn.Linear(d, d)
-        self.fc1 = nn.Linear(d, cfg.mlp_ratio * d)
-        self.fc2 = nn.Linear(cfg.mlp_ratio * d, d)
+        self.attn_out = operations.Linear(d, d)
+        self.fc1 = operations.Linear(d, cfg.mlp_ratio * d)
+        self.fc2 = operations.Linear(cfg.mlp_ratio * d, d)
         self.heads, self.block_tokens, self.eps = cfg.heads, cfg.block_tokens, cfg.eps
 
     def forward(self, h: torch.Tensor, modulation: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -157,10 +165,10 @@ class DiTBlock(nn.Module):
 class FinalLayer(nn.Module):
     """The output head: ``F = unpatchify(Linear(mod(LN(LN(h)), shift, scale)))``."""
 
-    def __init__(self, cfg: InfDiTConfig):
+    def __init__(self, cfg: InfDiTConfig, operations: Operations = nn):
         super().__init__()
-        self.ada = nn.Linear(cfg.hidden, 2 * cfg.hidden)
-        self.linear = nn.Linear(cfg.hidden, cfg.patch * cfg.patch * cfg.out_channels)
+        self.ada = operations.Linear(cfg.hidden, 2 * cfg.hidden)
+        self.linear = operations.Linear(cfg.hidden, cfg.patch * cfg.patch * cfg.out_channels)
         self.block, self.patch, self.channels, self.eps = cfg.block, cfg.patch, cfg.out_channels, cfg.eps
 
     def forward(self, h: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
@@ -185,15 +193,15 @@ class InfDiT(nn.Module):
     """The DiT of Inf-DiT, in the pieces an executor runs: the conditioning once per evaluation,
     then per rectangle of blocks the embedding, every layer and the output head."""
 
-    def __init__(self, cfg: InfDiTConfig):
+    def __init__(self, cfg: InfDiTConfig, operations: Operations = nn):
         super().__init__()
         self.cfg = cfg
-        self.patch_embed = nn.Conv2d(cfg.in_channels, cfg.hidden, kernel_size=cfg.patch, stride=cfg.patch)
-        self.time_embed = TimestepEmbedding(cfg.time_channels, cfg.hidden)
-        self.vector_embed = TwoLayerMLP(cfg.vector_dim, cfg.hidden)
-        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.layers))
-        self.lr_xattn = LRCrossAttention(cfg)
-        self.final = FinalLayer(cfg)
+        self.patch_embed = operations.Conv2d(cfg.in_channels, cfg.hidden, kernel_size=cfg.patch, stride=cfg.patch)
+        self.time_embed = TimestepEmbedding(cfg.time_channels, cfg.hidden, operations)
+        self.vector_embed = TwoLayerMLP(cfg.vector_dim, cfg.hidden, operations)
+        self.blocks = nn.ModuleList(DiTBlock(cfg, operations) for _ in range(cfg.layers))
+        self.lr_xattn = LRCrossAttention(cfg, operations)
+        self.final = FinalLayer(cfg, operations)
         self.rope = RotaryTable(cfg.rope_period, cfg.head_dim)
 
     @property
