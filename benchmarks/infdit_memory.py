@@ -15,14 +15,15 @@ import contextlib
 
 import torch
 
+from ..models.infdit.budget import UpscaleOptions, plan_stage, weight_bytes
 from ..models.infdit.checkpoint import InfDiTWeights
 from ..models.infdit.clip_vision import ClipVisionConfig, ClipVisionEncoder
 from ..models.infdit.config import RELEASED
 from ..models.infdit.memory import GiB, BudgetTooSmall, choose_batch_size, estimate_memory, offloaded_host_bytes
 from ..models.infdit.network import InfDiT
-from .meter import LiveTensorMeter
 from ..models.infdit.tiny import tiny_weights
-from ..models.infdit.upscale import UpscaleOptions, plan_stage, upscale, weight_bytes
+from ..models.infdit.upscale import upscale
+from .meter import LiveTensorMeter
 
 MB = 2 ** 20
 CUDA_HEADROOM = 0.1

@@ -19,8 +19,8 @@ from comfy_api.latest import io
 from ..models.infdit.checkpoint import InfDiTWeights, load_infdit
 from ..models.infdit.memory import GiB, BudgetTooSmall, offloaded_host_bytes
 from ..models.infdit.schedule import SCAN_ORDERS
-from ..models.infdit.upscale import (UpscaleOptions, fit_budget, stage_factors, stage_plans, stage_sizes, upscale,
-                                     weight_bytes)
+from ..models.infdit.budget import UpscaleOptions, fit_budget, stage_factors, stage_plans, stage_sizes, weight_bytes
+from ..models.infdit.upscale import upscale
 from .category import CATEGORY
 from .runtime import check_interrupt, progress_callback
 

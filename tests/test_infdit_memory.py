@@ -7,11 +7,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from ultrares.models.infdit.memory import BudgetTooSmall, choose_batch_size, estimate_memory
 from ultrares.benchmarks.meter import LiveTensorMeter
+from ultrares.models.infdit.budget import UpscaleOptions, fit_budget, plan_stage, weight_bytes
+from ultrares.models.infdit.memory import BudgetTooSmall, choose_batch_size, estimate_memory
 from ultrares.models.infdit.network import InfDiT
 from ultrares.models.infdit.tiny import TINY, tiny_weights
-from ultrares.models.infdit.upscale import UpscaleOptions, fit_budget, plan_stage, upscale, weight_bytes
+from ultrares.models.infdit.upscale import upscale
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 

@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from ultrares.models.infdit._full_reference import reference_upscale_4x
+from ultrares.models.infdit.budget import UpscaleOptions
 from ultrares.models.infdit.evaluate import ImageContext, LRContext, evaluate
 from ultrares.models.infdit.network import InfDiT
-from ultrares.models.infdit.schedule import Placement, plan_batches, plan_schedule
 from ultrares.models.infdit.sampler import (NOISE_CHUNK, edm_precondition, edm_sigmas, evaluations, heun_sample,
                                             initial_state)
+from ultrares.models.infdit.schedule import Placement, plan_batches, plan_schedule
 from ultrares.models.infdit.tiny import TINY, tiny_weights
-from ultrares.models.infdit.upscale import UpscaleOptions, upscale
+from ultrares.models.infdit.upscale import upscale
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 

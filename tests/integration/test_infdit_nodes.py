@@ -13,11 +13,12 @@ import json
 import pytest
 import torch
 
+from ultrares.models.infdit.budget import UpscaleOptions, plan_stage
 from ultrares.models.infdit.checkpoint import convert_checkpoint, load_infdit
+from ultrares.models.infdit.memory import GiB
 from ultrares.models.infdit.preprocess import clip_view, resize_bicubic
 from ultrares.models.infdit.tiny import TINY_CLIP, tiny_weights
-from ultrares.models.infdit.memory import GiB
-from ultrares.models.infdit.upscale import UpscaleOptions, plan_stage, upscale
+from ultrares.models.infdit.upscale import upscale
 from infdit_release import released_state_dict, save_released_layout
 
 RELEASED = "mp_rank_00_model_states.pt"
