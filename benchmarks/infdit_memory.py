@@ -15,7 +15,7 @@ import contextlib
 
 import torch
 
-from ..models.infdit.budget import UpscaleOptions, plan_stage, weight_bytes
+from ..models.infdit.budget import CUDA_HEADROOM, UpscaleOptions, plan_stage, weight_bytes
 from ..models.infdit.checkpoint import InfDiTWeights
 from ..models.infdit.clip_vision import ClipVisionConfig, ClipVisionEncoder
 from ..models.infdit.config import RELEASED
@@ -26,8 +26,6 @@ from ..models.infdit.upscale import upscale
 from .meter import LiveTensorMeter
 
 MB = 2 ** 20
-CUDA_HEADROOM = 0.1
-"""The node's headroom on CUDA (``nodes/infdit.py``), for the derived table."""
 DERIVED_CASES = [(2048, 8), (4096, 8), (4096, 12), (4096, 16), (4096, 24), (8192, 16), (8192, 24), (16384, 24),
                  (16384, 40)]
 METHOD = """\
