@@ -1,8 +1,8 @@
 """ComfyUI nodes for the Inf-DiT upsampler: a loader and the block-scheduled upscale node.
 
-Thin glue: weights are read by :mod:`..models.infdit.checkpoint`, sampling is
-:func:`..models.infdit.upscale.upscale`; here only ComfyUI's folders, device management,
-progress bar and cancel button are wired in.
+Thin glue over the Inf-DiT package's public API (:mod:`..models.infdit`): loading, planning
+and sampling happen there; here only ComfyUI's folders, device management, free memory,
+log, progress bar and cancel button are wired in.
 """
 
 from __future__ import annotations
@@ -16,11 +16,8 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..models.infdit.budget import UpscaleOptions, allocator_headroom, plan_budget, working_memory
-from ..models.infdit.checkpoint import InfDiTWeights, load_infdit
-from ..models.infdit.memory import GiB, BudgetTooSmall
-from ..models.infdit.schedule import SCAN_ORDERS
-from ..models.infdit.upscale import upscale
+from ..models.infdit import (SCAN_ORDERS, GiB, BudgetTooSmall, InfDiTWeights, UpscaleOptions, allocator_headroom,
+                             load_infdit, plan_budget, upscale, working_memory)
 from .category import CATEGORY
 from .runtime import check_interrupt, progress_callback
 

@@ -23,6 +23,8 @@ OPENCLIP_HEAD_WIDTH = 64
 
 @dataclass(frozen=True)
 class ClipVisionConfig:
+    """Sizes of one OpenCLIP ViT image tower (defaults: ViT-L/14 at 224 px)."""
+
     width: int = 1024
     layers: int = 24
     patch: int = 14

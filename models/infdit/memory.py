@@ -47,6 +47,8 @@ class BudgetTooSmall(ValueError):
 
 @dataclass(frozen=True)
 class MemoryEstimate:
+    """Device bytes of a sample with n x n batches, by term (see the module docstring)."""
+
     n: int
     weights: int
     state: int

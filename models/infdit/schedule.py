@@ -46,6 +46,8 @@ Block = tuple[int, int]
 
 @dataclass(frozen=True)
 class BlockBatch:
+    """A rectangle of blocks computed in one network pass: block rows ``rows``, columns ``cols``."""
+
     rows: range
     cols: range
 
@@ -174,11 +176,16 @@ HOST = torch.device("cpu")
 
 
 class HostObserver(Protocol):
+    """Told about host allocations and host-side work (a memory meter, on a CPU-only machine)."""
+
     def host_work(self) -> ContextManager[None]: ...
 
 
 @dataclass
 class Placement:
+    """Where an evaluation keeps its tensors: it computes on ``device``; with ``offload``,
+    what grows with the image waits on the host."""
+
     device: torch.device
     offload: bool = False
     observer: HostObserver | None = None
