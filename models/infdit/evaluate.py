@@ -6,7 +6,8 @@ equals the whole-image ("full") evaluation, for any batch size and either scan o
 cache lives for one evaluation only, like the reference's: a Heun step's second evaluation
 sweeps the image again.
 
-**The neighbour cache.** Keys are stored after the QK-LayerNorm and RoPE but before the block
+**The neighbour cache** carries out the schedule's cache steps (:class:`.schedule.CacheSteps`)
+and decides nothing itself. Keys are stored after the QK-LayerNorm and RoPE but before the block
 bias (which depends on the segment a block is seen in), values as projected. Each entry is a
 copy that owns its memory, so a cached block never keeps its whole batch alive. With
 offloading, entries the next batch does not read wait in host memory and are copied straight
