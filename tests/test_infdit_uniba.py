@@ -9,9 +9,13 @@ batches, either scan order and either cache placement.
 
 from __future__ import annotations
 
+import ast
+import inspect
+
 import pytest
 import torch
 
+from ultrares.models.infdit import _full_reference
 from ultrares.models.infdit._full_reference import reference_evaluation
 from ultrares.models.infdit.evaluate import ImageContext, LRContext, evaluate
 from ultrares.models.infdit.schedule import BlockBatch, Placement, plan_batches, plan_schedule
@@ -92,3 +96,11 @@ def test_perturbing_a_block_changes_only_blocks_below_and_right_within_one_block
     expected = torch.zeros(GRID, dtype=torch.bool)
     expected[i:i + reach + 1, j:j + reach + 1] = True
     assert torch.equal(changed, expected)
+
+
+def test_the_reference_uses_none_of_the_schedulers_modules():
+    tree = ast.parse(inspect.getsource(_full_reference))
+    names = {(node.module, alias.name) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level
+             for alias in node.names}
+    # The block layout (the network it is handed uses it too) and the CLIP preprocessing only.
+    assert names == {("attention", "to_blocks"), ("preprocess", "clip_view")}
