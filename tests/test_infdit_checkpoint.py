@@ -11,16 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from ultrares.models.infdit._full_reference import reference_evaluation, reference_rope_table
 from ultrares.models.infdit import convert
 from ultrares.models.infdit.checkpoint import ROPE_TABLES, CheckpointError, convert_checkpoint, load_infdit
 from ultrares.models.infdit.config import InfDiTConfig
-from ultrares.models.infdit.evaluate import ImageContext, evaluate
-from ultrares.models.infdit.lr_context import LRContext
-from ultrares.models.infdit.placement import Placement
-from ultrares.models.infdit.plan import plan_batches
-from ultrares.models.infdit.rope import table_diagonal
-from ultrares.models.infdit.tiny import TINY, TINY_CLIP, released_state_dict, save_released_layout, tiny_weights
-from infdit_full_mode import reference_evaluation, reference_rope_table
+from ultrares.models.infdit.evaluate import ImageContext, LRContext, evaluate
+from ultrares.models.infdit.schedule import Placement, plan_batches, plan_schedule
+from ultrares.models.infdit.attention import table_diagonal
+from ultrares.models.infdit.tiny import TINY, TINY_CLIP, tiny_weights
+from infdit_release import released_state_dict, save_released_layout
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -140,7 +139,8 @@ def scheduled_evaluation(net, dtype: torch.dtype) -> torch.Tensor:
     placement = Placement(CPU)
     with torch.inference_mode():
         context = ImageContext(concat_lr, LRContext(net, lr_image, placement), vector)
-        return evaluate(net, x, 2.5, context, plan_batches(*GRID, 2, "row"), placement, torch.empty_like(x))
+        schedule = plan_schedule(plan_batches(*GRID, 2, "row"))
+        return evaluate(net, x, 2.5, context, schedule, placement, torch.empty_like(x))
 
 
 def reference(net, dtype: torch.dtype, rope_tables) -> torch.Tensor:
@@ -229,6 +229,35 @@ def test_a_converted_files_tables_must_fit_its_rope_period_and_an_old_file_witho
     save_file(old, str(tmp_path / "old.safetensors"), metadata={"rope_period": "64"})
     with pytest.raises(CheckpointError, match="no RoPE tables.*Convert the released checkpoint again"):
         load_infdit(tmp_path / "old.safetensors")
+
+
+class StandInOperations:
+    """An ``operations`` namespace shaped like ``comfy.ops.disable_weight_init``: subclasses of
+    torch.nn's layers that skip the random initialisation (the loader assigns the weights)."""
+
+    class Linear(torch.nn.Linear):
+        def reset_parameters(self) -> None:
+            return None
+
+    class Conv2d(torch.nn.Conv2d):
+        def reset_parameters(self) -> None:
+            return None
+
+    class LayerNorm(torch.nn.LayerNorm):
+        def reset_parameters(self) -> None:
+            return None
+
+
+def test_the_loader_builds_both_networks_from_the_given_operations(released_file):
+    weights = load_infdit(released_file, operations=StandInOperations)
+    stand_ins = (StandInOperations.Linear, StandInOperations.Conv2d, StandInOperations.LayerNorm)
+    for module in (weights.net, weights.clip):
+        layers = [m for m in module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.LayerNorm))]
+        assert layers and all(isinstance(layer, stand_ins) for layer in layers)
+    plain = load_infdit(released_file)
+    assert torch.equal(scheduled_evaluation(weights.net, torch.float32), scheduled_evaluation(plain.net, torch.float32))
+    pixels = torch.randn(1, 3, TINY_CLIP.image_size, TINY_CLIP.image_size)
+    assert torch.equal(weights.clip.encode(pixels), plain.clip.encode(pixels))
 
 
 def test_the_released_file_is_refused_by_plain_weights_only_loading(released_file):

@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ultrares.models.infdit._full_reference import reference_gather, reference_rope_table
+from ultrares.models.infdit.attention import (SEGMENTS, RotaryTable, apply_rope, blocks_to_image, full_table,
+                                             gather_segments, table_diagonal, to_blocks, token_positions)
 from ultrares.models.infdit.network import modulate
-from ultrares.models.infdit.plan import BlockBatch
-from ultrares.models.infdit.rope import RotaryTable, apply_rope, full_table, table_diagonal
+from ultrares.models.infdit.schedule import BlockBatch
 from ultrares.models.infdit.tiny import TINY, tiny_weights
-from ultrares.models.infdit.uniba import SEGMENTS, blocks_to_image, gather_segments, to_blocks, token_positions
-from infdit_full_mode import reference_rope_table
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -195,3 +195,53 @@ def test_keys_are_normalised_with_the_query_layernorm(layer_inputs):
     captured.clear()
     _one_layer(net, h, cond, cos, sin, captured)
     torch.testing.assert_close(captured[0], apply_rope(blk.qk_norm(k), cos, sin))
+
+
+def released_layer(net, index, h, cond, cos, sin, window_kv=None):
+    """``AdaLNMixin.layer_forward`` written out with the checkpoint's tensors and plain ops."""
+    p, blk, head_dim = net.state_dict(), f"blocks.{index}.", TINY.head_dim
+
+    def linear(x, name):
+        return F.linear(x, p[name + ".weight"], p[name + ".bias"])
+
+    def norm(x, name=None):  # non-affine, or with the LayerNorm weights of ``name``
+        affine = (None, None) if name is None else (p[name + ".weight"], p[name + ".bias"])
+        return F.layer_norm(x, x.shape[-1:], *affine, eps=1e-6)
+
+    def mod(x, shift, scale):  # per-image [B, D] vectors over every block's tokens
+        return x * (1 + scale[:, None, None, None]) + shift[:, None, None, None]
+
+    def heads(t):
+        return t.unflatten(-1, (TINY.heads, head_dim))
+
+    def attend(q, k, v):
+        scores = torch.einsum("brcqhd,brckhd->brchqk", q, k) / math.sqrt(head_dim)
+        return torch.einsum("brchqk,brckhd->brcqhd", scores.softmax(dim=-1), v).flatten(-2)
+
+    def rope(t):
+        return t * cos + reference_rotate_half(t) * sin
+
+    shift_msa, scale_msa, shift_mlp, scale_mlp = cond.layers[index].chunk(4, dim=-1)
+    q, k, v = linear(mod(norm(h), shift_msa, scale_msa), blk + "qkv").chunk(3, dim=-1)
+    q, k = rope(norm(heads(q), blk + "qk_norm")), rope(norm(heads(k), blk + "qk_norm"))
+    keys = reference_gather(k) + p[blk + "block_bias"].repeat_interleave(TINY.block_tokens, dim=0)
+    h = h + linear(attend(q, keys, reference_gather(heads(v))), blk + "attn_out")
+    if index == 0:
+        lr_q = norm(heads(linear(norm(h), "lr_xattn.query")), "lr_xattn.q_norm") + p["lr_xattn.query_pos"][0]
+        lr_k, lr_v = window_kv.unbind(-3)
+        h = h + linear(attend(lr_q, lr_k + p["lr_xattn.key_pos"][0], lr_v), "lr_xattn.dense")
+        m = norm(h, "lr_xattn.post_norm")
+    else:
+        m = norm(h)
+    return h + linear(F.gelu(linear(mod(m, shift_mlp, scale_mlp), blk + "fc1"), approximate="tanh"), blk + "fc2")
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_a_layer_is_the_released_order_of_operations(layer_inputs, index):
+    net, h, cond, cos, sin = layer_inputs
+    window_kv = torch.randn(1, 2, 2, TINY.lr_window_tokens, 2, TINY.heads, TINY.head_dim) if index == 0 else None
+    gather = lambda layer, k, v: (reference_gather(k), reference_gather(v))  # noqa: E731
+    with torch.no_grad():
+        out = net.layer(index, h, cond, cos, sin, gather, window_kv)
+        expected = released_layer(net, index, h, cond, cos, sin, window_kv)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

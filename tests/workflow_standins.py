@@ -153,7 +153,8 @@ def write_clear_weights(path: Path, down_factor: int, seed: int = 3) -> None:
 def write_infdit_release(path: Path, seed: int = 4) -> None:
     """The pack's built-in tiny Inf-DiT (2 layers, 64 wide, 16-px blocks, 2-layer CLIP tower)
     saved the way the release is: a DeepSpeed pickle with SAT names, as ``mp_rank_00_model_states.pt``."""
-    from ultrares.models.infdit.tiny import released_state_dict, save_released_layout, tiny_weights
+    from infdit_release import released_state_dict, save_released_layout
+    from ultrares.models.infdit.tiny import tiny_weights
 
     save_released_layout(released_state_dict(tiny_weights(seed=seed), seed=seed), path)
 

@@ -10,7 +10,7 @@ keys by name.
 
 The 2D RoPE tables are weights like the others. The release stores them as bf16 buffers
 (``[1024, 1024, 80]``) and the reference's attention uses those stored values in every
-compute dtype, so the network keeps them (by their diagonal, see :mod:`.rope`) instead of
+compute dtype, so the network keeps them (by their diagonal, see :mod:`.attention`) instead of
 recomputing them, casts them with the other weights, and a converted file carries them as
 ``rope.cos`` / ``rope.sin``. Their period (positions per axis; ``8 x image_size / patch`` in
 the reference, which fixes ``image_size`` at 512) is the one size no other tensor records: it
@@ -43,8 +43,8 @@ from safetensors.torch import save_file
 from ..key_lists import name_first
 from .clip_vision import ClipVisionConfig, ClipVisionEncoder
 from .config import InfDiTConfig
-from .network import InfDiT
-from .rope import full_table, table_diagonal
+from .network import InfDiT, Operations
+from .attention import full_table, table_diagonal
 
 PACK_FORMAT = "ultrares-infdit"
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
@@ -463,34 +463,37 @@ def _in_dtype(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return value.to(dtype, copy=value.data_ptr() % ALIGNMENT != 0)
 
 
-def _build(cls, cfg, state: dict[str, torch.Tensor], what: str, dtype: torch.dtype,
+def _build(cls, cfg, state: dict[str, torch.Tensor], what: str, dtype: torch.dtype, operations: Operations,
            source_name: Callable[[str], str] = str) -> torch.nn.Module:
-    """``cls(cfg)`` holding ``state`` in ``dtype``: every tensor is cast, the RoPE tables too, as the
-    reference casts its buffers with the model before loading the stored values into them."""
+    """``cls(cfg, operations)`` holding ``state`` in ``dtype``: every tensor is cast, the RoPE tables
+    too, as the reference casts its buffers with the model before loading the stored values into them."""
     with torch.device("meta"):
-        module = cls(cfg)
+        module = cls(cfg, operations)
     load_strict(module, {key: _in_dtype(value, dtype) for key, value in state.items()}, what, source_name)
     return module.eval().requires_grad_(False)
 
 
-def load_clip(state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> ClipVisionEncoder:
-    return _build(ClipVisionEncoder, infer_clip_config(state), state, "CLIP image tower", dtype)
+def load_clip(state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+              operations: Operations = torch.nn) -> ClipVisionEncoder:
+    """An OpenCLIP image tower from its tensors (sizes read from their shapes)."""
+    return _build(ClipVisionEncoder, infer_clip_config(state), state, "CLIP image tower", dtype, operations)
 
 
 def load_infdit(path: str | Path, dtype: torch.dtype = torch.float32, clip_path: str | Path | None = None,
-                allow_globals: tuple[str, ...] = ()) -> InfDiTWeights:
+                allow_globals: tuple[str, ...] = (), operations: Operations = torch.nn) -> InfDiTWeights:
     """Load an Inf-DiT file (released pickle or converted safetensors) on the CPU.
 
     The CLIP tower comes from ``clip_path`` when given, else from the checkpoint if it has
-    one; otherwise :attr:`InfDiTWeights.clip` is ``None``.
+    one; otherwise :attr:`InfDiTWeights.clip` is ``None``. Both networks are built from
+    ``operations`` (e.g. a ``comfy.ops`` class).
     """
     state, metadata = read_state_dict(path, allow_globals)
     parts = split_checkpoint(state, metadata)
     cfg = infer_config(parts.dit, parts.rope_period)
     _check_rope_tables(parts, cfg)
-    net = _build(InfDiT, cfg, parts.dit, "Inf-DiT", dtype, sat_name if parts.sat else str)
+    net = _build(InfDiT, cfg, parts.dit, "Inf-DiT", dtype, operations, sat_name if parts.sat else str)
     clip_state = clip_state_from_file(read_state_dict(clip_path)[0]) if clip_path is not None else parts.clip
-    return InfDiTWeights(net, load_clip(clip_state, dtype) if clip_state else None)
+    return InfDiTWeights(net, load_clip(clip_state, dtype, operations) if clip_state else None)
 
 
 def convert_checkpoint(source: str | Path, target: str | Path, dtype: torch.dtype = torch.bfloat16,

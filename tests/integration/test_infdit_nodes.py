@@ -14,11 +14,13 @@ import pytest
 import torch
 
 import comfy_harness
+from ultrares.models.infdit.budget import UpscaleOptions, plan_stage, weight_bytes
 from ultrares.models.infdit.checkpoint import convert_checkpoint, load_infdit
-from ultrares.models.infdit.preprocess import clip_view, resize_bicubic
-from ultrares.models.infdit.tiny import TINY_CLIP, released_state_dict, save_released_layout, tiny_weights
 from ultrares.models.infdit.memory import GiB
-from ultrares.models.infdit.upscale import UpscaleOptions, plan_stage, upscale, weight_bytes
+from ultrares.models.infdit.preprocess import clip_view, resize_bicubic
+from ultrares.models.infdit.tiny import TINY_CLIP, tiny_weights
+from ultrares.models.infdit.upscale import upscale
+from infdit_release import released_state_dict, save_released_layout
 
 RELEASED = "mp_rank_00_model_states.pt"
 CONVERTED = "infdit_tiny.safetensors"
@@ -230,6 +232,19 @@ def test_errors_name_the_problem(comfy_nodes, model_folder, checkpoint, budget, 
     assert not executor.success
     (error,) = [data for event, data in server.messages if event == "execution_error"]
     assert __import__("re").search(message, error["exception_message"]), error["exception_message"]
+
+
+@pytest.mark.parametrize("operations", ["disable_weight_init", "manual_cast"])
+def test_networks_built_from_comfy_ops_compute_what_the_torch_nn_ones_do(comfy_nodes, model_folder, operations):
+    import comfy.ops
+
+    ops = getattr(comfy.ops, operations)
+    weights = load_infdit(model_folder / RELEASED, operations=ops)
+    assert isinstance(weights.net.blocks[1].qkv, ops.Linear) and isinstance(weights.net.patch_embed, ops.Conv2d)
+    assert isinstance(weights.net.lr_xattn.post_norm, ops.LayerNorm) and isinstance(weights.clip.ln_post, ops.LayerNorm)
+    image, options = torch.rand(1, 3, 8, 12), UpscaleOptions(scale=4, steps=1, seed=3, batch_blocks=1)
+    expected = upscale(load_infdit(model_folder / RELEASED), image, options, torch.device("cpu"))
+    assert torch.equal(upscale(weights, image, options, torch.device("cpu")), expected)
 
 
 def test_the_clip_tower_matches_comfyuis_clip_vision_with_exact_gelu_but_not_quick_gelu(comfy_nodes):

@@ -4,8 +4,8 @@ The exactness tests compare the block scheduler with this, so nothing here uses 
 scheduler's pieces (batch plans, neighbour cache, extended grids, LR tiles, per-batch RoPE
 positions, the in-place Heun buffers, the chunked noise draw). It shares only the per-token
 network maths (``net.layer`` with a gather callback, ``net.embed``, ``net.output``), which
-``test_infdit_network.py`` checks against the reference formulas, and the CLIP tower
-(``test_infdit_clip.py``).
+``test_infdit_network.py`` checks against the reference formulas, and the CLIP tower and its
+preprocessing (``test_infdit_clip.py``, and against torchvision in the ComfyUI tests).
 
 - evaluation: token positions from the token index wrapped at the table size, cos and sin
   looked up in ``[period, period, head_dim]`` tables as ``RotaryPositionEmbedding`` does (the
@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ultrares.models.infdit.uniba import to_blocks
+from .attention import to_blocks
+from .preprocess import clip_view
 
 
 def reference_rope_table(period: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +120,7 @@ def reference_upscale_4x(weights, image: torch.Tensor, steps: int, seed: int, in
     net = weights.net
     lr = image * 2 - 1
     concat_lr = F.interpolate(lr, scale_factor=4, mode="bicubic", align_corners=False, antialias=True).clamp(-1, 1)
-    vector = weights.clip.embed(lr)
+    vector = weights.clip.encode(clip_view(lr, weights.clip.cfg.image_size))
     noise = torch.randn(concat_lr.shape, generator=torch.Generator().manual_seed(seed)) * 40.0
     x = concat_lr + noise if init_noise else noise
     with torch.inference_mode():
