@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..key_lists import name_first
+from ..weight_files import name_first
 from .layers import GSPNConfig, GSPNLayers, LayerSpec
 
 FORMAT = "ultrares.gspn"
