@@ -33,7 +33,7 @@ from comfy_api.latest import io
 from ..kernels.backend import BACKENDS
 from ..models.clear.attention import ClearAttention, TokenLayout
 from ..models.clear.pattern import ClearPattern, ntk_theta, resolve_pattern
-from ..models.clear.weights import Block, ClearWeights, plan_weights
+from ..models.clear.weights import Block, ClearWeights, plan_weights, read_clear_file
 from .attention_override import OVERRIDE_KEY, describe_override
 from .category import CATEGORY
 from .runtime import check_interrupt, progress_callback
@@ -87,7 +87,7 @@ def load_clear_file(model: comfy.model_patcher.ModelPatcher, filename: str) -> t
     the file's metadata."""
     network = flux_module(model)
     path = folder_paths.get_full_path_or_raise("clear", filename)
-    state_dict, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
+    state_dict, metadata = read_clear_file(path, load=_host_reader)
     depth, depth_single = len(network.double_blocks), len(network.single_blocks)
     key_map = comfy.utils.flux_to_diffusers(
         {"depth": depth, "depth_single_blocks": depth_single, "hidden_size": network.hidden_size},
@@ -95,7 +95,13 @@ def load_clear_file(model: comfy.model_patcher.ModelPatcher, filename: str) -> t
     shapes = {key: tuple(value.shape) for key, value in model.model.state_dict().items()}
     weights = plan_weights(state_dict, key_map, shapes, depth, depth_single, filename,
                            on_progress=progress_callback(len(state_dict)), check_interrupt=check_interrupt)
-    return weights, metadata or {}
+    return weights, metadata
+
+
+def _host_reader(path) -> tuple[dict, dict]:
+    """ComfyUI's own file reader (on newer hosts it memory-maps safetensors for Dynamic VRAM)."""
+    state_dict, metadata = comfy.utils.load_torch_file(str(path), safe_load=True, return_metadata=True)
+    return state_dict, metadata or {}
 
 
 def add_weights_first(model: comfy.model_patcher.ModelPatcher, weights: ClearWeights) -> None:
