@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 SAFETENSORS = "safetensors"
 TORCH = "torch"
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
 MAX_HEADER_BYTES = 100_000_000
 """The largest header the safetensors format allows: a larger length is not a safetensors file."""
 
@@ -132,8 +133,10 @@ FORMAT_NAMES = {SAFETENSORS: "a safetensors file", TORCH: "a PyTorch checkpoint 
 FORMAT_PLURALS = {SAFETENSORS: "safetensors files", TORCH: "PyTorch checkpoints"}
 
 
-def _expected_format(path: Path) -> str:
-    return SAFETENSORS if path.suffix.lower() in SAFETENSORS_SUFFIXES else TORCH
+def _named_format(path: Path) -> str | None:
+    """The format a file's name promises (loaders, ComfyUI's included, read files by their suffix)."""
+    suffix = path.suffix.lower()
+    return SAFETENSORS if suffix in SAFETENSORS_SUFFIXES else TORCH if suffix in TORCH_SUFFIXES else None
 
 
 def _safetensors_header(path: Path, size: int, kind: FileKind) -> tuple[dict, int]:
@@ -169,11 +172,13 @@ def file_format(path: str | os.PathLike, kind: FileKind) -> str:
         raise kind.error(f"{path.name} is empty (0 bytes): the download or copy did not finish. {kind.remedy}")
     with path.open("rb") as f:
         head = f.read(64)
-    found, named = _format_of(head, size), _expected_format(path)
+    found, named = _format_of(head, size), _named_format(path)
     if found is None:
         what = _content(head) or "in no weights format this pack reads"
-        raise kind.error(f"{path.name} is not {FORMAT_NAMES[named]}: it is {what}. {kind.remedy}")
-    if found != named:
+        promised = named or (kind.formats[0] if len(kind.formats) == 1 else None)
+        raise kind.error(f"{path.name} is not {FORMAT_NAMES.get(promised, 'a weights file')}: it is {what}. "
+                         f"{kind.remedy}")
+    if named is not None and found != named:
         suffix = ".safetensors" if found == SAFETENSORS else ".pt"
         raise kind.error(f"{path.name} is {FORMAT_NAMES[found]}, not {FORMAT_NAMES[named]} as its name says: "
                          f"rename it to end in {suffix}.")

@@ -16,14 +16,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from ..weight_files import SAFETENSORS, FileKind, read_weights, save_safetensors
 from .layers import GSPNLayers
+from .weights import GSPNWeightsError
 
 FORMAT = "ultrares.gspn.optimizer"
 SUFFIX = ".optimizer"  # not a model-file extension, so ComfyUI's file lists do not show it
+OPTIMIZER_STATE = FileKind(
+    name="the optimizer state of a GSPN distillation", error=GSPNWeightsError, formats=(SAFETENSORS,),
+    remedy=("Delete it to resume with a fresh optimizer (its first steps then move every weight by about the "
+            "learning rate), or put back an intact copy."),
+    holds=f"it carries '{FORMAT}' metadata")
 
 
 def optimizer_path(weights: str | os.PathLike) -> Path:
@@ -51,28 +56,24 @@ def save_optimizer_state(path: str | os.PathLike, layers: GSPNLayers, optimizer:
     for name, parameter in _named_parameters(layers):
         for key, value in optimizer.state.get(parameter, {}).items():
             tensors[f"{name}.{key}"] = torch.as_tensor(value).detach().to("cpu").contiguous()
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    save_file(tensors, str(partial), metadata={"format": FORMAT, "steps": str(steps)})
-    os.replace(partial, path)
+    save_safetensors(tensors, path, {"format": FORMAT, "steps": str(steps)})
 
 
 def load_optimizer_state(path: str | os.PathLike, layers: GSPNLayers, optimizer: torch.optim.Optimizer,
                          steps: int) -> bool:
     """Put the saved state into ``optimizer`` if ``path`` holds it for these layers after ``steps``
     steps; returns whether it did (nothing is changed otherwise). Hyperparameters such as the
-    learning rate stay those of ``optimizer``."""
+    learning rate stay those of ``optimizer``. A broken file is refused (:class:`GSPNWeightsError`)."""
     path = Path(path)
     if not path.is_file():
         return False
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT or meta.get("steps") != str(steps):
-            return False
-        saved: dict[str, dict[str, torch.Tensor]] = {}
-        for key in f.keys():
-            name, _, entry = key.rpartition(".")
-            saved.setdefault(name, {})[entry] = f.get_tensor(key)
+    tensors, meta = read_weights(path, OPTIMIZER_STATE)
+    if meta.get("steps") != str(steps):
+        return False
+    saved: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        name, _, entry = key.rpartition(".")
+        saved.setdefault(name, {})[entry] = value
     states = {}
     for name, parameter in _named_parameters(layers):
         state = saved.get(name)
