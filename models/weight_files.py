@@ -96,6 +96,11 @@ def name_first(keys: Sequence[str], shown: int = 5) -> str:
     return ", ".join(keys[:shown]) + more
 
 
+def natural_order(key: str) -> list:
+    """Sort key that puts ``blocks.2`` before ``blocks.10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
+
+
 def size_text(size: int) -> str:
     """Bytes as a download page shows them: ``"2.1 GB"``, ``"640 KB"``, ``"12 bytes"``."""
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
@@ -248,9 +253,8 @@ def refuse_kind(path: Path, kind: FileKind, keys: Collection[str], metadata: Map
     if found is not None:
         what, where = found
         return kind.error(f"{path.name} is {what}, not {kind.name}: {where}. {kind.remedy}")
-    first = name_first(sorted(keys)) if keys else "none"
-    return kind.error(f"{path.name} is not {kind.name}: {kind.holds}, and this file has none of them "
-                      f"(its first keys: {first}). {kind.remedy}")
+    first = f"its first keys are {name_first(sorted(keys, key=natural_order))}" if keys else "it holds no tensors"
+    return kind.error(f"{path.name} is not {kind.name}: {kind.holds}, but {first}. {kind.remedy}")
 
 
 def _check_kind(path: Path, kind: FileKind, keys: Collection[str], metadata: Mapping[str, str] | None) -> None:
@@ -358,11 +362,6 @@ def naming(path: str | os.PathLike, kind: FileKind) -> Iterator[None]:
 
 # ---------------------------------------------------------------------------------------------
 # Keys and shapes
-
-
-def natural_order(key: str) -> list:
-    """Sort key that puts ``blocks.2`` before ``blocks.10``."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
 
 
 def key_sections(found: Mapping[str, Sequence[int]], expected: Mapping[str, Sequence[int] | None], what: str,

@@ -28,7 +28,7 @@ OPTIMIZER_STATE = FileKind(
     name="the optimizer state of a GSPN distillation", error=GSPNWeightsError, formats=(SAFETENSORS,),
     remedy=("Delete it to resume with a fresh optimizer (its first steps then move every weight by about the "
             "learning rate), or put back an intact copy."),
-    holds=f"it carries '{FORMAT}' metadata")
+    holds=f"an optimizer state file carries '{FORMAT}' metadata")
 
 
 def optimizer_path(weights: str | os.PathLike) -> Path:

@@ -33,7 +33,8 @@ GSPN_WEIGHTS = FileKind(
     name="GSPN weights made by this pack", error=GSPNWeightsError, formats=(SAFETENSORS,),
     remedy=("GSPN weights are made by the GSPN Distill node (or cli/gspn_distill.py) into models/gspn: copy the "
             "file again from where it was made, or distil it again."),
-    holds=f"they carry '{FORMAT}' metadata")
+    holds=(f"GSPN weight files carry '{FORMAT}' metadata and keys such as "
+           "input_blocks.1.1.transformer_blocks.0.attn1.to_proxy.weight"))
 
 
 @dataclass

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from .checkpoint import CheckpointError, convert_checkpoint
+from .checkpoint import InfDiTCheckpointError, convert_checkpoint
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = convert_checkpoint(args.source, args.target, DTYPES[args.dtype], args.clip, tuple(args.allow_global))
-    except CheckpointError as error:
+    except InfDiTCheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"wrote {args.target}: {cfg.layers} layers, width {cfg.hidden}, {cfg.heads} heads, "
