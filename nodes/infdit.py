@@ -16,8 +16,8 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..models.infdit import (SCAN_ORDERS, GiB, BudgetTooSmall, InfDiTWeights, UpscaleOptions, allocator_headroom,
-                             load_infdit, plan_budget, upscale, working_memory)
+from ..models.infdit import (DTYPES, SCAN_ORDERS, GiB, BudgetTooSmall, InfDiTWeights, UpscaleOptions,
+                             allocator_headroom, load_infdit, plan_budget, upscale, working_memory)
 from .category import CATEGORY
 from .patchers import free_device_memory, new_patcher
 from .runtime import check_interrupt, progress_callback
@@ -26,7 +26,6 @@ INFDIT_CATEGORY = f"{CATEGORY}/Inf-DiT"
 InfDiTModel = io.Custom("INFDIT_MODEL")
 FROM_CHECKPOINT = "from checkpoint"
 CLIP_VISION_PREFIX = "clip_vision/"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class _Modules(torch.nn.Module):
@@ -52,7 +51,9 @@ def _clip_options() -> list[str]:
             + [CLIP_VISION_PREFIX + name for name in folder_paths.get_filename_list("clip_vision")])
 
 
-def _compute_dtype(choice: str, device: torch.device) -> torch.dtype:
+def weight_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """The loader's ``dtype`` choice on ``device``: ``auto`` is bf16 where supported (as trained),
+    else fp16 on GPUs that have it, else fp32."""
     if choice != "auto":
         return DTYPES[choice]
     if mm.should_use_bf16(device):
@@ -94,7 +95,7 @@ class UltraResInfDiTLoader(io.ComfyNode):
             clip_path = folder_paths.get_full_path_or_raise("clip_vision", clip_vision[len(CLIP_VISION_PREFIX):])
         else:
             clip_path = folder_paths.get_full_path_or_raise("infdit", clip_vision)
-        weights = load_infdit(path, _compute_dtype(dtype, device), clip_path)
+        weights = load_infdit(path, weight_dtype(dtype, device), clip_path)
         if weights.clip is None:
             raise ValueError(f"{checkpoint} has no CLIP image tower: choose the OpenCLIP ViT-L/14 DataComp-XL file "
                              "(open_clip_pytorch_model.bin) as clip_vision")

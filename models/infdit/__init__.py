@@ -17,7 +17,7 @@ whole-image computation the scheduler is tested against).
 
 from .budget import (BudgetPlan, UpscaleOptions, allocator_headroom, plan_budget, plan_stage, weight_bytes,
                      working_memory)
-from .checkpoint import InfDiTCheckpointError, InfDiTWeights, convert_checkpoint, load_infdit
+from .checkpoint import DTYPES, InfDiTCheckpointError, InfDiTWeights, convert_checkpoint, load_infdit
 from .clip_vision import ClipVisionConfig, ClipVisionEncoder
 from .config import RELEASED, InfDiTConfig
 from .evaluate import ImageContext, LRContext, evaluate
@@ -33,6 +33,7 @@ __all__ = [
     "InfDiTWeights",        # the DiT and its CLIP tower, loaded
     "load_infdit",          # a released .pt or converted .safetensors -> InfDiTWeights
     "convert_checkpoint",   # the released .pt -> a verified safetensors in the pack's names
+    "DTYPES",               # the precisions to load or convert in: "bf16", "fp16", "fp32"
     "InfDiTCheckpointError",  # a weight file the loader refuses, with the reason and what to do
     # Upscaling
     "UpscaleOptions",       # scale, steps, seed, budget, batch size, scan order, offloading

@@ -49,6 +49,8 @@ from .network import InfDiT, Operations
 from .attention import full_table, table_diagonal
 
 PACK_FORMAT = "ultrares-infdit"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+"""The precisions weights are loaded or converted in, by the names the loader node and the converter offer."""
 CLIP_PREFIX = "clip."
 SAT_CLIP_PREFIX = "image_encoder.model.visual."
 SAT_BLOCK_BIAS = "mixins.adaln_layer.re_pos_embed"

@@ -14,11 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
-from .checkpoint import InfDiTCheckpointError, convert_checkpoint
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from .checkpoint import DTYPES, InfDiTCheckpointError, convert_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
