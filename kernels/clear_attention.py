@@ -33,10 +33,11 @@ from collections.abc import Callable, Iterator
 import torch
 
 from . import compiled_table
+from ._clear_tiles import covering_radius
 from ._clear_torch import window_attention_torch
 from .backend import TORCH, Backend, BackendSpec, OpBackends, logger, resolve_backend
 
-__all__ = ["CLEAR_BACKENDS", "circular_window_attention"]
+__all__ = ["CLEAR_BACKENDS", "circular_window_attention", "covering_radius"]
 
 
 def _triton_shared_memory(dtype: torch.dtype, arch: int) -> tuple[int, ...]:

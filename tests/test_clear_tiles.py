@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ultrares.kernels._clear_reference import window_mask
-from ultrares.kernels._clear_tiles import (Tile, allowed_pairs, raster_work, tile_counts, tiled_work,
+from ultrares.kernels._clear_tiles import (Tile, allowed_pairs, covering_radius, raster_work, tile_counts, tiled_work,
                                            visited_image_tiles, window_pairs)
 
 
@@ -33,6 +33,13 @@ def test_a_key_tile_is_visited_exactly_when_one_of_its_pairs_is_in_a_window(grid
     expected = [sum(bool(image[qs][:, ks].any()) for ks in tile_members(grid, k_tile))
                 for qs in tile_members(grid, q_tile)]
     assert visited_image_tiles(grid, radius, q_tile, k_tile).tolist() == expected
+
+
+@pytest.mark.parametrize("grid", [(1, 1), (1, 9), (7, 8), (6, 6), (13, 4)])
+def test_the_covering_radius_is_the_smallest_whose_windows_hold_the_whole_grid(grid):
+    n_img = grid[0] * grid[1]
+    dense = [bool(window_mask(grid, r, n_txt=0)[:n_img, :n_img].all()) for r in range(1, sum(grid) + 1)]
+    assert dense.index(True) + 1 == covering_radius(grid)
 
 
 @pytest.mark.parametrize("grid, radius, n_txt, n_ref, n_down", [
