@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from gspn_standin import StandInHost, TinyUNet
+from gspn_standin import StandInHost, TinyUNet, held_out_loss
 from ultrares.models.gspn import GSPNConfig, GSPNLayers, find_attn1_layers, load_gspn_weights, save_gspn_weights
-from ultrares.models.gspn.distill import (DistillSettings, distill, evaluate, layer_matching_backward,
+from ultrares.models.gspn.distill import (DistillSettings, distill, layer_matching_backward,
                                          layer_matching_loss, trajectory_points)
 from ultrares.models.gspn.optimizer_state import (load_optimizer_state, make_optimizer, optimizer_path,
                                                   save_optimizer_state)
@@ -47,16 +47,16 @@ class Stop(Exception):
 
 def test_distillation_brings_attn1_matching_loss_well_below_random_gspn_weights(host, tmp_path):
     student = _student(host)
-    random_loss = evaluate(student, host, points=6, seed=HELD_OUT_SEED)
+    random_loss = held_out_loss(student, host, points=6, seed=HELD_OUT_SEED)
     save, saves = _saver(tmp_path / "gspn.safetensors", student)
     record = distill(host, student, DistillSettings(steps=50, learning_rate=1e-2, save_every=20), save=save)
-    trained_loss = evaluate(student, host, points=6, seed=HELD_OUT_SEED)
+    trained_loss = held_out_loss(student, host, points=6, seed=HELD_OUT_SEED)
     assert trained_loss < 0.5 * random_loss, (random_loss, trained_loss)
     assert record.steps == 50 and record.finished and len(record.layer_losses) == 50
     assert saves == [20, 40, 50]
     loaded, saved_record = load_gspn_weights(tmp_path / "gspn.safetensors", FAMILY, student.specs)
     assert saved_record.finished and saved_record.steps == 50
-    assert evaluate(loaded, host, points=6, seed=HELD_OUT_SEED) == pytest.approx(trained_loss, rel=1e-5)
+    assert held_out_loss(loaded, host, points=6, seed=HELD_OUT_SEED) == pytest.approx(trained_loss, rel=1e-5)
 
 
 def test_layer_by_layer_backward_gives_the_gradients_of_the_whole_layer_loss(host):

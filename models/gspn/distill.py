@@ -126,14 +126,6 @@ def trajectory_points(host: DistillHost, seed: int) -> Iterator[_Point]:
         index += 1
 
 
-def evaluate(gspn: GSPNLayers, host: DistillHost, points: int, seed: int) -> float:
-    """Mean layer-matching loss of ``gspn`` over the first ``points`` trajectory points from ``seed``."""
-    with torch.no_grad():
-        losses = [layer_matching_loss(gspn, p.captures).item()
-                  for _, p in zip(range(points), trajectory_points(host, seed))]
-    return sum(losses) / len(losses)
-
-
 def distill(host: DistillHost, student: GSPNLayers, settings: DistillSettings,
             record: TrainingRecord | None = None,
             save: Callable[[TrainingRecord], None] | None = None,

@@ -46,7 +46,7 @@ from ..weight_files import (SAFETENSORS_SUFFIXES, FileKind, Loader, WeightFileEr
 from .clip_vision import ClipVisionConfig, ClipVisionEncoder
 from .config import InfDiTConfig
 from .network import InfDiT, Operations
-from .attention import full_table, table_diagonal
+from .attention import table_diagonal
 
 PACK_FORMAT = "ultrares-infdit"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -304,25 +304,6 @@ def sat_name(key: str) -> str:
     if match := re.fullmatch(r"blocks\.(\d+)\.block_bias", key):
         return f"{SAT_BLOCK_BIAS}[{match.group(1)}]"
     return ROPE_TABLES.get(key) or _rename(key, _PACK_TO_SAT) or key
-
-
-def pack_to_sat(dit: dict[str, torch.Tensor], clip: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The inverse naming (pack -> SAT), e.g. to write a file in the released layout."""
-    state: dict[str, torch.Tensor] = {}
-    biases = {}
-    for key, value in dit.items():
-        if match := re.fullmatch(r"blocks\.(\d+)\.block_bias", key):
-            biases[int(match.group(1))] = value
-        elif key in ROPE_TABLES:
-            state[ROPE_TABLES[key]] = full_table(value)
-        elif (name := _rename(key, _PACK_TO_SAT)) is not None:
-            state[name] = value
-        else:
-            raise InfDiTCheckpointError(f"no SAT name for {key!r}")
-    if biases:
-        state[SAT_BLOCK_BIAS] = torch.stack([biases[i] for i in range(len(biases))])
-    state.update({SAT_CLIP_PREFIX + key: value for key, value in (clip or {}).items()})
-    return state
 
 
 def split_checkpoint(state: dict[str, torch.Tensor], metadata: dict) -> SplitCheckpoint:

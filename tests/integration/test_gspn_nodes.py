@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import comfy_harness
+from gspn_standin import held_out_loss
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -45,7 +46,12 @@ def _attn1_patches(model):
 def test_distilled_weights_match_attn1_far_better_than_random_ones_and_sample_end_to_end(pack_nodes, gspn_folder):
     from ultrares.models.gspn import GSPNConfig, GSPNLayers, load_gspn_weights
     from ultrares.nodes.gspn_patch import unet_layers
-    from ultrares.nodes.gspn_training import TrajectorySettings, evaluate_gspn
+    from ultrares.nodes.gspn_training import TrajectorySettings, with_host
+
+    def evaluate_gspn(model, positive, negative, gspn, trajectory, points, seed):
+        with torch.inference_mode(False):
+            return with_host(model, positive, negative, trajectory, seed,
+                             lambda host: held_out_loss(gspn, host, points, seed))
 
     model = comfy_harness.tiny_sd15_patcher(seed=1)
     trajectory = TrajectorySettings(width=64, height=48, sampling_steps=4, cfg=1.0)
