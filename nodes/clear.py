@@ -30,10 +30,8 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..kernels.backend import BACKENDS
-from ..models.clear.attention import ClearAttention, TokenLayout
-from ..models.clear.pattern import ClearPattern, ntk_theta, resolve_pattern
-from ..models.clear.weights import Block, ClearWeights, plan_weights, read_clear_file
+from ..models.clear import (BACKENDS, Block, ClearAttention, ClearPattern, ClearWeights, TokenLayout, ntk_theta,
+                            plan_weights, read_clear_file, resolve_pattern)
 from .attention_override import OVERRIDE_KEY, describe_override
 from .category import CATEGORY
 from .runtime import check_interrupt, progress_callback

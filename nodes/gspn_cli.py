@@ -75,8 +75,7 @@ def run(args: argparse.Namespace) -> int:
     """Load the teacher with ComfyUI and distil; returns the process exit status."""
     import comfy.sd
 
-    from ..models.gspn import GSPNConfig
-    from ..models.gspn.distill import DistillSettings
+    from ..models.gspn import DistillSettings, GSPNConfig
     from .gspn_training import TrajectorySettings, run_distillation
 
     model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=False, output_clip=True)

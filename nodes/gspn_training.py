@@ -21,9 +21,9 @@ import comfy.model_patcher
 import comfy.samplers
 import torch
 
-from ..models.gspn import GSPNConfig, GSPNLayers, LayerSpec, TrainingRecord, load_gspn_weights, save_gspn_weights
-from ..models.gspn.distill import Capture, DistillSettings, distill
-from ..models.gspn.optimizer_state import load_optimizer_state, make_optimizer, optimizer_path, save_optimizer_state
+from ..models.gspn import (Capture, DistillSettings, GSPNConfig, GSPNLayers, LayerSpec, TrainingRecord, distill,
+                           load_gspn_weights, load_optimizer_state, make_optimizer, optimizer_path, save_gspn_weights,
+                           save_optimizer_state)
 from .gspn_patch import comfy_attention_call, gspn_call, model_family, unet_layers
 
 

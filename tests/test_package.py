@@ -89,25 +89,41 @@ def test_a_public_api_names_objects_that_say_what_they_are():
     assert not undocumented, "public names without a docstring: " + ", ".join(undocumented)
 
 
-IMPORTED_THROUGH_THEIR_API = ("ultrares.models.infdit",)
-"""Packages that nodes/ imports only through ``__all__``."""
+IMPORTED_THROUGH_THEIR_API = ("ultrares.kernels", "ultrares.models", "ultrares.models.clear", "ultrares.models.gspn",
+                              "ultrares.models.infdit")
+"""Host-free packages that the ComfyUI glue and the command lines import only through ``__all__``."""
+GLUE = ("nodes", "cli")
 
 
-def test_nodes_import_these_packages_only_through_their_public_api():
+def _imports(path: Path) -> list[tuple[str, list[str]]]:
+    """``(module, names)`` of every import in ``path``, relative imports resolved to ``ultrares.*``."""
+    package = ["ultrares", *path.parent.relative_to(REPO_ROOT).parts]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            found.append((module, [alias.name for alias in node.names]))
+        elif isinstance(node, ast.Import):
+            found += [(alias.name, []) for alias in node.names]
+    return found
+
+
+def test_the_glue_imports_the_core_packages_only_through_their_public_api():
     packages = {name: importlib.import_module(name) for name in IMPORTED_THROUGH_THEIR_API}
+    assert all(hasattr(package, "__all__") for package in packages.values())
     offenders = []
-    for path in sorted((REPO_ROOT / "nodes").glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-            if not isinstance(node, ast.ImportFrom) or node.level == 0:
+    for path in sorted(path for folder in GLUE for path in (REPO_ROOT / folder).rglob("*.py")):
+        where = path.relative_to(REPO_ROOT)
+        for module, names in _imports(path):
+            owners = [name for name in packages if module == name or module.startswith(name + ".")]
+            if not owners:
                 continue
-            base = ["ultrares", "nodes"][:max(2 - node.level + 1, 1)]
-            module = ".".join([*base, *(node.module or "").split(".")]).rstrip(".")
-            for name, package in packages.items():
-                if module.startswith(name + "."):
-                    offenders.append(f"{path.name} imports {module}")
-                elif module == name:
-                    offenders += [f"{path.name} imports {alias.name}, not in {name}.__all__"
-                                  for alias in node.names if alias.name not in package.__all__]
+            owner = max(owners, key=len)
+            if module != owner:
+                offenders.append(f"{where} imports {module}, not {owner}'s public API")
+            offenders += [f"{where} imports {name}, not in {owner}.__all__"
+                          for name in names if name not in packages[owner].__all__]
     assert not offenders, "\n".join(offenders)
 
 

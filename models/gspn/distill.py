@@ -59,6 +59,8 @@ class DistillHost(Protocol):
 
 @dataclass
 class DistillSettings:
+    """One distillation run's settings (the node's and the command line's inputs)."""
+
     steps: int = 1000                 # optimiser steps in this run
     learning_rate: float = 1e-3
     prediction_weight: float = 0.0    # weight of the final-prediction term (0 = layer outputs only)
