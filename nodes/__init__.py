@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from .clear import NODES as CLEAR_NODES
-from .gspn import NODES as GSPN_NODES
-from .infdit import NODES as INFDIT_NODES
+from .clear.hooks import NODES as CLEAR_NODES
+from .gspn.nodes import NODES as GSPN_NODES
+from .infdit.nodes import NODES as INFDIT_NODES
 
 NODE_LIST: list[type[io.ComfyNode]] = [*CLEAR_NODES, *GSPN_NODES, *INFDIT_NODES]
 

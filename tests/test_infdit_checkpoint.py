@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ultrares.models.infdit._full_reference import reference_evaluation, reference_rope_table
-from ultrares.models.infdit import convert
+from ultrares.cli import infdit_convert as convert
 from ultrares.models.infdit.checkpoint import ROPE_TABLES, InfDiTCheckpointError, convert_checkpoint, load_infdit
 from ultrares.models.infdit.config import InfDiTConfig
 from ultrares.models.infdit.evaluate import ImageContext, LRContext, evaluate

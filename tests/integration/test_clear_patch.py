@@ -263,7 +263,7 @@ def test_block_entries_of_other_packs_keep_running_under_the_block_tags(pack_nod
 
 
 def test_newer_comfyui_block_keys_are_understood():
-    from ultrares.nodes.clear import calling_block
+    from ultrares.nodes.clear.hooks import calling_block
 
     assert calling_block({"block_type": "single", "block_index": 3}) == ("single", 3)
     assert calling_block({"ultrares_clear_block": ("double", 1), "block_type": "single", "block_index": 3}) == ("double", 1)
@@ -461,7 +461,7 @@ def test_the_override_is_tagged_memory_efficient_for_core_memory_estimates(pack_
 
 
 def test_overrides_are_described_by_the_node_that_installed_them(pack_nodes):
-    from ultrares.nodes.attention_override import describe_override
+    from ultrares.nodes.clear.override_slot import describe_override
 
     def sparse(func, *args, **kwargs):
         return func(*args, **kwargs)

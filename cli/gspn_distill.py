@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     import comfy.sd
 
     from ..models.gspn import DistillSettings, GSPNConfig
-    from .gspn_training import TrajectorySettings, run_distillation
+    from ..nodes.gspn.distillation import TrajectorySettings, run_distillation
 
     model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=False, output_clip=True)
     if clip is None:
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     pack = importlib.util.module_from_spec(spec)
     sys.modules["ultrares"] = pack
     spec.loader.exec_module(pack)
-    return importlib.import_module("ultrares.nodes.gspn_cli").run(args)
+    return importlib.import_module("ultrares.cli.gspn_distill").run(args)
 
 
 if __name__ == "__main__":

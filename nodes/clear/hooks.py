@@ -30,11 +30,11 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..models.clear import (BACKENDS, Block, ClearAttention, ClearPattern, ClearWeights, TokenLayout, ntk_theta,
+from ...models.clear import (BACKENDS, Block, ClearAttention, ClearPattern, ClearWeights, TokenLayout, ntk_theta,
                             plan_weights, read_clear_file, resolve_pattern)
-from .attention_override import OVERRIDE_KEY, describe_override
-from .category import CATEGORY
-from .runtime import check_interrupt, progress_callback
+from .override_slot import OVERRIDE_KEY, describe_override
+from ..category import CATEGORY
+from ..runtime import check_interrupt, progress_callback
 
 WRAPPER_KEY = "ultrares_clear"
 LAYOUT_KEY = "ultrares_clear_layout"

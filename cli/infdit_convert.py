@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .checkpoint import DTYPES, InfDiTCheckpointError, convert_checkpoint
+from ..models.infdit import DTYPES, InfDiTCheckpointError, convert_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:

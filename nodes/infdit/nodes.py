@@ -16,11 +16,11 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..models.infdit import (DTYPES, SCAN_ORDERS, GiB, BudgetTooSmall, InfDiTWeights, UpscaleOptions,
+from ...models.infdit import (DTYPES, SCAN_ORDERS, GiB, BudgetTooSmall, InfDiTWeights, UpscaleOptions,
                              allocator_headroom, load_infdit, plan_budget, upscale, working_memory)
-from .category import CATEGORY
-from .patchers import free_device_memory, new_patcher
-from .runtime import check_interrupt, progress_callback
+from ..category import CATEGORY
+from ..patchers import free_device_memory, new_patcher
+from ..runtime import check_interrupt, progress_callback
 
 INFDIT_CATEGORY = f"{CATEGORY}/Inf-DiT"
 InfDiTModel = io.Custom("INFDIT_MODEL")

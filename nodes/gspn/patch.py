@@ -15,8 +15,8 @@ import comfy.ldm.modules.attention as comfy_attention
 import comfy.model_patcher
 import torch
 
-from ..models.gspn import GSPNAttention, GSPNLayers, LayerSpec, find_attn1_layers
-from .patchers import new_patcher
+from ...models.gspn import GSPNAttention, GSPNLayers, LayerSpec, find_attn1_layers
+from ..patchers import new_patcher
 
 ADDITIONAL_MODELS_KEY = "ultrares_gspn"
 LATENT_SCALE = 8  # SD1.5/SDXL latents are 1/8 of the image size

@@ -21,10 +21,10 @@ import comfy.model_patcher
 import comfy.samplers
 import torch
 
-from ..models.gspn import (Capture, DistillSettings, GSPNConfig, GSPNLayers, LayerSpec, TrainingRecord, distill,
+from ...models.gspn import (Capture, DistillSettings, GSPNConfig, GSPNLayers, LayerSpec, TrainingRecord, distill,
                            load_gspn_weights, load_optimizer_state, make_optimizer, optimizer_path, save_gspn_weights,
                            save_optimizer_state)
-from .gspn_patch import comfy_attention_call, gspn_call, model_family, unet_layers
+from .patch import comfy_attention_call, gspn_call, model_family, unet_layers
 
 
 T = TypeVar("T")

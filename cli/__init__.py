@@ -1,0 +1,1 @@
+"""Command-line tools: the same work as the nodes, for long runs outside the ComfyUI frontend."""

@@ -1,0 +1,1 @@
+"""Inf-DiT in ComfyUI: the loader and the block-scheduled upscale node."""
