@@ -1,1 +1,15 @@
-"""Command-line tools: the same work as the nodes, for long runs outside the ComfyUI frontend."""
+"""Command-line tools: the pack's long jobs outside the ComfyUI frontend, one module per tool,
+named ``<method>_<job>.py`` (``gspn_distill``, ``infdit_convert``).
+
+Each tool runs two ways: by path from a ComfyUI install, with ComfyUI's Python
+(``python custom_nodes/ComfyUI-UltraRes/cli/<tool>.py ...``), and as ``python -m
+ultrares.cli.<tool> ...`` where the pack is installed. A tool follows one pattern:
+
+- its first lines are ``if not __package__: import _pack`` (run by path, ``cli/`` is the first
+  folder on ``sys.path``, and :mod:`._pack` loads this checkout as ``ultrares``), then it
+  imports the pack by absolute name, from the packages' public APIs (``ultrares.models.gspn``);
+- ``main(argv: list[str] | None = None) -> int`` parses the arguments, does the job and returns
+  the exit status (the tests call it); ``if __name__ == "__main__": sys.exit(main())``;
+- a tool that needs ComfyUI boots it from ``--comfyui`` / ``COMFYUI_PATH`` before importing
+  ``ultrares.nodes`` (which imports ComfyUI) and reuses the nodes' code from there.
+"""

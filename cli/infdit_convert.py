@@ -1,8 +1,10 @@
 """Convert the released Inf-DiT checkpoint to a safetensors file with this pack's key names.
 
-    python -m models.infdit.convert mp_rank_00_model_states.pt ../../models/infdit/infdit.safetensors
+    python custom_nodes/ComfyUI-UltraRes/cli/infdit_convert.py \\
+        models/infdit/mp_rank_00_model_states.pt models/infdit/infdit.safetensors
 
-(from the pack's folder; ``python -m ultrares.models.infdit.convert`` where the pack is installed).
+(from the ComfyUI folder, with ComfyUI's Python; ``python -m ultrares.cli.infdit_convert ...``
+where the pack is installed). It needs no ComfyUI.
 
 The source is verified first (every DiT key present, every shape consistent); its RoPE tables
 are kept as stored; the CLIP tower is taken from the checkpoint, or from
@@ -11,14 +13,18 @@ are kept as stored; the CLIP tower is taken from the checkpoint, or from
 
 from __future__ import annotations
 
+if not __package__:  # run by path: load this checkout as 'ultrares' (cli/_pack.py)
+    import _pack  # noqa: F401
+
 import argparse
 import sys
 
-from ..models.infdit import DTYPES, InfDiTCheckpointError, convert_checkpoint
+from ultrares.models.infdit import DTYPES, InfDiTCheckpointError, convert_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m {__package__}.convert", description=__doc__,
+    """Parse the arguments and convert; returns the exit status (1 with the reason when refused)."""
+    parser = argparse.ArgumentParser(prog="cli/infdit_convert.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="released mp_rank_00_model_states.pt (or any Inf-DiT file)")
     parser.add_argument("target", help="output .safetensors")

@@ -6,6 +6,8 @@ import datetime
 import os
 import pickle
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -410,6 +412,16 @@ def test_the_converter_command_reports_the_model_and_refusals(released_file, tmp
     save_file({"x": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
     assert convert.main([str(tmp_path / "bad.safetensors"), str(tmp_path / "o.safetensors")]) == 1
     assert "not an Inf-DiT checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "o.safetensors.partial").exists()
+
+
+def test_the_converter_runs_by_path_as_from_a_comfyui_install(released_file, tmp_path):
+    script = Path(convert.__file__)
+    assert script.parent.name == "cli"
+    result = subprocess.run([sys.executable, str(script), str(released_file), str(tmp_path / "by_path.safetensors")],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "wrote" in result.stdout and load_infdit(tmp_path / "by_path.safetensors").net.cfg == TINY
 
 
 @pytest.mark.parametrize("case", list(PICKLE_CASES))

@@ -2,7 +2,7 @@
 branch, the released files' key layout and its mapping onto a Flux, and the per-call attention
 that ties them to :func:`ultrares.kernels.clear_attention.circular_window_attention`.
 
-The node (``nodes/clear.py``) reads a file with :func:`read_clear_file`, checks it against the
+The node (``nodes/clear/``) reads a file with :func:`read_clear_file`, checks it against the
 model with :func:`plan_weights`, picks the window with :func:`resolve_pattern` and runs
 :class:`ClearAttention` from its attention override.
 """

@@ -2,9 +2,9 @@
 (``attn1``), their weight files, and the distillation that makes those weights from the
 model they will replace (no text-to-image GSPN weights are public).
 
-The nodes (``nodes/gspn.py``) find the layers with :func:`find_attn1_layers`, load a file
+The nodes (``nodes/gspn/``) find the layers with :func:`find_attn1_layers`, load a file
 with :func:`load_gspn_weights` and drive :func:`distill` through a :class:`DistillHost` of
-their own; the command line does the same.
+their own; ``cli/gspn_distill.py`` does the same.
 """
 
 from .distill import Capture, DistillHost, DistillSettings, distill

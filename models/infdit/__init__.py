@@ -1,14 +1,14 @@
 """Inf-DiT (arXiv 2405.04312): a pixel-space DiT upsampler evaluated block batch by block batch.
 
-Host-free. The nodes (``nodes/infdit.py``) load weights with :func:`load_infdit`, ask the host
+Host-free. The nodes (``nodes/infdit/``) load weights with :func:`load_infdit`, ask the host
 for :func:`working_memory`, plan with :func:`plan_budget` once the model is loaded, and run
 :func:`upscale` with callbacks for progress and interruption. One evaluation can also be run
 piece by piece: :func:`plan_schedule` describes it as plain data (the batches, their
 dependencies, each batch's cache steps) and :func:`evaluate` carries a schedule out.
 
 Modules: ``network`` (the DiT; ``attention``: block layout, UniBA gather, RoPE), ``clip_vision``
-(its CLIP tower), ``config`` (sizes), ``checkpoint`` (weight files; ``convert``: the command
-line), ``schedule`` (batches, cache policy, placement), ``evaluate`` (one evaluation: the
+(its CLIP tower), ``config`` (sizes), ``checkpoint`` (weight files; ``cli/infdit_convert.py``
+converts them), ``schedule`` (batches, cache policy, placement), ``evaluate`` (one evaluation: the
 neighbour cache, layer 0's LR keys), ``memory`` (the memory model), ``budget`` (a request and
 free memory to a plan), ``sampler`` (EDM Heun), ``preprocess`` (the reference's resizing),
 ``upscale`` (the pipeline), ``tiny`` (built-in tiny models) and ``_full_reference`` (the

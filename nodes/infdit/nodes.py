@@ -69,7 +69,7 @@ class UltraResInfDiTLoader(io.ComfyNode):
             display_name="Load Inf-DiT upsampler",
             category=INFDIT_CATEGORY,
             description=("Loads an Inf-DiT upsampler from models/infdit: the released mp_rank_00_model_states.pt "
-                         "or a file converted with 'python -m ultrares.models.infdit.convert'. Sizes are read from "
+                         "or a file converted with cli/infdit_convert.py. Sizes are read from "
                          "the weights; a file with missing or unexpected keys is refused with their names."),
             inputs=[
                 io.Combo.Input("checkpoint", options=folder_paths.get_filename_list("infdit"),
