@@ -1,2 +1,27 @@
 """Host-free tensor ops: each op is one public function with a PyTorch reference and,
-where it pays off, a Triton backend selected by :mod:`.backend`. Never imports ComfyUI."""
+where it pays off, a Triton backend selected by :mod:`.backend`. Never imports ComfyUI.
+
+Public API, by concept:
+
+- CLEAR attention (:mod:`.clear_attention`): :func:`circular_window_attention`, the op, and
+  :data:`CLEAR_BACKENDS`, what each of its backends can run.
+- Dispatch (:mod:`.backend`): :class:`BackendSpec` (what one backend runs), :class:`OpBackends`
+  (an op's backends in priority order), :func:`resolve_backend` (the backend a call gets),
+  ``Backend`` (the ``backend=`` argument's values).
+- Compiled kernels: :mod:`.compiled_table` (what Triton's compiler made of every kernel build
+  per GPU architecture, as dispatch reads it) and :mod:`.aot` (the ahead-of-time builds that
+  table is made from; run outside ``TRITON_INTERPRET``).
+"""
+
+from . import compiled_table
+from .backend import Backend, BackendSpec, OpBackends, resolve_backend
+from .clear_attention import CLEAR_BACKENDS, circular_window_attention
+
+__all__ = [
+    # CLEAR attention
+    "CLEAR_BACKENDS", "circular_window_attention",
+    # dispatch
+    "Backend", "BackendSpec", "OpBackends", "resolve_backend",
+    # compiled kernels
+    "compiled_table",
+]

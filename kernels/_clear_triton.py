@@ -23,9 +23,10 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from . import compiled_table
 from ._clear_tiles import Tile, tile_counts
-from .backend import triton_interpreting
 from ._clear_torch import dense_rows, global_rows
+from .backend import device_info, triton_interpreting
 
 
 @dataclass(frozen=True)
@@ -37,15 +38,19 @@ class Launch:
     num_warps: int
     num_stages: int
 
+    @property
+    def name(self) -> str:
+        """The configuration's name in the compiled table, e.g. ``q8x16-k8x8-w8-s3``."""
+        q, k = self.q_tile, self.k_tile
+        return f"q{q.rows}x{q.cols}-k{k.rows}x{k.cols}-w{self.num_warps}-s{self.num_stages}"
+
 
 # Configurations in order of preference. The first is the fast one: 128 queries (8 rows x 16
-# columns) fill a tensor-core MMA and 64-key (8 x 8) image tiles hug the circle. A GPU whose
-# shared memory cannot hold a configuration makes Triton raise OutOfResources at its first launch,
-# and the next one is tried. Shared memory per program with head dim 128 (compiled with Triton 3.9
-# for sm_75 to sm_90): the first needs 64 KiB in bfloat16/float16 from Ampere on (96 KiB on
-# Turing) and 224 KiB in float32 (H100 only); the second 128 KiB in float32 (A100, H100); the
-# third 64 KiB in float16 on Turing and 96 KiB in float32 (RTX 30/40 offer 99 KiB). float32 on
-# Turing (64 KiB) fits none of them: use the PyTorch path there.
+# columns) fill a tensor-core MMA and 64-key (8 x 8) image tiles hug the circle. What each needs
+# in shared memory per GPU architecture is in the compiled-kernel table (kernels/compiled_kernels.json,
+# the README prints it): a launch starts at the first configuration the GPU can hold, and should a
+# GPU still refuse one (Triton raises OutOfResources at its first launch, e.g. with another Triton
+# version), the next one is tried.
 LAUNCHES = (
     Launch(Tile(8, 16), Tile(8, 8), num_warps=8, num_stages=3),
     Launch(Tile(8, 16), Tile(8, 8), num_warps=8, num_stages=1),
@@ -55,8 +60,21 @@ DEFAULT_Q_TILE = LAUNCHES[0].q_tile
 DEFAULT_K_TILE = LAUNCHES[0].k_tile
 SIDE_BLOCK = 64  # keys per step over the text, reference and down-sampled keys
 LOG2E = 1.4426950408889634
+KERNEL = "clear_window_fwd"  # the kernel's name in the compiled table
 # (device, dtype) -> index of the first configuration in LAUNCHES that fitted there.
 _FITTING: dict[tuple[str, torch.dtype], int] = {}
+
+
+class NoFittingLaunch(RuntimeError):
+    """No configuration of the kernel fits this GPU's shared memory."""
+
+
+def first_fitting_launch(dtype: torch.dtype, arch: int, shared_memory: int) -> int | None:
+    """Index in :data:`LAUNCHES` of the first configuration whose compiled build for ``sm_<arch>``
+    fits ``shared_memory`` bytes per program, None if none was built or none fits."""
+    built = compiled_table.shared_memory(KERNEL, dtype, arch)
+    return next((i for i, launch in enumerate(LAUNCHES) if built.get(launch.name, shared_memory + 1) <= shared_memory),
+                None)
 
 
 @triton.jit
@@ -221,7 +239,7 @@ def window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     """
     if visits is not None and launch is None:
         raise ValueError("visits counts per query tile: give the launch configuration with it")
-    out = torch.empty_like(q)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
     for rows in global_rows(q.shape[2], n_txt, grid[0] * grid[1]):
         dense_rows(q, k, v, out, rows, scale)
     if down_k is None:
@@ -233,6 +251,9 @@ def window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
         _launch(launch, q, k, v, down_k, down_v, out, visits, **layout)
         return out
     key = (str(q.device), q.dtype)
+    if key not in _FITTING and q.is_cuda:
+        info = device_info(q.device)
+        _FITTING[key] = first_fitting_launch(q.dtype, info.arch, info.shared_memory) or 0
     for index in range(_FITTING.get(key, 0), len(LAUNCHES)):
         try:
             _launch(LAUNCHES[index], q, k, v, down_k, down_v, out, None, **layout)
@@ -240,5 +261,43 @@ def window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
             continue
         _FITTING[key] = index
         return out
-    raise RuntimeError(f"no configuration of the CLEAR Triton kernel fits the shared memory of {q.device} for "
+    raise NoFittingLaunch(f"no configuration of the CLEAR Triton kernel fits the shared memory of {q.device} for "
                        f"{str(q.dtype).removeprefix('torch.')} inputs; use backend='torch'")
+
+
+# Archs the kernel is offered on (tensor-core MMAs need Ampere or newer) and its dtypes there.
+AOT_ARCHS = (80, 86, 89, 90)
+GPU_DTYPES = (torch.bfloat16, torch.float16)
+MAX_SPILL_BYTES = 128  # per thread, stores and loads each, in every build the dispatcher may pick
+# A FLUX 4K call: 24 heads x 128, 512 text tokens, a 256 x 256 grid, radius 16, 64 x 64 down-sampled
+# keys; q/k/v are views of one fused [B, L, 3, heads, D] projection, the output is contiguous.
+AOT_CALL = dict(heads=24, dim=128, n_txt=512, n_ref=0, n_down=64 * 64, grid=(256, 256), radius=16)
+
+
+def aot_builds() -> list:
+    """The builds the compiled-kernel table holds: every launch configuration in every GPU dtype."""
+    from .aot import KernelBuild, pointer
+
+    c = AOT_CALL
+    heads, dim = c["heads"], c["dim"]
+    length = c["n_txt"] + c["grid"][0] * c["grid"][1] + c["n_ref"]
+    fused = (length * 3 * heads * dim, dim, 3 * heads * dim, 1)
+    down = (heads * c["n_down"] * dim, c["n_down"] * dim, dim, 1)
+    contiguous = (heads * length * dim, length * dim, dim, 1)
+    strides = {}
+    for name, values in (("sq", fused), ("sk", fused), ("sv", fused), ("sdk", down), ("sdv", down), ("so", contiguous)):
+        strides.update({f"{name}_{axis}": s for axis, s in zip("bhld", values)})
+    builds = []
+    for launch in LAUNCHES:
+        for dtype in GPU_DTYPES:
+            ptr = pointer(dtype)
+            args = dict(Q=ptr, K=ptr, V=ptr, DK=ptr, DV=ptr, O=ptr, VISITS=ptr, **strides, n_heads=heads, head_dim=dim,
+                        n_txt=c["n_txt"], n_ref=c["n_ref"], n_down=c["n_down"], grid_h=c["grid"][0],
+                        grid_w=c["grid"][1], reach=c["radius"] - 1, r2=c["radius"] ** 2, qk_scale=dim ** -0.5 * LOG2E,
+                        tiles_x=tile_counts(c["grid"], launch.q_tile)[1], QTH=launch.q_tile.rows,
+                        QTW=launch.q_tile.cols, KTH=launch.k_tile.rows, KTW=launch.k_tile.cols, BLOCK_D=dim,
+                        SIDE=SIDE_BLOCK, COUNT_VISITS=False, PRECISION="tf32", UPCAST=False)
+            builds.append(KernelBuild(KERNEL, launch.name, dtype, AOT_ARCHS, _window_fwd, args,
+                                      launch.num_warps, launch.num_stages, pipelined=(_attend_run,), dots=True,
+                                      max_spill_bytes=MAX_SPILL_BYTES))
+    return builds

@@ -11,9 +11,12 @@ Semantics (``kernels/_clear_reference.py`` spells them out as a dense mask):
   circle ``dy**2 + dx**2 < radius**2`` around them. Near the border the circle is clipped, not
   shifted inward.
 
-Backends: ``"torch"`` is an exact, memory-bounded tiled path for any device (no ``L x L``
-tensor); ``"triton"`` is a block-sparse kernel that visits only the key tiles intersecting the
-window. Both equal the dense masked reference (see the tests).
+Backends (:data:`CLEAR_BACKENDS`, in priority order): ``"triton"``, a block-sparse kernel that
+visits only the key tiles intersecting the window, for bfloat16/float16 CUDA tensors on GPUs with
+tensor cores (compute capability 8.0 or newer) and an architecture the compiled-kernel table
+holds a fitting build for; ``"torch"``, an exact, memory-bounded tiled path for any device and
+dtype (no ``L x L`` tensor). float32 stays on the torch path: its Triton builds run on FMAs,
+not tensor cores, and spill about 100 KB per thread. Both equal the dense masked reference.
 """
 
 from __future__ import annotations
@@ -22,8 +25,23 @@ from collections.abc import Callable
 
 import torch
 
+from . import compiled_table
 from ._clear_torch import window_attention_torch
-from .backend import Backend, resolve_backend
+from .backend import TORCH, Backend, BackendSpec, OpBackends, logger, resolve_backend
+
+__all__ = ["CLEAR_BACKENDS", "circular_window_attention"]
+
+
+def _triton_shared_memory(dtype: torch.dtype, arch: int) -> tuple[int, ...]:
+    return tuple(compiled_table.shared_memory("clear_window_fwd", dtype, arch).values())
+
+
+CLEAR_BACKENDS = OpBackends("CLEAR attention", (
+    BackendSpec("triton", devices=frozenset({"cuda"}), dtypes=frozenset({torch.bfloat16, torch.float16}),
+                min_capability=(8, 0), shared_memory=_triton_shared_memory, max_head_dim=128,
+                interpreted_dtypes=frozenset({torch.float32, torch.bfloat16, torch.float16})),
+    TORCH,
+))
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int], n_txt: int,
@@ -59,8 +77,13 @@ def circular_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     layout = dict(grid=grid, n_txt=n_txt, radius=radius, n_ref=n_ref, down_k=down_k, down_v=down_v, scale=scale)
     tensors = (q, k, v) if down_k is None else (q, k, v, down_k, down_v)
-    if resolve_backend(backend, *tensors) == "triton":
-        from ._clear_triton import window_attention_triton
+    if resolve_backend(backend, *tensors, op=CLEAR_BACKENDS) == "triton":
+        from ._clear_triton import NoFittingLaunch, window_attention_triton
 
-        return window_attention_triton(q, k, v, **layout)
+        try:
+            return window_attention_triton(q, k, v, **layout)
+        except NoFittingLaunch as refused:
+            if backend != "auto":
+                raise
+            logger.info("%s: %s; running 'torch'", CLEAR_BACKENDS.op, refused)
     return window_attention_torch(q, k, v, **layout, check_interrupt=check_interrupt)
