@@ -37,6 +37,24 @@ _TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
 # Steps whose loads are issued ahead (cp.async into shared memory from sm_80 on) in the resident
 # kernels: their inputs do not depend on the state, so the next step's loads overlap this one.
 PIPELINE_STAGES = 2
+FORWARD, BACKWARD = "gspn_scan_fwd", "gspn_scan_bwd"  # names in the compiled-kernel table
+# GPUs the kernels are built and checked for (kernels/compiled_kernels.json): Turing to Blackwell;
+# those whose resident loops are software pipelined (see pipeline_stages).
+AOT_ARCHS = (75, 80, 86, 89, 90, 100, 120)
+PIPELINED_ARCHS = (80, 86, 89, 90, 100)
+_PIPELINED = {divmod(arch, 10) for arch in PIPELINED_ARCHS}
+GPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def pipeline_stages(device: torch.device, resident: bool) -> int:
+    """Loop stages of a launch. Asynchronous copies exist from sm_80 on, but compiled for sm_120
+    (RTX 50) the pipelined forward spills (ptxas keeps it to 80 registers), so it runs unpipelined
+    there, as on Turing; the streamed loops wait on a barrier every step and are not pipelined."""
+    if not resident:
+        return 1
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) not in _PIPELINED:
+        return 1
+    return PIPELINE_STAGES
 
 
 @functools.cache
@@ -96,6 +114,12 @@ def _row_indices(BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _drive(x_ptr, lam_ptr, off, mask, ACC: tl.constexpr):
+    """lambda * x of one tile, in the accumulation dtype."""
+    return tl.load(lam_ptr + off, mask=mask, other=0.0).to(ACC) * tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
 def _after_first_step(mask, s, s_start):
     """``mask`` at the steps that propagate (not a chunk's first), else all false. Written as a
     ``where``: Triton 3.9's interpreter builds ``mask & (s > s_start)`` with an int32 payload that
@@ -103,7 +127,13 @@ def _after_first_step(mask, s, s_start):
     return tl.where(s > s_start, mask, False)
 
 
-@triton.jit
+# Only the channel count is specialised (its divisibility by 16 lets loads vectorise): the four
+# directions and every map size then share one build per tile, the build the compiled-kernel table
+# checks.
+_SHAPE_ARGS = ["HW", "S", "R", "origin", "stride_s", "stride_r", "chunk", "n_cblocks", "n_chunks"]
+
+
+@triton.jit(do_not_specialize=_SHAPE_ARGS)
 def _forward_kernel(x_ptr, lam_ptr, logit_ptr, out_ptr, state_ptr, HW, C, S, R, origin, stride_s, stride_r, chunk,
                     n_cblocks, n_chunks, EPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                     ACC: tl.constexpr, RESIDENT: tl.constexpr, SEPARATE_STATE: tl.constexpr,
@@ -116,8 +146,7 @@ def _forward_kernel(x_ptr, lam_ptr, logit_ptr, out_ptr, state_ptr, HW, C, S, R, 
             r, pix, mask, off = _tile(base, s, stride_s, 0, stride_r, R, c, c_ok, C, BLOCK_R)
             # At a chunk's first step the state is 0: its logits are not needed, nor loaded.
             s_up, s_mid, s_down, total = _gates(logit_ptr, pix, c, C, r, R, _after_first_step(mask, s, s_start), ACC)
-            value = tl.load(lam_ptr + off, mask=mask, other=0.0).to(ACC) * tl.load(x_ptr + off, mask=mask,
-                                                                                   other=0.0).to(ACC)
+            value = _drive(x_ptr, lam_ptr, off, mask, ACC)
             mixed = s_up * tl.gather(h, above, 0) + s_mid * h + s_down * tl.gather(h, below, 0)
             h = tl.where(mask, value + mixed / tl.maximum(total, EPS), 0.0)
             tl.store(out_ptr + off, h.to(out_ptr.dtype.element_ty), mask=mask)
@@ -175,7 +204,7 @@ def _store_input_grads(dx_ptr, dlam_ptr, dlogit_ptr, x_ptr, lam_ptr, off, pix, c
     tl.store(dlogit_ptr + gbase + 2 * C, g_down.to(dlogit_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SHAPE_ARGS)
 def _backward_kernel(dy_ptr, x_ptr, lam_ptr, logit_ptr, state_ptr, dh_ptr, dx_ptr, dlam_ptr, dlogit_ptr, HW, C, S, R,
                      origin, stride_s, stride_r, chunk, n_cblocks, n_chunks, EPS: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr, RESIDENT: tl.constexpr,
@@ -250,14 +279,15 @@ def check_map_size(height: int, width: int) -> None:
 
 def _launch(kernel, tensors: tuple[torch.Tensor, ...], shape: torch.Size, direction: int, chunk: int,
             acc: torch.dtype, plan: ScanPlan, **constants) -> None:
+    stages = pipeline_stages(tensors[0].device, plan.resident)
     n, height, width, channels = shape
     check_map_size(height, width)
     _, _, origin, stride_s, stride_r = geometry(shape, direction)
     n_cblocks = triton.cdiv(channels, plan.block_c)
     kernel[(plan.programs,)](*tensors, height * width, channels, plan.steps, plan.rows, origin, stride_s, stride_r,
                              chunk, n_cblocks, plan.chunks, EPS=GATE_EPS, BLOCK_R=plan.block_r,
-                             BLOCK_C=plan.block_c, ACC=_TL_ACC[acc], RESIDENT=plan.resident, STAGES=PIPELINE_STAGES,
-                             num_warps=plan.num_warps, **constants)
+                             BLOCK_C=plan.block_c, ACC=_TL_ACC[acc], RESIDENT=plan.resident, STAGES=stages,
+                             num_warps=plan.num_warps, num_stages=stages, **constants)
 
 
 def _plan(x: torch.Tensor, direction: int, chunk: int) -> ScanPlan:
@@ -291,3 +321,49 @@ def scan_backward(grad_h: torch.Tensor, x: torch.Tensor, lam: torch.Tensor, logi
     _launch(_backward_kernel, (grad_h.contiguous(), x.contiguous(), lam.contiguous(), logits.contiguous(), state, dh,
                                dx, dlam, dlogits), x.shape, direction, chunk, acc, plan)
     return dx, dlam, dlogits
+
+
+# Tiles the plan picks on SDXL's attn1 maps (batch 1): chunk 4 on 64x64 and 128x128, the global
+# scan of 64x64 (channels split to 4) and of 512x512; columns over 512 rows stream.
+AOT_TILES = (("resident", 64, 32, 8), ("resident", 64, 4, 1), ("resident", 512, 4, 8), ("streamed", 64, 32, 8),
+             ("streamed", 512, 4, 8))
+MAX_FORWARD_SPILL_BYTES = 0
+# The streamed backward (columns over 512 rows) spills a little in 16-bit on sm_80-sm_90 (4-24 bytes
+# per thread in the table); every resident build and every forward build spills nothing.
+MAX_BACKWARD_SPILL_BYTES = 32
+
+
+def aot_builds() -> list:
+    """The builds the compiled-kernel table holds: each tile of :data:`AOT_TILES`, forward (for
+    16-bit inputs with and without the fp32 state a backward pass needs) and backward, in every GPU
+    dtype, for every architecture of :data:`AOT_ARCHS` (pipelined on :data:`PIPELINED_ARCHS`)."""
+    from .aot import KernelBuild, pointer
+
+    side, channels = 64, 640
+    shape_args = dict(HW=side * side, C=channels, S=side, R=side, origin=0, stride_s=1, stride_r=side, chunk=4,
+                      n_cblocks=channels // 32, n_chunks=side // 4)
+    builds = []
+    for dtype in GPU_DTYPES:
+        io, acc = pointer(dtype), pointer(accumulation_dtype(dtype))
+        for path, block_r, block_c, warps in AOT_TILES:
+            resident = path == "resident"
+            unpipelined = tuple(a for a in AOT_ARCHS if a not in PIPELINED_ARCHS)
+            for archs, stages in ((unpipelined, 1), (PIPELINED_ARCHS, PIPELINE_STAGES if resident else 1)):
+                common = dict(shape_args, EPS=GATE_EPS, BLOCK_R=block_r, BLOCK_C=block_c, ACC=_TL_ACC[accumulation_dtype(dtype)],
+                              RESIDENT=resident, STAGES=stages)
+                tile = f"{path} {block_r}x{block_c} w{warps}"
+                separate = (True,) if not resident and dtype != torch.float32 else (
+                    (False, True) if dtype != torch.float32 else (False,))
+                for state in separate:
+                    config = tile + (" +state" if state and resident else "")
+                    builds.append(KernelBuild(
+                        FORWARD, config, dtype, archs, _forward_kernel,
+                        dict(common, x_ptr=io, lam_ptr=io, logit_ptr=io, out_ptr=io, state_ptr=acc, SEPARATE_STATE=state),
+                        warps, stages, pipelined=(_gates, _drive) if stages > 1 else (),
+                        max_spill_bytes=MAX_FORWARD_SPILL_BYTES))
+                builds.append(KernelBuild(
+                    BACKWARD, tile, dtype, archs, _backward_kernel,
+                    dict(common, dy_ptr=io, x_ptr=io, lam_ptr=io, logit_ptr=io, state_ptr=acc, dh_ptr=acc, dx_ptr=io,
+                         dlam_ptr=io, dlogit_ptr=io),
+                    warps, stages, pipelined=(_gates,) if stages > 1 else (), max_spill_bytes=MAX_BACKWARD_SPILL_BYTES))
+    return builds

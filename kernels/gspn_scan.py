@@ -17,10 +17,30 @@ from __future__ import annotations
 
 import torch
 
+from . import compiled_table
 from ._gspn_reference import DIRECTIONS, accumulation_dtype, scan_reference
-from .backend import Backend, resolve_backend
+from .backend import TORCH, Backend, BackendSpec, OpBackends, resolve_backend
 
-__all__ = ["DIRECTIONS", "gspn_scan"]
+__all__ = ["DIRECTIONS", "GSPN_BACKENDS", "gspn_scan"]
+
+
+def _triton_shared_memory(dtype: torch.dtype, arch: int) -> tuple[int, ...]:
+    """The most shared memory any GSPN build (forward or backward) takes on ``sm_<arch>``: the
+    plan picks the tile by map shape, so every build must fit. Empty where none was checked."""
+    sizes = [v for kernel in ("gspn_scan_fwd", "gspn_scan_bwd")
+             for v in compiled_table.shared_memory(kernel, dtype, arch).values()]
+    return (max(sizes),) if sizes else ()
+
+
+# No dots (no tensor cores needed), no spills in any forward build: the kernels run from Turing on,
+# in every GPU dtype, on architectures whose builds the compiled-kernel table checked. fp64 runs
+# through the interpreter only (gradchecks); on a GPU it takes the PyTorch path.
+GSPN_BACKENDS = OpBackends("GSPN scan", (
+    BackendSpec("triton", devices=frozenset({"cuda"}), dtypes=frozenset({torch.bfloat16, torch.float16, torch.float32}),
+                min_capability=(7, 5), shared_memory=_triton_shared_memory,
+                interpreted_dtypes=frozenset({torch.bfloat16, torch.float16, torch.float32, torch.float64})),
+    TORCH,
+))
 
 
 def _op_name(name: str) -> str:
@@ -110,7 +130,7 @@ def gspn_scan(x: torch.Tensor, lam: torch.Tensor, logits: torch.Tensor, directio
     _check(x, lam, logits, direction, chunk)
     steps = x.shape[2] if direction in (0, 2) else x.shape[1]
     chunk = max(1, steps if chunk is None else min(chunk, steps))
-    if resolve_backend(backend, x, lam, logits) == "triton":
+    if resolve_backend(backend, x, lam, logits, op=GSPN_BACKENDS) == "triton":
         from ._gspn_triton import check_map_size
 
         check_map_size(x.shape[1], x.shape[2])
