@@ -23,6 +23,7 @@ from ..models.infdit.network import InfDiT
 from ..models.infdit.meter import LiveTensorMeter
 from ..models.infdit.tiny import tiny_weights
 from ..models.infdit.upscale import UpscaleOptions, plan_stage, upscale, weight_bytes
+from .machine import stamp
 
 MB = 2 ** 20
 CUDA_HEADROOM = 0.1
@@ -156,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes only (about a minute on a CPU)")
     args = parser.parse_args(argv)
+    print(f"Measured {stamp()}\n")
     if torch.cuda.is_available():
         device = torch.device("cuda")
         weights = tiny_weights(cfg=RELEASED, clip_cfg=ClipVisionConfig(), dtype=torch.bfloat16)
