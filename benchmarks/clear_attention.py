@@ -98,7 +98,11 @@ def flex_runner(grid: tuple[int, int], pattern: ClearPattern, q, k, v, compiled:
     n_down = down_sampled_count(grid, pattern.down_factor) if pattern.down_factor > 1 else 0
     down = q.new_zeros(*q.shape[:2], n_down, q.shape[3])
     keys, values = torch.cat([k, down], dim=2), torch.cat([v, down], dim=2)
-    block_mask = create_block_mask(mask_mod, None, None, q.shape[2], keys.shape[2], device=q.device)
+    sizes = (mask_mod, None, None, q.shape[2], keys.shape[2])
+    try:  # on a GPU the mask is built compiled, block by block (eager it materialises L x L booleans)
+        block_mask = create_block_mask(*sizes, device=q.device, _compile=compiled and q.is_cuda)
+    except TypeError:  # a torch without the keyword
+        block_mask = create_block_mask(*sizes, device=q.device)
     attend = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
     return lambda: attend(q, keys, values, block_mask=block_mask)
 
