@@ -4,13 +4,17 @@ layer gives the eager layer's outputs and gradients on either backend."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
-from ultrares.kernels import gspn_scan as gspn_scan_module
 from ultrares.kernels._gspn_reference import scan_reference
 from ultrares.kernels.gspn_scan import gspn_scan
 from ultrares.models.gspn import GSPNAttention
+
+# The module (the package exports its function under the same name).
+gspn_scan_module = importlib.import_module("ultrares.kernels.gspn_scan")
 
 
 def _inputs(n, h, w, c, dtype=torch.float32, seed=0):
