@@ -3,7 +3,8 @@ where it pays off, a Triton backend selected by :mod:`.backend`. Never imports C
 
 Public API, by concept:
 
-- CLEAR attention (:mod:`.clear_attention`): :func:`circular_window_attention`, the op, and
+- CLEAR attention (:mod:`.clear_attention`): :func:`circular_window_attention`, the op (a
+  ``torch.library`` custom op underneath: differentiable, traceable by ``torch.compile``), and
   :data:`CLEAR_BACKENDS`, what each of its backends can run.
 - GSPN line scan (:mod:`.gspn_scan`): :func:`gspn_scan`, the op, :data:`GSPN_BACKENDS`, and
   :data:`DIRECTIONS`, the four scan directions.

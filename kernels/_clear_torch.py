@@ -63,7 +63,7 @@ def window_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     h, w = grid
     n_img = h * w
     img = slice(n_txt, n_txt + n_img)
-    out = torch.empty_like(q)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
     for rows in global_rows(q.shape[2], n_txt, n_img):
         dense_rows(q, k, v, out, rows, scale)
     if radius * radius > (h - 1) ** 2 + (w - 1) ** 2:  # every window holds the whole grid
@@ -99,14 +99,17 @@ def window_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     n_query, n_keys = tile_h * tile_w, n_side + span_h * span_w
     bytes_per_tile = 2 * b * heads * n_keys * dim * k.element_size()
     chunk = max(1, min(len(q_x0), KEY_COPY_BYTES // bytes_per_tile))
-    # Buffers reused by every call: the side keys are copied in once, each tile then copies
-    # only its own queries and key square.
-    query_buf = q.new_empty(chunk, b, heads, n_query, dim)
-    key_buf = k.new_empty(chunk, b, heads, n_keys, dim)
-    value_buf = v.new_empty(chunk, b, heads, n_keys, dim)
-    key_buf[:, :, :, :n_side] = side_k
-    value_buf[:, :, :, :n_side] = side_v
-    mask_buf = q.new_zeros(chunk, 1, n_query, n_keys)  # additive: 0 = attend, -inf = masked
+    # Without autograd, buffers are reused by every call: the side keys are copied in once, each
+    # tile then copies only its own queries and key square. Autograd saves what each call reads,
+    # so with it every chunk gathers into fresh tensors.
+    differentiable = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, down_k, down_v))
+    if not differentiable:
+        query_buf = q.new_empty(chunk, b, heads, n_query, dim)
+        key_buf = k.new_empty(chunk, b, heads, n_keys, dim)
+        value_buf = v.new_empty(chunk, b, heads, n_keys, dim)
+        key_buf[:, :, :, :n_side] = side_k
+        value_buf[:, :, :, :n_side] = side_v
     for y0, ky0 in zip(q_y0.tolist(), k_y0.tolist()):
         if check_interrupt is not None:
             check_interrupt()
@@ -114,20 +117,30 @@ def window_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         ky = torch.arange(ky0, ky0 + span_h, device=q.device)
         dy2 = (qy[:, None] - ky[None, :]) ** 2  # [tile_h, span_h]
         band_q, band_k, band_v = q_img[:, :, y0:y0 + tile_h], k_img[:, :, ky0:ky0 + span_h], v_img[:, :, ky0:ky0 + span_h]
+        row = []
         for t0 in range(0, len(q_x0), chunk):
             xs = list(zip(q_x0[t0:t0 + chunk].tolist(), k_x0[t0:t0 + chunk].tolist()))
             n = len(xs)
-            for i, (x0, kx0) in enumerate(xs):
-                query_buf[i].view(b, heads, tile_h, tile_w, dim).copy_(band_q[:, :, :, x0:x0 + tile_w])
-                key_buf[i, :, :, n_side:].view(b, heads, span_h, span_w, dim).copy_(band_k[:, :, :, kx0:kx0 + span_w])
-                value_buf[i, :, :, n_side:].view(b, heads, span_h, span_w, dim).copy_(band_v[:, :, :, kx0:kx0 + span_w])
+            if differentiable:
+                queries = torch.stack([band_q[:, :, :, x0:x0 + tile_w] for x0, _ in xs]).flatten(3, 4)
+                keys = torch.cat([side_k.expand(n, *side_k.shape),
+                                  torch.stack([band_k[:, :, :, kx0:kx0 + span_w] for _, kx0 in xs]).flatten(3, 4)], 3)
+                values = torch.cat([side_v.expand(n, *side_v.shape),
+                                    torch.stack([band_v[:, :, :, kx0:kx0 + span_w] for _, kx0 in xs]).flatten(3, 4)], 3)
+            else:
+                for i, (x0, kx0) in enumerate(xs):
+                    query_buf[i].view(b, heads, tile_h, tile_w, dim).copy_(band_q[:, :, :, x0:x0 + tile_w])
+                    key_buf[i, :, :, n_side:].view(b, heads, span_h, span_w, dim).copy_(band_k[:, :, :, kx0:kx0 + span_w])
+                    value_buf[i, :, :, n_side:].view(b, heads, span_h, span_w, dim).copy_(band_v[:, :, :, kx0:kx0 + span_w])
+                queries, keys, values = query_buf[:n], key_buf[:n], value_buf[:n]
             near = dy2[None, :, None, :, None] + dx2[t0:t0 + n, None, :, None, :] < radius * radius
-            mask_buf[:n, 0, :, n_side:] = torch.where(near, 0.0, float("-inf")).reshape(n, n_query, -1)
-            tile_out = F.scaled_dot_product_attention(
-                query_buf[:n].flatten(0, 1), key_buf[:n].flatten(0, 1), value_buf[:n].flatten(0, 1),
-                attn_mask=mask_buf[:n].repeat_interleave(b, dim=0), scale=scale)
-            # Shifted edge tiles overlap their neighbour and write the same values there.
-            tile_out = tile_out.unflatten(0, (n, b)).unflatten(3, (tile_h, tile_w))
-            for i, (x0, _) in enumerate(xs):
-                out_img[:, :, y0:y0 + tile_h, x0:x0 + tile_w] = tile_out[i]
+            mask = q.new_zeros(n, 1, n_query, n_keys)  # additive: 0 = attend, -inf = masked
+            mask[:, 0, :, n_side:] = torch.where(near, 0.0, float("-inf")).reshape(n, n_query, -1)
+            tile_out = F.scaled_dot_product_attention(queries.flatten(0, 1), keys.flatten(0, 1), values.flatten(0, 1),
+                                                      attn_mask=mask.repeat_interleave(b, dim=0), scale=scale)
+            row.extend(tile_out.unflatten(0, (n, b)).unflatten(3, (tile_h, tile_w)).unbind(0))
+        # One write per tile row: its tiles side by side, the last one (shifted inward) only where
+        # it does not overlap its neighbour; a shifted last row overwrites equal values.
+        row[-1] = row[-1][..., tile_w - (w - (len(row) - 1) * tile_w):, :]
+        out_img[:, :, y0:y0 + tile_h] = torch.cat(row, dim=3)
     return out

@@ -226,6 +226,7 @@ def _launch(launch: Launch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d
     )
 
 
+@torch.no_grad()
 def window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: tuple[int, int],
                             n_txt: int, radius: int, n_ref: int, down_k: torch.Tensor | None,
                             down_v: torch.Tensor | None, scale: float, launch: Launch | None = None,
@@ -235,7 +236,7 @@ def window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     ``launch`` fixes the configuration (default: the first of :data:`LAUNCHES` that fits the
     GPU). ``visits``, given with ``launch``, is an int32 tensor with one slot per query tile that
     receives the number of image key tiles the kernel visited for it (tests compare it with the
-    counter).
+    counter). Not differentiable: the public op's backward recomputes on the torch path.
     """
     if visits is not None and launch is None:
         raise ValueError("visits counts per query tile: give the launch configuration with it")

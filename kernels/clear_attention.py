@@ -17,11 +17,18 @@ tensor cores (compute capability 8.0 or newer) and an architecture the compiled-
 holds a fitting build for; ``"torch"``, an exact, memory-bounded tiled path for any device and
 dtype (no ``L x L`` tensor). float32 stays on the torch path: its Triton builds run on FMAs,
 not tensor cores, and spill about 100 KB per thread. Both equal the dense masked reference.
+
+Autograd: the op is a ``torch.library`` custom op (``ultrares::clear_window_attention``) whose
+backward recomputes the forward on the torch path and differentiates that, whichever backend ran
+the forward (activation-checkpointing style: nothing but the inputs is kept for the backward).
+Its fake implementation lets ``torch.compile`` trace through it (``fullgraph=True`` works).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -42,6 +49,10 @@ CLEAR_BACKENDS = OpBackends("CLEAR attention", (
                 interpreted_dtypes=frozenset({torch.float32, torch.bfloat16, torch.float16})),
     TORCH,
 ))
+
+# Set around an eager call: the torch path calls it between tile rows so a long CPU call can be
+# cancelled (a callable cannot be an argument of a custom op).
+_INTERRUPT: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("clear_interrupt", default=None)
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int], n_txt: int,
@@ -65,17 +76,12 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple
                              f"{tuple(down_k.shape)} and {tuple(down_v.shape)}")
 
 
-def circular_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: tuple[int, int],
-                              n_txt: int, radius: int, n_ref: int = 0, down_k: torch.Tensor | None = None,
-                              down_v: torch.Tensor | None = None, scale: float | None = None,
-                              backend: Backend = "auto",
-                              check_interrupt: Callable[[], None] | None = None) -> torch.Tensor:
-    """Attention restricted to CLEAR's pattern (module docstring); returns ``[B, heads, L, D]``
-    in q's dtype. ``scale`` defaults to ``1/sqrt(D)``. ``check_interrupt`` is called between
-    tile rows of the PyTorch path so a long CPU call can be cancelled."""
-    _check_inputs(q, k, v, grid, n_txt, radius, n_ref, down_k, down_v)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    layout = dict(grid=grid, n_txt=n_txt, radius=radius, n_ref=n_ref, down_k=down_k, down_v=down_v, scale=scale)
+@torch.library.custom_op("ultrares::clear_window_attention", mutates_args=())
+def _window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, down_k: torch.Tensor | None,
+                      down_v: torch.Tensor | None, grid_h: int, grid_w: int, n_txt: int, radius: int, n_ref: int,
+                      scale: float, backend: str) -> torch.Tensor:
+    layout = dict(grid=(grid_h, grid_w), n_txt=n_txt, radius=radius, n_ref=n_ref, down_k=down_k, down_v=down_v,
+                  scale=scale)
     tensors = (q, k, v) if down_k is None else (q, k, v, down_k, down_v)
     if resolve_backend(backend, *tensors, op=CLEAR_BACKENDS) == "triton":
         from ._clear_triton import NoFittingLaunch, window_attention_triton
@@ -86,4 +92,86 @@ def circular_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             if backend != "auto":
                 raise
             logger.info("%s: %s; running 'torch'", CLEAR_BACKENDS.op, refused)
-    return window_attention_torch(q, k, v, **layout, check_interrupt=check_interrupt)
+    with torch.no_grad():
+        return window_attention_torch(q, k, v, **layout, check_interrupt=_INTERRUPT.get())
+
+
+@_window_attention.register_fake
+def _(q, k, v, down_k, down_v, grid_h, grid_w, n_txt, radius, n_ref, scale, backend):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("ultrares::clear_window_attention_backward", mutates_args=())
+def _window_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               down_k: torch.Tensor | None, down_v: torch.Tensor | None, grid_h: int, grid_w: int,
+                               n_txt: int, radius: int, n_ref: int, scale: float) -> list[torch.Tensor]:
+    """Gradients of q, k, v, down_k, down_v (empty for absent down-sampled keys).
+
+    ``torch.func.vjp`` differentiates the torch path here: a custom op runs below autograd, where
+    ``torch.enable_grad()`` alone would record nothing."""
+    def forward(*inputs: torch.Tensor) -> torch.Tensor:
+        down = inputs[3:] if down_k is not None else (None, None)
+        return window_attention_torch(*inputs[:3], grid=(grid_h, grid_w), n_txt=n_txt, radius=radius, n_ref=n_ref,
+                                      down_k=down[0], down_v=down[1], scale=scale)
+
+    inputs = (q, k, v) if down_k is None else (q, k, v, down_k, down_v)
+    _, pullback = torch.func.vjp(forward, *inputs)
+    grads = [g.contiguous() for g in pullback(grad)]
+    if down_k is None:
+        grads += [q.new_empty(0), q.new_empty(0)]
+    return grads
+
+
+@_window_attention_backward.register_fake
+def _(grad, q, k, v, down_k, down_v, grid_h, grid_w, n_txt, radius, n_ref, scale):
+    inputs = (q, k, v) if down_k is None else (q, k, v, down_k, down_v)
+    grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in inputs]
+    return grads + ([q.new_empty(0), q.new_empty(0)] if down_k is None else [])
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, down_k, down_v, *layout, _backend = inputs
+    ctx.save_for_backward(q, k, v, down_k, down_v)
+    ctx.layout = layout
+    ctx.has_down = down_k is not None
+
+
+def _backward(ctx, grad):
+    q, k, v, down_k, down_v = ctx.saved_tensors
+    dq, dk, dv, ddown_k, ddown_v = _window_attention_backward(grad, q, k, v, down_k, down_v, *ctx.layout)
+    if not ctx.has_down:
+        ddown_k = ddown_v = None
+    return dq, dk, dv, ddown_k, ddown_v, None, None, None, None, None, None, None
+
+
+_window_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+@contextlib.contextmanager
+def _interrupts(check: Callable[[], None] | None) -> Iterator[None]:
+    if check is None or torch.compiler.is_compiling():
+        yield
+        return
+    token = _INTERRUPT.set(check)
+    try:
+        yield
+    finally:
+        _INTERRUPT.reset(token)
+
+
+def circular_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: tuple[int, int],
+                              n_txt: int, radius: int, n_ref: int = 0, down_k: torch.Tensor | None = None,
+                              down_v: torch.Tensor | None = None, scale: float | None = None,
+                              backend: Backend = "auto",
+                              check_interrupt: Callable[[], None] | None = None) -> torch.Tensor:
+    """Attention restricted to CLEAR's pattern (module docstring); returns a contiguous
+    ``[B, heads, L, D]`` tensor in q's dtype, differentiable with respect to q, k, v and the
+    down-sampled keys/values. ``scale`` defaults to ``1/sqrt(D)``. ``check_interrupt`` is called
+    between tile rows of the PyTorch path so a long CPU call can be cancelled (not inside
+    ``torch.compile``d code)."""
+    _check_inputs(q, k, v, grid, n_txt, radius, n_ref, down_k, down_v)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if down_k is not None:
+        down_k, down_v = down_k.to(k.dtype), down_v.to(v.dtype)
+    with _interrupts(check_interrupt):
+        return _window_attention(q, k, v, down_k, down_v, grid[0], grid[1], n_txt, radius, n_ref, scale, backend)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._inductor.utils import fresh_cache
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ultrares.kernels import _clear_torch
 from ultrares.kernels._clear_reference import dense_reference, window_mask
@@ -243,3 +245,121 @@ def test_strided_views_of_a_fused_qkv_tensor_are_read_in_place(triton_device, ba
     out = circular_window_attention(q, k, v, backend=backend, **layout)
     expected = dense_reference(q.contiguous(), k.contiguous(), v.contiguous(), **layout)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def gradients(fn, inputs, seed=1):
+    """Gradients of a fixed random projection of ``fn(*inputs)`` with respect to every input."""
+    leaves = [None if t is None else t.detach().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
+    present = [t for t in leaves if t is not None]
+    return out, torch.autograd.grad((out.float() * weight.float()).sum(), present)
+
+
+def assert_gradients_close(got, expected, rtol):
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g.float(), e.float(), rtol=rtol, atol=rtol * e.abs().max().item())
+
+
+GRAD_CASES = CASES + [(2, 2, (9, 8), 3, 0, 0, 4)]  # the shape whose gradients used to raise (in-place buffers)
+
+
+@pytest.mark.parametrize("batch, heads, grid, n_txt, n_ref, n_down, radius", GRAD_CASES)
+def test_the_pytorch_path_is_differentiable_and_its_gradients_equal_the_dense_reference(batch, heads, grid, n_txt, n_ref,
+                                                                                        n_down, radius):
+    inputs = layout_inputs(batch, heads, 8, grid, n_txt, n_ref, n_down)
+    layout = dict(grid=grid, n_txt=n_txt, radius=radius, n_ref=n_ref, scale=0.3)
+
+    def dense(q, k, v, dk, dv):
+        return dense_reference(q, k, v, down_k=dk, down_v=dv, **layout)
+
+    def tiled(q, k, v, dk, dv):  # the path itself, differentiated by autograd
+        return _clear_torch.window_attention_torch(q, k, v, down_k=dk, down_v=dv, **layout)
+
+    def public(q, k, v, dk, dv):  # the op: its backward recomputes on the torch path
+        return circular_window_attention(q, k, v, down_k=dk, down_v=dv, backend="torch", **layout)
+
+    _, expected = gradients(dense, inputs)
+    for fn in (tiled, public):
+        out, got = gradients(fn, inputs)
+        torch.testing.assert_close(out, dense(*inputs), rtol=1e-5, atol=1e-5)
+        assert_gradients_close(got, expected, rtol=1e-5)
+
+
+def test_the_op_passes_an_fp64_gradcheck_with_text_reference_and_down_sampled_keys():
+    q, k, v, dk, dv = [t.double().requires_grad_() for t in layout_inputs(2, 1, 4, (5, 6), 2, 1, 3)]
+    layout = dict(grid=(5, 6), n_txt=2, radius=2, n_ref=1, backend="torch")
+    assert torch.autograd.gradcheck(lambda *t: circular_window_attention(*t[:3], down_k=t[3], down_v=t[4], **layout),
+                                    (q, k, v, dk, dv), fast_mode=True)
+
+
+@pytest.mark.parametrize("batch, heads, grid, n_txt, n_ref, n_down, radius, dtype", TRITON_CASES[:2])
+def test_gradients_through_the_triton_path_equal_the_dense_reference(triton_device, batch, heads, grid, n_txt, n_ref,
+                                                                     n_down, radius, dtype):
+    inputs = [None if t is None else t.to(triton_device)
+              for t in layout_inputs(batch, heads, 16, grid, n_txt, n_ref, n_down, dtype)]
+    layout = dict(grid=grid, n_txt=n_txt, radius=radius, n_ref=n_ref, scale=0.25)
+    out, got = gradients(lambda q, k, v, dk, dv: circular_window_attention(q, k, v, down_k=dk, down_v=dv,
+                                                                           backend="triton", **layout), inputs)
+    ref_out, expected = gradients(lambda q, k, v, dk, dv: dense_reference(q, k, v, down_k=dk, down_v=dv, **layout),
+                                  inputs)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    assert_gradients_close(got, expected, rtol=1e-5)
+
+
+def test_the_kernel_function_alone_records_no_graph(triton_device):
+    # Only the public op is differentiable; the kernel's own entry point must not hand out a
+    # graph that would give the text rows gradients and the image rows none.
+    q, k, v = (t.to(triton_device).requires_grad_() for t in layout_inputs(1, 1, 16, (4, 5), 2, 0, 0)[:3])
+    out = window_attention_triton(q, k, v, grid=(4, 5), n_txt=2, radius=2, n_ref=0, down_k=None, down_v=None, scale=0.25)
+    assert not out.requires_grad
+
+
+@pytest.mark.parametrize("n_down", [0, 3])
+def test_the_custom_op_and_its_fake_agree_under_opcheck(n_down):
+    # Schema, fake (meta) implementation, autograd registration and AOT dispatch, as torch.compile uses them.
+    fused = torch.randn(2, 3 + 30, 3, 2, 8)
+    q, k, v = fused.permute(2, 0, 3, 1, 4)  # strided views, as ComfyUI's Flux hands them over
+    down = [t.requires_grad_() for t in qkv((2, 2, n_down, 8))[:2]] if n_down else [None, None]
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    layout = (5, 6, 3, 2, 0, 0.3)
+    torch.library.opcheck(torch.ops.ultrares.clear_window_attention.default, (q, k, v, *down, *layout, "torch"))
+    # The backward op differentiates inside a functorch transform, which opcheck's schema and
+    # cross-reference modes cannot look into: check its registration, then its fake by hand.
+    backward = torch.ops.ultrares.clear_window_attention_backward.default
+    args = (torch.randn(q.shape), q, k, v, *down, *layout)
+    torch.library.opcheck(backward, args, test_utils=("test_autograd_registration",))
+    with FakeTensorMode() as mode:
+        fake = backward(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+    real = backward(*args)
+    assert [(t.shape, t.stride(), t.dtype) for t in fake] == [(t.shape, t.stride(), t.dtype) for t in real]
+
+
+class ClearLayer(torch.nn.Module):
+    """A projection followed by CLEAR attention: what a patched Flux block does per call."""
+
+    def __init__(self, dim: int, heads: int, **layout):
+        super().__init__()
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.heads, self.layout = heads, layout
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        down_k, down_v = k[:, :, -4:] * 0.5, v[:, :, -4:] * 0.5
+        return circular_window_attention(q, k, v, down_k=down_k, down_v=down_v, **self.layout)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_a_compiled_module_traces_the_op_in_one_graph_and_matches_eager(compiler):
+    torch.manual_seed(0)
+    layer = ClearLayer(32, 2, grid=(6, 7), n_txt=3, radius=3, backend="torch")
+    x = torch.randn(2, 3 + 42, 32)
+    eager_out = layer(x)
+    eager_grad = torch.autograd.grad(eager_out.square().sum(), layer.qkv.weight)[0]
+    torch._dynamo.reset()
+    with fresh_cache():  # compiled here and now, never a graph cached from another version of the op
+        compiled = torch.compile(layer, backend=compiler, fullgraph=True)
+        compiled_out = compiled(x)
+        compiled_grad = torch.autograd.grad(compiled(x).square().sum(), layer.qkv.weight)[0]
+    torch.testing.assert_close(compiled_out, eager_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-5, atol=1e-5)
