@@ -74,7 +74,7 @@ FULL = Sizes(grids={"2K": 128, "4K": 256, "8K": 512}, text=512, heads_check=4, h
              time_windows=("clear_local_32", "clear_local_16", "clear_local_8", "clear_local_16_down_4"),
              gspn_maps=((64, 640), (32, 1280), (128, 640), (64, 1280), (256, 640), (128, 1280)), gspn_check_maps=3,
              check_dtypes=(torch.bfloat16, torch.float16), infdit_lr_side=512, infdit_budgets=(4 * GiB, 8 * GiB, 16 * GiB),
-             caps={"a": 90.0, "b": 190.0, "c": 40.0, "d": 110.0}, repeats=3)
+             caps={"a": 90.0, "b": 180.0, "c": 40.0, "d": 110.0}, repeats=3)
 DRY = Sizes(grids={"2K": 8, "4K": 10}, text=4, heads_check=1, heads_time=1, head_dim=16,
             check_windows=("clear_local_8",), time_windows=("clear_local_8", "clear_local_8_down_4"),
             gspn_maps=((4, 8), (3, 16)), gspn_check_maps=1,
