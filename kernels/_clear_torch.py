@@ -110,6 +110,7 @@ def window_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         value_buf = v.new_empty(chunk, b, heads, n_keys, dim)
         key_buf[:, :, :, :n_side] = side_k
         value_buf[:, :, :, :n_side] = side_v
+        mask_buf = q.new_zeros(chunk, 1, n_query, n_keys)  # additive: 0 = attend, -inf = masked
     for y0, ky0 in zip(q_y0.tolist(), k_y0.tolist()):
         if check_interrupt is not None:
             check_interrupt()
@@ -134,7 +135,7 @@ def window_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                     value_buf[i, :, :, n_side:].view(b, heads, span_h, span_w, dim).copy_(band_v[:, :, :, kx0:kx0 + span_w])
                 queries, keys, values = query_buf[:n], key_buf[:n], value_buf[:n]
             near = dy2[None, :, None, :, None] + dx2[t0:t0 + n, None, :, None, :] < radius * radius
-            mask = q.new_zeros(n, 1, n_query, n_keys)  # additive: 0 = attend, -inf = masked
+            mask = q.new_zeros(n, 1, n_query, n_keys) if differentiable else mask_buf[:n]
             mask[:, 0, :, n_side:] = torch.where(near, 0.0, float("-inf")).reshape(n, n_query, -1)
             tile_out = F.scaled_dot_product_attention(queries.flatten(0, 1), keys.flatten(0, 1), values.flatten(0, 1),
                                                       attn_mask=mask.repeat_interleave(b, dim=0), scale=scale)

@@ -7,15 +7,24 @@ program attends, with an online softmax accumulated in float32, to:
 
 1. the text keys and the reference keys (contiguous runs, all allowed),
 2. the down-sampled keys (a separate tensor, all allowed),
-3. only the ``KTH x KTW`` image key tiles that intersect some query's window: the loops run
-   over the tiles' bounding box and skip every tile whose gap to the query tile is
-   ``>= radius`` (see :mod:`._clear_tiles`, which counts exactly these tiles).
+3. only the ``KTH x KTW`` image key tiles that intersect some query's window: the tiles whose
+   gap to the query tile is below the radius (see :mod:`._clear_tiles`, which counts exactly
+   these tiles). In each row of key tiles within reach they form one span of columns, found
+   from the largest horizontal gap the row's vertical gap leaves (an integer square root); the
+   spans are walked as one flat loop with no branch in it, so the compiler software-pipelines
+   it like the loops over the text keys: with ``num_stages`` > 1 the next tiles' keys and values
+   arrive by asynchronous copies (``cp.async``) while the current tile's dots run. The element
+   mask is the distance test alone: key columns outside the grid are moved far away instead of
+   being tested separately.
 
-Global query rows (text, reference tokens) attend to everything and run as dense attention.
+Scores stay unscaled until the exponential, where the scale and the running max combine into one
+fused multiply-add per score. Global query rows (text, reference tokens) attend to everything
+and run as dense attention.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -60,13 +69,18 @@ DEFAULT_Q_TILE = LAUNCHES[0].q_tile
 DEFAULT_K_TILE = LAUNCHES[0].k_tile
 SIDE_BLOCK = 64  # keys per step over the text, reference and down-sampled keys
 LOG2E = 1.4426950408889634
+MAX_GRID_SIDE = 2**13 - 1  # tokens (a 131K-pixel image side)
+# Key column given to padding keys: farther from every query than any clamped radius (at most
+# the diagonal of the largest grid), and small enough that squared distances fit int32.
+FAR = tl.constexpr(1 << 15)
 KERNEL = "clear_window_fwd"  # the kernel's name in the compiled table
 # (device, dtype) -> index of the first configuration in LAUNCHES that fitted there.
 _FITTING: dict[tuple[str, torch.dtype], int] = {}
 
 
-class NoFittingLaunch(RuntimeError):
-    """No configuration of the kernel fits this GPU's shared memory."""
+class KernelCannotRun(RuntimeError):
+    """The kernel cannot take this call: no configuration fits the GPU's shared memory, or the
+    grid is beyond the kernel's limit (``auto`` then runs the torch path)."""
 
 
 def first_fitting_launch(dtype: torch.dtype, arch: int, shared_memory: int) -> int | None:
@@ -87,11 +101,10 @@ def _online_step(acc, m_i, l_i, q, k, v, allowed, qk_scale, PRECISION: tl.conste
     if UPCAST:
         q = q.to(tl.float32)
         k = k.to(tl.float32)
-    s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
-    s = tl.where(allowed, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    s = tl.where(allowed, tl.dot(q, k, input_precision=PRECISION), float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(s - m_new[:, None])
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])  # one fused multiply-add per score
     l_i = l_i * alpha + tl.sum(p, 1)
     if UPCAST:
         pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision=PRECISION)
@@ -113,6 +126,38 @@ def _attend_run(acc, m_i, l_i, q, k_base, v_base, sk_l, sk_d, sv_l, sv_d, offs_d
         v = tl.load(v_base + pos[:, None] * sv_l + offs_d[None, :] * sv_d, mask=ok[:, None] & d_ok[None, :], other=0.0)
         acc, m_i, l_i = _online_step(acc, m_i, l_i, q, k, v, ok[None, :], qk_scale, PRECISION, UPCAST)
     return acc, m_i, l_i
+
+
+@triton.jit
+def _row_span(kty, qy0, qy1, qx0, qx1, grid_h, grid_w, r2, KTH: tl.constexpr, KTW: tl.constexpr):
+    """First and last key-tile column a query tile visits in key-tile row ``kty``: the tiles whose
+    columns come within ``g`` of the query tile's, ``g`` the largest gap with
+    ``gap_y**2 + g**2 < r2`` (so a tile is visited exactly when its gap to the query tile is below
+    the radius, the rule :mod:`._clear_tiles` counts)."""
+    ky0 = kty * KTH
+    gap_y = tl.maximum(tl.maximum(ky0 - qy1, qy0 - (tl.minimum(ky0 + KTH, grid_h) - 1)), 0)
+    slack = tl.maximum(r2 - 1 - gap_y * gap_y, 0)
+    g = tl.sqrt(slack.to(tl.float32)).to(tl.int32)  # integer square root: the (approximate) float root
+    # is within one of it for every slack the clamped radius allows
+    g = tl.where(g * g > slack, g - 1, g)
+    g = tl.where((g + 1) * (g + 1) <= slack, g + 1, g)
+    return tl.maximum(qx0 - g, 0) // KTW, tl.minimum(qx1 + g, grid_w - 1) // KTW
+
+
+@triton.jit
+def _load_key_tile(k_base, v_base, sk_l, sk_d, sv_l, sv_d, offs_d, d_ok, kty, ktx, n_txt, grid_h, grid_w,
+                   KTH: tl.constexpr, KTW: tl.constexpr):
+    """Keys (``[D, KTH*KTW]``) and values of one image key tile, gathered from the raster layout,
+    and the tile's key columns with the ones outside the grid moved far away (so the distance
+    test alone rules them out)."""
+    offs_n = tl.arange(0, KTH * KTW)
+    ky = kty * KTH + offs_n // KTW
+    kx = ktx * KTW + offs_n % KTW
+    k_ok = (ky < grid_h) & (kx < grid_w)
+    k_pos = (n_txt + ky * grid_w + kx).to(tl.int64)
+    k = tl.load(k_base + k_pos[None, :] * sk_l + offs_d[:, None] * sk_d, mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+    v = tl.load(v_base + k_pos[:, None] * sv_l + offs_d[None, :] * sv_d, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+    return k, v, ky, tl.where(k_ok, kx, FAR)
 
 
 @triton.jit
@@ -158,33 +203,31 @@ def _window_fwd(
     acc, m_i, l_i = _attend_run(acc, m_i, l_i, q, DK + b * sdk_b + hh * sdk_h, DV + b * sdv_b + hh * sdv_h,
                                 sdk_l, sdk_d, sdv_l, sdv_d, offs_d, d_ok, 0, n_down, qk_scale, SIDE, PRECISION, UPCAST)
 
-    # Image key tiles: bounding box of the windows, then the exact tile-gap test.
+    # Image key tiles: the rows of key tiles within reach, in each row the span of tiles whose gap
+    # to the query tile is below the radius (_row_span), walked as one flat loop so the compiler
+    # software-pipelines it: the next tiles' keys and values load while this one's dots run.
     qy0 = ty * QTH
     qy1 = tl.minimum(qy0 + QTH, grid_h) - 1
     qx0 = tx * QTW
     qx1 = tl.minimum(qx0 + QTW, grid_w) - 1
-    offs_n = tl.arange(0, KTH * KTW)
+    kty_first = tl.maximum(qy0 - reach, 0) // KTH
     n_visits = 0
-    for kty in range(tl.maximum(qy0 - reach, 0) // KTH, tl.minimum(qy1 + reach, grid_h - 1) // KTH + 1):
-        ky0 = kty * KTH
-        gap_y = tl.maximum(tl.maximum(ky0 - qy1, qy0 - (tl.minimum(ky0 + KTH, grid_h) - 1)), 0)
-        for ktx in range(tl.maximum(qx0 - reach, 0) // KTW, tl.minimum(qx1 + reach, grid_w - 1) // KTW + 1):
-            kx0 = ktx * KTW
-            gap_x = tl.maximum(tl.maximum(kx0 - qx1, qx0 - (tl.minimum(kx0 + KTW, grid_w) - 1)), 0)
-            if gap_y * gap_y + gap_x * gap_x < r2:
-                n_visits += 1
-                ky = ky0 + offs_n // KTW
-                kx = kx0 + offs_n % KTW
-                k_ok = (ky < grid_h) & (kx < grid_w)
-                k_pos = (n_txt + ky * grid_w + kx).to(tl.int64)
-                k = tl.load(k_base + k_pos[None, :] * sk_l + offs_d[:, None] * sk_d,
-                            mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-                v = tl.load(v_base + k_pos[:, None] * sv_l + offs_d[None, :] * sv_d,
-                            mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-                dy = qy[:, None] - ky[None, :]
-                dx = qx[:, None] - kx[None, :]
-                allowed = (dy * dy + dx * dx < r2) & k_ok[None, :]
-                acc, m_i, l_i = _online_step(acc, m_i, l_i, q, k, v, allowed, qk_scale, PRECISION, UPCAST)
+    for kty in range(kty_first, tl.minimum(qy1 + reach, grid_h - 1) // KTH + 1):
+        first, last = _row_span(kty, qy0, qy1, qx0, qx1, grid_h, grid_w, r2, KTH, KTW)
+        n_visits += last - first + 1
+    kty = kty_first
+    ktx, ktx_last = _row_span(kty, qy0, qy1, qx0, qx1, grid_h, grid_w, r2, KTH, KTW)
+    for _ in range(0, n_visits):
+        k, v, ky, kx = _load_key_tile(k_base, v_base, sk_l, sk_d, sv_l, sv_d, offs_d, d_ok, kty, ktx, n_txt,
+                                      grid_h, grid_w, KTH, KTW)
+        dy = qy[:, None] - ky[None, :]
+        dx = qx[:, None] - kx[None, :]
+        acc, m_i, l_i = _online_step(acc, m_i, l_i, q, k, v, dy * dy + dx * dx < r2, qk_scale, PRECISION, UPCAST)
+        row_done = ktx == ktx_last
+        kty = tl.where(row_done, kty + 1, kty)
+        first, last = _row_span(kty, qy0, qy1, qx0, qx1, grid_h, grid_w, r2, KTH, KTW)
+        ktx = tl.where(row_done, first, ktx + 1)
+        ktx_last = last
 
     out = acc / tl.where(q_ok, l_i, 1.0)[:, None]  # padding rows saw nothing
     o_ptrs = O + b * so_b + hh * so_h + q_pos[:, None] * so_l + offs_d[None, :] * so_d
@@ -209,6 +252,12 @@ def _launch(launch: Launch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d
     _check_tile(launch.k_tile, "k_tile")
     b, heads, _, dim = q.shape
     h, w = grid
+    if max(h, w) > MAX_GRID_SIDE:
+        raise KernelCannotRun(f"the CLEAR Triton kernel handles grids up to {MAX_GRID_SIDE} tokens a side, got "
+                              f"{grid}; use backend='torch'")
+    # A radius beyond the grid's diagonal lets every pair through, like the smallest such radius:
+    # clamping keeps the kernel's integer distances far from overflow and below FAR.
+    radius = min(radius, math.isqrt((h - 1) ** 2 + (w - 1) ** 2) + 1)
     tiles_y, tiles_x = tile_counts(grid, launch.q_tile)
     n_tiles = tiles_y * tiles_x
     count = visits is not None
@@ -262,7 +311,7 @@ def window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
             continue
         _FITTING[key] = index
         return out
-    raise NoFittingLaunch(f"no configuration of the CLEAR Triton kernel fits the shared memory of {q.device} for "
+    raise KernelCannotRun(f"no configuration of the CLEAR Triton kernel fits the shared memory of {q.device} for "
                        f"{str(q.dtype).removeprefix('torch.')} inputs; use backend='torch'")
 
 
@@ -276,7 +325,10 @@ AOT_CALL = dict(heads=24, dim=128, n_txt=512, n_ref=0, n_down=64 * 64, grid=(256
 
 
 def aot_builds() -> list:
-    """The builds the compiled-kernel table holds: every launch configuration in every GPU dtype."""
+    """The builds the compiled-kernel table holds: every launch configuration in every dtype the
+    dispatcher sends to the kernel, on every architecture it is offered on; and, as the record of
+    why float32 stays on the torch path, the float32 builds a float32 dispatch would need (the
+    fast launch where it fits, sm_90; the smallest one on sm_80)."""
     from .aot import KernelBuild, pointer
 
     c = AOT_CALL
@@ -288,17 +340,18 @@ def aot_builds() -> list:
     strides = {}
     for name, values in (("sq", fused), ("sk", fused), ("sv", fused), ("sdk", down), ("sdv", down), ("so", contiguous)):
         strides.update({f"{name}_{axis}": s for axis, s in zip("bhld", values)})
-    builds = []
-    for launch in LAUNCHES:
-        for dtype in GPU_DTYPES:
-            ptr = pointer(dtype)
-            args = dict(Q=ptr, K=ptr, V=ptr, DK=ptr, DV=ptr, O=ptr, VISITS=ptr, **strides, n_heads=heads, head_dim=dim,
-                        n_txt=c["n_txt"], n_ref=c["n_ref"], n_down=c["n_down"], grid_h=c["grid"][0],
-                        grid_w=c["grid"][1], reach=c["radius"] - 1, r2=c["radius"] ** 2, qk_scale=dim ** -0.5 * LOG2E,
-                        tiles_x=tile_counts(c["grid"], launch.q_tile)[1], QTH=launch.q_tile.rows,
-                        QTW=launch.q_tile.cols, KTH=launch.k_tile.rows, KTW=launch.k_tile.cols, BLOCK_D=dim,
-                        SIDE=SIDE_BLOCK, COUNT_VISITS=False, PRECISION="tf32", UPCAST=False)
-            builds.append(KernelBuild(KERNEL, launch.name, dtype, AOT_ARCHS, _window_fwd, args,
-                                      launch.num_warps, launch.num_stages, pipelined=(_attend_run,), dots=True,
-                                      max_spill_bytes=MAX_SPILL_BYTES))
-    return builds
+
+    def build(launch: Launch, dtype: torch.dtype, archs: tuple[int, ...], max_spill_bytes: int | None) -> KernelBuild:
+        ptr = pointer(dtype)
+        args = dict(Q=ptr, K=ptr, V=ptr, DK=ptr, DV=ptr, O=ptr, VISITS=ptr, **strides, n_heads=heads, head_dim=dim,
+                    n_txt=c["n_txt"], n_ref=c["n_ref"], n_down=c["n_down"], grid_h=c["grid"][0],
+                    grid_w=c["grid"][1], reach=c["radius"] - 1, r2=c["radius"] ** 2, qk_scale=dim ** -0.5 * LOG2E,
+                    tiles_x=tile_counts(c["grid"], launch.q_tile)[1], QTH=launch.q_tile.rows,
+                    QTW=launch.q_tile.cols, KTH=launch.k_tile.rows, KTW=launch.k_tile.cols, BLOCK_D=dim,
+                    SIDE=SIDE_BLOCK, COUNT_VISITS=False, PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                    UPCAST=False)
+        return KernelBuild(KERNEL, launch.name, dtype, archs, _window_fwd, args, launch.num_warps, launch.num_stages,
+                           pipelined=(_attend_run, _load_key_tile), dots=True, max_spill_bytes=max_spill_bytes)
+
+    dispatched = [build(launch, dtype, AOT_ARCHS, MAX_SPILL_BYTES) for launch in LAUNCHES for dtype in GPU_DTYPES]
+    return dispatched + [build(LAUNCHES[0], torch.float32, (90,), None), build(LAUNCHES[-1], torch.float32, (80,), None)]

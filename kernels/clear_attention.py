@@ -84,11 +84,11 @@ def _window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, down_k:
                   scale=scale)
     tensors = (q, k, v) if down_k is None else (q, k, v, down_k, down_v)
     if resolve_backend(backend, *tensors, op=CLEAR_BACKENDS) == "triton":
-        from ._clear_triton import NoFittingLaunch, window_attention_triton
+        from ._clear_triton import KernelCannotRun, window_attention_triton
 
         try:
             return window_attention_triton(q, k, v, **layout)
-        except NoFittingLaunch as refused:
+        except KernelCannotRun as refused:
             if backend != "auto":
                 raise
             logger.info("%s: %s; running 'torch'", CLEAR_BACKENDS.op, refused)

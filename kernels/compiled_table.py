@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["TABLE_PATH", "rows", "shared_memory", "triton_version", "write"]
+__all__ = ["TABLE_PATH", "markdown", "rows", "shared_memory", "triton_version", "write"]
 
 TABLE_PATH = Path(__file__).with_name("compiled_kernels.json")
 
@@ -54,3 +54,28 @@ def write(reports: list[dict]) -> None:
              "builds": reports}
     TABLE_PATH.write_text(json.dumps(table, indent=1) + "\n")
     _table.cache_clear()
+
+
+def _cell(row: dict) -> str:
+    copies = row["async_copies"]
+    prefetch = "async copies" if copies and all(copies.values()) else "no async copies"
+    return (f"{row['shared'] / 1024:g} KiB, {row['registers']} regs, spills {row['spill_stores']}/{row['spill_loads']} B, "
+            f"{'FMA' if row['tensor_cores'] == 'none' else row['tensor_cores']}, {prefetch}")
+
+
+def markdown(kernel: str, table_rows: list[dict] | None = None) -> str:
+    """``kernel``'s builds as a markdown table (a row per launch configuration and dtype, a column
+    per architecture; dtypes with equal figures share a row), as the README prints it."""
+    table_rows = rows(kernel) if table_rows is None else [r for r in table_rows if r["kernel"] == kernel]
+    archs = sorted({r["arch"] for r in table_rows})
+    cells: dict[tuple[str, str], dict[int, str]] = {}
+    for r in table_rows:
+        cells.setdefault((r["config"], r["dtype"]), {})[r["arch"]] = _cell(r)
+    merged: dict[tuple[str, tuple], list[str]] = {}
+    for (config, dtype), by_arch in cells.items():
+        merged.setdefault((config, tuple(by_arch.get(a, "—") for a in archs)), []).append(dtype)
+    lines = ["| launch | dtype | " + " | ".join(f"sm_{a}" for a in archs) + " |",
+             "|---|---|" + "---|" * len(archs)]
+    for (config, by_arch), dtypes in merged.items():
+        lines.append(f"| {config} | {' / '.join(dtypes)} | " + " | ".join(by_arch) + " |")
+    return "\n".join(lines)

@@ -252,8 +252,10 @@ class UltraResClearPatch(io.ComfyNode):
                                      "little below ~2K: at 1024x1024 (4096 tokens) radius 16 still costs a third "
                                      "of full attention. 0 = CLEAR at every size, as in the reference."),
                 io.Combo.Input("backend", options=list(BACKENDS), default="auto",
-                               tooltip="auto: the Triton kernel on CUDA GPUs, the exact tiled PyTorch path "
-                                       "elsewhere; torch/triton force one."),
+                               tooltip="auto: the Triton kernel for bfloat16/float16 models on the GPUs it was "
+                                       "built and checked for (RTX 30/40, A100, L4/L40, H100), the exact tiled "
+                                       "PyTorch path elsewhere (float32, older GPUs, CPU); torch/triton force one "
+                                       "(triton says why when it cannot run)."),
             ],
             outputs=[io.Model.Output(tooltip="The patched FLUX model.")],
         )

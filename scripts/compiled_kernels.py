@@ -3,6 +3,7 @@
     python scripts/compiled_kernels.py            # print the table (markdown), from fresh builds
     python scripts/compiled_kernels.py --write    # rewrite kernels/compiled_kernels.json (dispatch reads it)
     python scripts/compiled_kernels.py --json     # the reports as JSON on stdout (the tests read this)
+    python scripts/compiled_kernels.py --readme   # reprint the README's tables from the committed table
 
 No GPU is needed: Triton compiles ahead of time and its wheel ships ptxas. Builds are cached
 (``ULTRARES_AOT_CACHE``, default ``~/.cache/ultrares/aot``); ``--jobs`` compiles in parallel.
@@ -60,15 +61,33 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def update_readme(compiled_table) -> None:
+    """Replace the text between each ``<!-- compiled-kernels:KERNEL -->`` marker and the next
+    ``<!-- /compiled-kernels -->`` with that kernel's table."""
+    path = REPO_ROOT / "README.md"
+    text = path.read_text()
+    parts = text.split("<!-- compiled-kernels:")
+    for i in range(1, len(parts)):
+        kernel, rest = parts[i].split(" -->", 1)
+        parts[i] = f"{kernel} -->\n{compiled_table.markdown(kernel)}\n<!-- /compiled-kernels -->" + \
+            rest.split("<!-- /compiled-kernels -->", 1)[1]
+    path.write_text("<!-- compiled-kernels:".join(parts))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--write", action="store_true", help="rewrite kernels/compiled_kernels.json")
     parser.add_argument("--json", action="store_true", help="print the reports as JSON")
+    parser.add_argument("--readme", action="store_true", help="reprint the README's tables (no build)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel builds")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
     _bind_checkout()
     from ultrares.kernels import compiled_table
+
+    if args.readme:
+        update_readme(compiled_table)
+        return
 
     rows = reports(args.jobs)
     if args.write:

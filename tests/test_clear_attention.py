@@ -3,6 +3,8 @@ tiled PyTorch path and the Triton kernel (interpreted on CPU) equal the dense ma
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ultrares.kernels import _clear_torch
 from ultrares.kernels._clear_reference import dense_reference, window_mask
-from ultrares.kernels._clear_tiles import Tile, visited_image_tiles
+from ultrares.kernels._clear_tiles import Tile, tile_counts, visited_image_tiles
 from ultrares.kernels import _clear_triton
 from ultrares.kernels._clear_triton import Launch, window_attention_triton
 from ultrares.kernels.clear_attention import circular_window_attention
@@ -178,6 +180,22 @@ def test_the_triton_kernel_skips_key_tiles_whose_closest_pair_lies_on_the_circle
     assert visits.cpu().tolist() == visited_image_tiles(grid, radius, q_tile, k_tile).tolist()
 
 
+@pytest.mark.parametrize("launch", _clear_triton.LAUNCHES, ids=lambda launch: launch.name)
+@pytest.mark.parametrize("grid, radius", [((13, 21), 5), ((9, 40), 1), ((6, 7), 30), ((20, 3), 9), ((11, 37), 2),
+                                          ((17, 25), 10)])
+def test_every_launch_visits_exactly_the_counted_tiles_and_equals_the_dense_reference(triton_device, launch, grid,
+                                                                                       radius):
+    # The kernel finds each row's span of key tiles itself (an integer square root per row);
+    # the counter finds them by testing every tile: both must agree tile for tile in number, and
+    # a wrong span would miss keys (output) or add tiles (count).
+    q, k, v, dk, dv = [t.to(triton_device) for t in layout_inputs(1, 1, 16, grid, 3, 0, 2)]
+    layout = dict(grid=grid, n_txt=3, radius=radius, n_ref=0, down_k=dk, down_v=dv, scale=0.25)
+    visits = torch.zeros(math.prod(tile_counts(grid, launch.q_tile)), dtype=torch.int32, device=triton_device)
+    out = window_attention_triton(q, k, v, launch=launch, visits=visits, **layout)
+    torch.testing.assert_close(out, dense_reference(q, k, v, **layout), rtol=1e-5, atol=1e-5)
+    assert visits.cpu().tolist() == visited_image_tiles(grid, radius, launch.q_tile, launch.k_tile).tolist()
+
+
 def test_the_public_op_runs_the_triton_kernel_with_its_default_tiles(triton_device):
     q, k, v, dk, dv = [t.to(triton_device) for t in layout_inputs(1, 1, 16, (9, 18), 2, 1, 3)]
     layout = dict(grid=(9, 18), n_txt=2, radius=5, n_ref=1, down_k=dk, down_v=dv)
@@ -211,6 +229,21 @@ def test_a_configuration_the_gpu_cannot_hold_gives_way_to_the_next_one(triton_de
     monkeypatch.setattr(_clear_triton, "_FITTING", {})
     with pytest.raises(RuntimeError, match="no configuration of the CLEAR Triton kernel fits.*backend='torch'"):
         window_attention_triton(q, k, v, **layout)
+
+
+def test_a_call_the_kernel_cannot_take_runs_the_torch_path_under_auto_and_raises_when_triton_was_asked(
+        triton_device, monkeypatch):
+    from ultrares.kernels import clear_attention
+
+    q, k, v = (t.to(triton_device) for t in layout_inputs(1, 1, 16, (6, 7), 2, 0, 0)[:3])
+    layout = dict(grid=(6, 7), n_txt=2, radius=3)
+    monkeypatch.setattr(_clear_triton, "MAX_GRID_SIDE", 6)  # a grid beyond the kernel's limit
+    with pytest.raises(RuntimeError, match="grids up to 6 tokens a side.*backend='torch'"):
+        circular_window_attention(q, k, v, backend="triton", **layout)
+    # auto on a GPU would choose the kernel for these tensors; here it is made to
+    monkeypatch.setattr(clear_attention, "resolve_backend", lambda *args, **kwargs: "triton")
+    out = circular_window_attention(q, k, v, backend="auto", **layout)
+    torch.testing.assert_close(out, dense_reference(q, k, v, **layout), rtol=1e-5, atol=1e-5)
 
 
 def test_tiles_that_are_not_powers_of_two_are_refused(triton_device):
@@ -284,6 +317,18 @@ def test_the_pytorch_path_is_differentiable_and_its_gradients_equal_the_dense_re
         out, got = gradients(fn, inputs)
         torch.testing.assert_close(out, dense(*inputs), rtol=1e-5, atol=1e-5)
         assert_gradients_close(got, expected, rtol=1e-5)
+
+
+def test_bfloat16_gradients_stay_within_bfloat16_error_of_the_float32_reference():
+    inputs = layout_inputs(2, 2, 16, (9, 8), 3, 2, 6, dtype=torch.bfloat16)
+    layout = dict(grid=(9, 8), n_txt=3, radius=4, n_ref=2, scale=0.25)
+    _, got = gradients(lambda q, k, v, dk, dv: circular_window_attention(q, k, v, down_k=dk, down_v=dv,
+                                                                         backend="torch", **layout), inputs)
+    _, expected = gradients(lambda q, k, v, dk, dv: dense_reference(q, k, v, down_k=dk, down_v=dv, **layout),
+                            [t.float() for t in inputs])
+    for g, e in zip(got, expected, strict=True):
+        assert g.dtype == torch.bfloat16
+        assert (g.float() - e).norm() / e.norm() < 2e-2
 
 
 def test_the_op_passes_an_fp64_gradcheck_with_text_reference_and_down_sampled_keys():
