@@ -34,3 +34,13 @@ def test_gspn_needs_room_for_its_largest_build(monkeypatch):
     assert backend.resolve_backend("auto", *tensors, op=GSPN_BACKENDS) == "torch"
     with pytest.raises(RuntimeError, match=f"needs {largest // 1024} KiB of shared memory"):
         backend.resolve_backend("triton", *tensors, op=GSPN_BACKENDS)
+
+
+@pytest.mark.parametrize("kernel", ["gspn_scan_fwd", "gspn_scan_bwd"])
+def test_the_readme_prints_the_committed_gspn_builds(kernel):
+    from conftest import REPO_ROOT
+    from ultrares.kernels import compiled_table
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    printed = readme.split(f"<!-- compiled-kernels:{kernel} -->", 1)[1].split("<!-- /compiled-kernels -->", 1)[0]
+    assert printed.strip() == compiled_table.markdown(kernel), "python scripts/compiled_kernels.py --readme"
