@@ -427,12 +427,10 @@ def gspn_bandwidth(section: Section, sizes: Sizes, device: torch.device, peak: f
 # --- (d) Inf-DiT --------------------------------------------------------------------------------
 
 def infdit(section: Section, sizes: Sizes, device: torch.device) -> None:
-    from ..models.infdit.clip_vision import ClipVisionConfig
-    from ..models.infdit.config import RELEASED
-    from ..models.infdit.memory import BudgetTooSmall, estimate_memory
+    from ..models.infdit import (RELEASED, BudgetTooSmall, ClipVisionConfig, UpscaleOptions, allocator_headroom,
+                                 estimate_memory, plan_stage, tiny_weights, weight_bytes)
+    from ..models.infdit.budget import fit_budget
     from ..models.infdit.sampler import evaluations
-    from ..models.infdit.tiny import tiny_weights
-    from ..models.infdit.upscale import UpscaleOptions, fit_budget, plan_stage, weight_bytes
     from .infdit_memory import measure
 
     if sizes is FULL:
@@ -468,7 +466,9 @@ def infdit(section: Section, sizes: Sizes, device: torch.device) -> None:
         if not section.fits(1.5 * last if last else 10.0, what):
             continue
         try:
-            options = fit_budget(weights, (lr, lr), UpscaleOptions(scale=4, steps=1, budget_bytes=budget))
+            # With the headroom the node plans with on this device (CUDA's allocator fragments).
+            options = fit_budget(weights, (lr, lr), UpscaleOptions(scale=4, steps=1, budget_bytes=budget,
+                                                                   margin=allocator_headroom(device)))
         except BudgetTooSmall as error:
             rows.append([_budget(budget), "refused", "", "", "", "", "", "", f"{error}".split("\n")[0][:80]])
             continue

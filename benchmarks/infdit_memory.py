@@ -15,19 +15,13 @@ import contextlib
 
 import torch
 
-from ..models.infdit.checkpoint import InfDiTWeights
-from ..models.infdit.clip_vision import ClipVisionConfig, ClipVisionEncoder
-from ..models.infdit.config import RELEASED
-from ..models.infdit.memory import GiB, BudgetTooSmall, choose_batch_size, estimate_memory, offloaded_host_bytes
-from ..models.infdit.network import InfDiT
-from ..models.infdit.meter import LiveTensorMeter
-from ..models.infdit.tiny import tiny_weights
-from ..models.infdit.upscale import UpscaleOptions, plan_stage, upscale, weight_bytes
+from ..models.infdit import (RELEASED, GiB, BudgetTooSmall, ClipVisionConfig, ClipVisionEncoder, InfDiT, InfDiTWeights,
+                             UpscaleOptions, allocator_headroom, choose_batch_size, estimate_memory,
+                             offloaded_host_bytes, plan_stage, tiny_weights, upscale, weight_bytes)
 from .machine import stamp
+from .meter import LiveTensorMeter
 
 MB = 2 ** 20
-CUDA_HEADROOM = 0.1
-"""The node's headroom on CUDA (``nodes/infdit.py``), for the derived table."""
 DERIVED_CASES = [(2048, 8), (4096, 8), (4096, 12), (4096, 16), (4096, 24), (8192, 16), (8192, 24), (16384, 24),
                  (16384, 40)]
 METHOD = """\
@@ -123,10 +117,12 @@ def budgets(weights, side, device, offload: bool) -> None:
 
 
 def released_weight_bytes(dtype: torch.dtype = torch.bfloat16) -> int:
-    """Bytes of the released DiT and its CLIP tower in ``dtype``, counted without building them."""
+    """Bytes of the released DiT (RoPE tables included) and its CLIP tower in ``dtype``, counted
+    without building them."""
     with torch.device("meta"):
         modules = (InfDiT(RELEASED), ClipVisionEncoder(ClipVisionConfig()))
-    return sum(p.numel() for m in modules for p in m.parameters()) * torch.empty((), dtype=dtype).element_size()
+    elements = sum(t.numel() for m in modules for t in (*m.parameters(), *m.buffers()))
+    return elements * torch.empty((), dtype=dtype).element_size()
 
 
 def released_derived(cases: list[tuple[int, int]], margin: float) -> None:
@@ -177,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
         full_vs_scheduled(weights, sides, 2, device)
         budgets(weights, sides[-1], device, offload=False)
         budgets(weights, sides[-1], device, offload=True)
-    released_derived(DERIVED_CASES, CUDA_HEADROOM)
+    released_derived(DERIVED_CASES, allocator_headroom(torch.device("cuda")))
 
 
 @contextlib.contextmanager

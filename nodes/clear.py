@@ -7,7 +7,10 @@
   and hands the layout to the attention calls of that forward pass.
 - Attention: an ``optimized_attention_override`` runs CLEAR on the model's joint
   ``[text | image | reference]`` calls and sends every other call (and everything while the
-  image is small) to the previous override or ComfyUI's own attention.
+  image is small) to the previous override or ComfyUI's own attention. Nodes applied later may
+  take the override slot (newer ComfyUI's attention backend and sparse attention nodes; the
+  sparse one takes it back at every step), so the ``APPLY_MODEL`` wrapper puts CLEAR back on
+  top for each call it handles, chaining to whatever it displaced, and says so once.
 - Block identity (per-layer ``spatial_weight``): newer ComfyUI puts ``block_type`` /
   ``block_index`` in ``transformer_options``; where it does not, ``patches_replace["dit"]``
   entries (wrapping any that were there) tag each block's options.
@@ -31,6 +34,7 @@ from ..kernels.backend import BACKENDS
 from ..models.clear.attention import ClearAttention, TokenLayout
 from ..models.clear.pattern import ClearPattern, ntk_theta, resolve_pattern
 from ..models.clear.weights import Block, ClearWeights, plan_weights
+from .attention_override import OVERRIDE_KEY, describe_override
 from .category import CATEGORY
 from .runtime import check_interrupt, progress_callback
 
@@ -39,16 +43,42 @@ LAYOUT_KEY = "ultrares_clear_layout"
 BLOCK_KEY = "ultrares_clear_block"
 NO_FILE = "none"
 THETA_ATTRIBUTE = "diffusion_model.pe_embedder.theta"
+# FLUX.1's block layout as ``FluxParams`` of newer ComfyUI spells it (fields absent on older hosts
+# take these values): per-block modulation, GELU MLPs, biased projections, no text norm.
+FLUX1_LAYOUT = {"global_modulation": False, "mlp_silu_act": False, "yak_mlp": False, "txt_norm": False,
+                "ops_bias": True, "qkv_bias": True}
 
 log = logging.getLogger(__name__)
 
 
+def flux1_layout_differences(model: comfy.model_patcher.ModelPatcher,
+                             network: comfy.ldm.flux.model.Flux) -> list[str]:
+    """How a Flux-class network differs from FLUX.1's layout (Flux.2, Chroma, ... share the class)."""
+    params = network.params
+    found = [f"{name}={getattr(params, name)!r}" for name, expected in FLUX1_LAYOUT.items()
+             if getattr(params, name, expected) != expected]
+    if getattr(params, "txt_ids_dims", None):
+        found.append(f"txt_ids_dims={list(params.txt_ids_dims)}")
+    if len(params.axes_dim) != 3:
+        found.append(f"{len(params.axes_dim)} RoPE axes")
+    image_model = model.model.model_config.unet_config.get("image_model", "flux")
+    if image_model != "flux":
+        found.insert(0, f"image_model {image_model!r}")
+    return found
+
+
 def flux_module(model: comfy.model_patcher.ModelPatcher) -> comfy.ldm.flux.model.Flux:
-    """The model's Flux network, or a clear error for any other model."""
+    """The model's Flux network, or a clear error for any other model, Flux-class variants with
+    another block layout included (CLEAR's weights and window were made for FLUX.1)."""
     network = model.get_model_object("diffusion_model")
+    family = type(model.model.model_config).__name__
     if not isinstance(network, comfy.ldm.flux.model.Flux):
-        raise ValueError(f"CLEAR patches FLUX models only; this model is {type(model.model.model_config).__name__} "
-                         f"({type(network).__name__})")
+        raise ValueError(f"CLEAR patches FLUX models only; this model is {family} ({type(network).__name__})")
+    differences = flux1_layout_differences(model, network)
+    if differences:
+        raise ValueError(f"CLEAR supports FLUX.1's block layout only (the one its weights were fine-tuned on); this "
+                         f"{family} model has another ({', '.join(differences)}). Flux-class variants such as "
+                         "Flux.2 and Chroma are not supported yet.")
     return network
 
 
@@ -90,14 +120,16 @@ def token_layout(x: torch.Tensor, patch_size: int, ref_latents: list | None) -> 
 
 
 class LayoutWrapper:
-    """``APPLY_MODEL`` wrapper: puts the call's token layout into (a copy of) the transformer
-    options when the image has more than ``min_image_tokens`` tokens."""
+    """``APPLY_MODEL`` wrapper: when the image has more than ``min_image_tokens`` tokens, puts the
+    call's token layout into (a copy of) the transformer options and CLEAR's override on top of
+    whichever override a later node installed there."""
 
     def __init__(self, attention: ClearAttention, patch_size: int, min_image_tokens: int):
         self.attention = attention
         self.patch_size = patch_size
         self.min_image_tokens = min_image_tokens
         self.logged: set[tuple[int, int]] = set()
+        self.displaced: set[str] = set()
 
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
                  **kwargs):
@@ -105,8 +137,21 @@ class LayoutWrapper:
         layout = token_layout(x, self.patch_size, kwargs.get("ref_latents"))
         if layout.n_img > self.min_image_tokens:
             options[LAYOUT_KEY] = layout
+            self._put_on_top(options)
             self._log_dense_grid(layout.grid)
         return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+
+    def _put_on_top(self, options: dict) -> None:
+        current = options.get(OVERRIDE_KEY)
+        if isinstance(current, ClearOverride) and current.attention is self.attention:
+            return
+        options[OVERRIDE_KEY] = ClearOverride(self.attention, current)
+        who = describe_override(current)
+        if who not in self.displaced:
+            self.displaced.add(who)
+            log.info("CLEAR: the attention override slot held %s, put there by a node applied after the CLEAR "
+                     "node; CLEAR runs on top of it again for the image attention it handles and hands it every "
+                     "other call", who)
 
     def _log_dense_grid(self, grid: tuple[int, int]) -> None:
         pattern = self.attention.pattern
@@ -130,7 +175,15 @@ def calling_block(options: dict) -> Block | None:
 
 class ClearOverride:
     """``optimized_attention_override``: CLEAR on the joint Flux calls, the previous override
-    (or ComfyUI's attention) on everything else."""
+    (or ComfyUI's attention) on everything else.
+
+    ``memory_efficient`` is the tag newer ComfyUI reads (``call_memory_required`` in
+    ``comfy/model_patcher.py``) to size sampling batches with its flash-attention estimate; an
+    untagged override gets the conservative one (7.5x larger in bf16). CLEAR's windowed calls
+    hold no ``L x L`` score matrix.
+    """
+
+    memory_efficient = True
 
     def __init__(self, attention: ClearAttention, previous=None):
         self.attention = attention
@@ -200,8 +253,7 @@ def apply_clear(model: comfy.model_patcher.ModelPatcher, pattern: ClearPattern, 
         # another patcher's value).
         patched.add_object_patch(THETA_ATTRIBUTE, ntk_theta(network.params.theta, ntk_factor))
     transformer_options = patched.model_options.setdefault("transformer_options", {})
-    transformer_options["optimized_attention_override"] = ClearOverride(
-        attention, transformer_options.get("optimized_attention_override"))
+    transformer_options[OVERRIDE_KEY] = ClearOverride(attention, transformer_options.get(OVERRIDE_KEY))
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY,
                                  LayoutWrapper(attention, network.patch_size, min_image_tokens))
     if attention.needs_block():

@@ -16,6 +16,7 @@ import comfy.model_patcher
 import torch
 
 from ..models.gspn import GSPNAttention, GSPNLayers, LayerSpec, find_attn1_layers
+from .patchers import new_patcher
 
 ADDITIONAL_MODELS_KEY = "ultrares_gspn"
 LATENT_SCALE = 8  # SD1.5/SDXL latents are 1/8 of the image size
@@ -91,8 +92,7 @@ def apply_gspn(model: comfy.model_patcher.ModelPatcher, gspn: GSPNLayers, keep_l
     patched = model.clone()
     keep = kept_layers(gspn.specs, keep_levels, keep_labels)
     gspn.to(dtype=_compute_dtype(model)).eval().requires_grad_(False)
-    patched.set_additional_models(ADDITIONAL_MODELS_KEY, [comfy.model_patcher.ModelPatcher(
-        gspn, load_device=model.load_device, offload_device=model.offload_device)])
+    patched.set_additional_models(ADDITIONAL_MODELS_KEY, [new_patcher(gspn, model.load_device, model.offload_device)])
     before = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
     for spec, module in gspn.items():
         if spec.name in keep:

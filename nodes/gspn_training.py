@@ -125,24 +125,28 @@ def with_host(model: comfy.model_patcher.ModelPatcher, positive: list, negative:
 
 
 def with_weight_copies(model: comfy.model_patcher.ModelPatcher) -> comfy.model_patcher.ModelPatcher:
-    """A clone whose layers use a fresh copy of each weight on every call.
+    """A clone whose layers use a fresh copy of each weight on every call, owned by autograd.
 
-    The final-prediction term back-propagates through the frozen UNet, and autograd cannot
-    keep weights that ComfyUI created under ``torch.inference_mode``. A weight wrapper makes
-    ComfyUI's ops cast a copy per call (as in its low-VRAM mode), made here outside inference
-    mode; the wrappers live on the clone only, so the caller's model is untouched.
+    The final-prediction term back-propagates through the frozen UNet, which keeps each layer's
+    weight for the backward pass. ComfyUI's weights cannot be kept as they are: those created
+    under ``torch.inference_mode`` are refused by autograd, and the weights ComfyUI's ops cast
+    for a call may live in a cast buffer that the next layer's cast overwrites (the shared
+    per-stream buffers of low-VRAM offloading and of Dynamic VRAM, where nothing tells autograd
+    the memory changed: the gradients would silently be wrong). A weight wrapper makes ComfyUI's
+    ops run it on every cast weight; it returns a copy of its own, made here outside inference
+    mode. The wrappers live on the clone only, so the caller's model is untouched.
     """
     copying = model.clone()
     for name, module in model.get_model_object("diffusion_model").named_modules():
         if hasattr(module, "weight_function"):
             for kind in ("weight", "bias"):
                 if getattr(module, kind, None) is not None:
-                    copying.add_weight_wrapper(f"diffusion_model.{name}.{kind}", _same)
+                    copying.add_weight_wrapper(f"diffusion_model.{name}.{kind}", _own_copy)
     return copying
 
 
-def _same(weight: torch.Tensor) -> torch.Tensor:
-    return weight
+def _own_copy(weight: torch.Tensor) -> torch.Tensor:
+    return weight.clone()
 
 
 def output_path(folder: str | os.PathLike, name: str) -> Path:

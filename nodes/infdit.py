@@ -1,14 +1,14 @@
 """ComfyUI nodes for the Inf-DiT upsampler: a loader and the block-scheduled upscale node.
 
-Thin glue: weights are read by :mod:`..models.infdit.checkpoint`, sampling is
-:func:`..models.infdit.upscale.upscale`; here only ComfyUI's folders, device management,
-progress bar and cancel button are wired in.
+Thin glue over the Inf-DiT package's public API (:mod:`..models.infdit`): loading, planning
+and sampling happen there; here only ComfyUI's folders, device management, free memory,
+log, progress bar and cancel button are wired in.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import comfy.model_management as mm
 import comfy.model_patcher
@@ -16,12 +16,10 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..models.infdit.checkpoint import InfDiTWeights, load_infdit
-from ..models.infdit.memory import GiB, BudgetTooSmall, offloaded_host_bytes
-from ..models.infdit.plan import SCAN_ORDERS
-from ..models.infdit.upscale import (UpscaleOptions, fit_budget, stage_factors, stage_plans, stage_sizes, upscale,
-                                     weight_bytes)
+from ..models.infdit import (SCAN_ORDERS, GiB, BudgetTooSmall, InfDiTWeights, UpscaleOptions, allocator_headroom,
+                             load_infdit, plan_budget, upscale, working_memory)
 from .category import CATEGORY
+from .patchers import free_device_memory, new_patcher
 from .runtime import check_interrupt, progress_callback
 
 INFDIT_CATEGORY = f"{CATEGORY}/Inf-DiT"
@@ -29,8 +27,6 @@ InfDiTModel = io.Custom("INFDIT_MODEL")
 FROM_CHECKPOINT = "from checkpoint"
 CLIP_VISION_PREFIX = "clip_vision/"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-CUDA_HEADROOM = 0.1
-"""Fraction added to the memory model on CUDA for the caching allocator's fragmentation."""
 
 
 class _Modules(torch.nn.Module):
@@ -102,8 +98,7 @@ class UltraResInfDiTLoader(io.ComfyNode):
         if weights.clip is None:
             raise ValueError(f"{checkpoint} has no CLIP image tower: choose the OpenCLIP ViT-L/14 DataComp-XL file "
                              "(open_clip_pytorch_model.bin) as clip_vision")
-        patcher = comfy.model_patcher.ModelPatcher(_Modules(weights), load_device=device,
-                                                   offload_device=mm.unet_offload_device())
+        patcher = new_patcher(_Modules(weights), device, mm.unet_offload_device())
         return io.NodeOutput(LoadedInfDiT(weights, patcher, checkpoint))
 
 
@@ -154,53 +149,21 @@ class UltraResInfDiTUpscale(io.ComfyNode):
         weights, patcher = infdit_model.weights, infdit_model.patcher
         device = patcher.load_device
         size = tuple(image.shape[1:3])
-        margin = CUDA_HEADROOM if torch.device(device).type == "cuda" else 0.0
         requested = vram_budget_gb * GiB if vram_budget_gb > 0 else None
         options = UpscaleOptions(scale=int(scale), steps=steps, seed=seed, init_noise=init_noise, scan=scan,
-                                 offload=offload_cache, margin=margin, budget_bytes=requested)
+                                 offload=offload_cache, margin=allocator_headroom(device), budget_bytes=requested)
         try:
-            # Ask ComfyUI for the memory the plan needs (without a budget: the least that works),
-            # unloading other models if it must; then plan with what is really free.
-            least = replace(options, offload=True, batch_blocks=1)
-            need = least if requested is None else fit_budget(weights, size, options)
-            mm.load_models_gpu([patcher], memory_required=_working_memory(weights, size, need), force_full_load=True)
-            available = mm.get_free_memory(device) + weight_bytes(weights)
-            budget = available if requested is None else min(requested, available)
-            if budget < (requested or 0):
-                logging.warning("Inf-DiT: the VRAM budget of %.2f GiB is more than the %.2f GiB available with the "
-                                "model loaded; planning for %.2f GiB", requested / GiB, available / GiB, budget / GiB)
-            options = fit_budget(weights, size, replace(options, budget_bytes=budget))
-            if options.offload and not offload_cache:
-                logging.info("Inf-DiT: the neighbour cache and full-image buffers do not fit %.2f GiB of device "
-                             "memory; offloading them to CPU RAM (same result, slower)", options.budget_bytes / GiB)
-            _log_plan(weights, size, options)
-            out = upscale(weights, image.movedim(-1, 1), options, device, _LazyProgress(), check_interrupt)
+            # Ask ComfyUI for the memory the plan needs, unloading other models if it must;
+            # then plan with what is really free.
+            mm.load_models_gpu([patcher], memory_required=working_memory(weights, size, options), force_full_load=True)
+            free, host_free = free_device_memory(patcher, device), mm.get_free_memory(torch.device("cpu"))
+            plan = plan_budget(weights, size, options, free, host_free)
+            for level, message in plan.messages:
+                logging.log(level, "Inf-DiT: %s", message)
+            out = upscale(weights, image.movedim(-1, 1), plan.options, device, _LazyProgress(), check_interrupt)
         except BudgetTooSmall as error:
             raise ValueError(f"Inf-DiT: {error}") from error
         return io.NodeOutput(out.movedim(1, -1).to(mm.intermediate_device()))
-
-
-def _log_plan(weights: InfDiTWeights, size: tuple[int, int], options: UpscaleOptions) -> None:
-    """Say what the largest stage will do, and what offloading would change or needs."""
-    plan = stage_plans(weights, size, options)[-1]
-    logging.info("Inf-DiT: %d x %d blocks per batch: %s", plan.n, plan.n, plan.summary())
-    if not options.offload:
-        offloaded = stage_plans(weights, size, replace(options, offload=True))[-1].n
-        if offloaded >= 2 * plan.n:
-            logging.info("Inf-DiT: with offload_cache on, the same budget allows %d x %d blocks per batch "
-                         "(fewer, larger batches; uses CPU RAM)", offloaded, offloaded)
-        return
-    height, width = stage_sizes(weights, size, stage_factors(options.scale))[-1]
-    host = offloaded_host_bytes(weights.net.cfg, height, width, plan.n, dtype=weights.net.dtype, scan=options.scan)
-    free = mm.get_free_memory(torch.device("cpu"))
-    if host > free:
-        logging.warning("Inf-DiT: offloading needs about %.1f GiB of CPU RAM for a %dx%d output, %.1f GiB is free",
-                        host / GiB, width, height, free / GiB)
-
-
-def _working_memory(weights: InfDiTWeights, size: tuple[int, int], options: UpscaleOptions) -> int:
-    """Device bytes beyond the weights that the largest stage of this plan needs."""
-    return max(plan.total for plan in stage_plans(weights, size, options)) - weight_bytes(weights)
 
 
 class _LazyProgress:

@@ -1,6 +1,11 @@
 """Helpers for the ComfyUI integration tests: boot ComfyUI in-process on the CPU, build tiny
 random-weight models from ComfyUI's real classes, and run a headless server.
 
+They work on the ComfyUI they find by looking at it, never at its version number: the
+0.3.64 checkout the tests run against and the 0.38 line users run differ in a few signatures
+(``PromptExecutor(cache_args=...)``, ``FluxParams.txt_ids_dims``, QK-norm ``.weight`` keys,
+throttled progress bars), and each helper below follows whichever the host has.
+
 Nothing here imports ComfyUI at import time: the core suite collects this module on
 machines without ComfyUI, where the integration tests are skipped.
 """
@@ -8,6 +13,8 @@ machines without ComfyUI, where the integration tests are skipped.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import inspect
 import os
 import signal
 import socket
@@ -25,6 +32,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COMFYUI_ENV = "COMFYUI_PATH"
+REQUIRE_ENV = "ULTRARES_REQUIRE_COMFYUI"
 SKIP_REASON = (
     f"{COMFYUI_ENV} is not set: the ComfyUI integration tests need a ComfyUI checkout "
     "(see tests/README.md for how to prepare one)"
@@ -85,7 +93,49 @@ def boot_comfyui_in_process(path: Path) -> ModuleType:
     import utils.extra_config  # noqa: F401  (as main.py does: `nodes` puts comfy/ first on sys.path,
     import nodes  # after which `utils` would name comfy/utils.py)
 
+    unthrottle_progress_bars()
     return nodes
+
+
+# Newer comfy/utils.py (Comfy-Org/ComfyUI 09708eae) sends a ProgressBar update to the UI only
+# 100 ms and 0.5 % after the previous one; tests that count the updates turn that off.
+PROGRESS_THROTTLE_SETTINGS = ("PROGRESS_THROTTLE_MIN_INTERVAL", "PROGRESS_THROTTLE_MIN_PERCENT")
+
+
+def unthrottle_progress_bars() -> list[str]:
+    """Set the host's progress-bar throttle to 0 where it has one; returns the settings changed."""
+    import comfy.utils
+
+    present = [name for name in PROGRESS_THROTTLE_SETTINGS if hasattr(comfy.utils, name)]
+    for name in present:
+        setattr(comfy.utils, name, 0)
+    return present
+
+
+def prompt_executor(server: Any):
+    """ComfyUI's ``PromptExecutor`` for ``server``, with the cache settings newer hosts require.
+
+    Newer execution.py (Comfy-Org/ComfyUI 04e2a914) reads ``cache_args["ram"]`` and
+    ``["ram_inactive"]`` on every run (a missing dict raises ``TypeError``); main.py passes them
+    with ``"lru"``. 0s keep the classic cache without RAM-pressure eviction.
+    """
+    import execution
+
+    if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:
+        return execution.PromptExecutor(server, cache_args={"lru": 0, "ram": 0.0, "ram_inactive": 0.0})
+    return execution.PromptExecutor(server)
+
+
+def flux_unet_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with the FluxParams fields the host requires and FLUX.1 leaves at their FLUX.1
+    value: newer comfy/ldm/flux/model.py has ``txt_ids_dims`` without a default (``[]`` for
+    FLUX.1 in its model_detection.py, ``[3]`` for Flux.2)."""
+    import comfy.ldm.flux.model
+
+    fields = {field.name: field for field in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+    if "txt_ids_dims" in fields and "txt_ids_dims" not in config:
+        config = {**config, "txt_ids_dims": []}
+    return config
 
 
 def load_pack_entrypoint() -> dict[str, type]:
@@ -97,13 +147,18 @@ def load_pack_entrypoint() -> dict[str, type]:
     return {cls.GET_SCHEMA().node_id: cls for cls in node_list}
 
 
+# Flux's QK-norm scales: ``.scale`` in 0.3.64's RMSNorm, ``.weight`` in newer ComfyUI's
+# (operations.RMSNorm); the model's own state dict says which.
+NORM_SCALE_SUFFIXES = ("norm.scale", "query_norm.weight", "key_norm.weight")
+
+
 def random_state_dict(module: torch.nn.Module, seed: int, std: float = 0.05) -> dict[str, torch.Tensor]:
     """Deterministic random weights for every tensor of ``module`` (norm scales near 1)."""
     generator = torch.Generator().manual_seed(seed)
     state = {}
     for key, value in module.state_dict().items():
         noise = torch.randn(value.shape, generator=generator, dtype=torch.float32) * std
-        if key.endswith(("norm.scale", "query_norm.scale", "key_norm.scale")):
+        if key.endswith(NORM_SCALE_SUFFIXES):
             noise = noise + 1.0
         state[key] = noise.to(value.dtype)
     return state
@@ -125,7 +180,7 @@ def tiny_flux_patcher(seed: int = 0, **overrides: Any):
     """A real ComfyUI Flux (``supported_models.Flux``) with hidden size 64, in a ModelPatcher."""
     import comfy.model_detection
 
-    config = {**TINY_FLUX_CONFIG, **overrides}
+    config = flux_unet_config({**TINY_FLUX_CONFIG, **overrides})
     return _patcher_from_config(comfy.model_detection.model_config_from_unet_config(config), seed)
 
 
@@ -141,6 +196,32 @@ def tiny_sdxl_patcher(seed: int = 0, **overrides: Any):
     import comfy.supported_models
 
     return _patcher_from_config(comfy.supported_models.SDXL({**TINY_SDXL_CONFIG, **overrides}), seed)
+
+
+def dynamic_patcher_standin(free_bytes: int | None = None) -> type:
+    """Stand-in for newer ComfyUI's ``ModelPatcherDynamic`` (comfy/model_patcher.py, Comfy-Org/ComfyUI
+    08d0e510), which main.py makes ``comfy.model_patcher.CoreModelPatcher`` when Dynamic VRAM is on.
+
+    A ``ModelPatcher`` that says it is dynamic and answers ``get_free_memory(device)`` itself, as
+    the real one does (model management's reading plus the VRAM comfy-aimdo frees on demand);
+    here ``free_bytes``, or model management's reading when None. Loading stays the host's: the
+    real class loads through comfy-aimdo, which needs CUDA (and on a CPU load device it hands
+    back a plain ``ModelPatcher`` anyway).
+    """
+    import comfy.model_management
+    import comfy.model_patcher
+
+    class DynamicPatcherStandIn(comfy.model_patcher.ModelPatcher):
+        free_memory_reads: list[torch.device] = []
+
+        def is_dynamic(self) -> bool:
+            return True
+
+        def get_free_memory(self, device: torch.device) -> int:
+            self.free_memory_reads.append(device)
+            return comfy.model_management.get_free_memory(device) if free_bytes is None else free_bytes
+
+    return DynamicPatcherStandIn
 
 
 def flux_conditioning(batch: int = 1, tokens: int = 7, seed: int = 0) -> list:

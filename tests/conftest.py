@@ -46,13 +46,16 @@ def triton_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_cpu_thread():
-    """One intra-op thread for the test, then the previous setting.
+    """One intra-op thread for a whole test module, then the previous setting.
 
     Tests built on tiny models run many small ops: a second thread only adds pool overhead,
     and stalls on a busy machine. Modules opt in with
-    ``pytestmark = pytest.mark.usefixtures("one_cpu_thread")``.
+    ``pytestmark = pytest.mark.usefixtures("one_cpu_thread")``. It lasts the module, and a
+    module-scoped fixture that computes a result to compare with also requests it, so both
+    sides of a comparison run the same arithmetic whatever the order and the machine's
+    thread count (a reduction split over two threads rounds differently).
     """
     before = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import datetime
+import os
+import pickle
+import subprocess
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from ultrares.models.infdit._full_reference import reference_evaluation, reference_rope_table
 from ultrares.models.infdit import convert
-from ultrares.models.infdit.checkpoint import CheckpointError, convert_checkpoint, load_infdit
+from ultrares.models.infdit.checkpoint import ROPE_TABLES, CheckpointError, convert_checkpoint, load_infdit
 from ultrares.models.infdit.config import InfDiTConfig
-from ultrares.models.infdit.tiny import TINY, TINY_CLIP, released_state_dict, save_released_layout, tiny_weights
+from ultrares.models.infdit.evaluate import ImageContext, LRContext, evaluate
+from ultrares.models.infdit.schedule import Placement, plan_batches, plan_schedule
+from ultrares.models.infdit.attention import table_diagonal
+from ultrares.models.infdit.tiny import TINY, TINY_CLIP, tiny_weights
+from infdit_release import released_state_dict, save_released_layout
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
+COS, SIN = ROPE_TABLES.values()
+CPU = torch.device("cpu")
+GRID = (3, 18)
+"""Blocks of the evaluations below: 72 token columns, past the tiny model's 64-position period."""
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +114,152 @@ def test_the_released_layout_loads_with_its_sizes_inferred(released_file, weight
     assert_same_weights(loaded.clip, weights.clip)
 
 
+def test_the_test_files_store_the_rope_tables_as_the_release_does(weights):
+    # Whole [period, period, head_dim] buffers in bf16 (built in fp32, cast with the bf16 model),
+    # also when the other weights are fp32.
+    state = released_state_dict(weights)
+    assert state["transformer.layers.0.attention.dense.weight"].dtype == torch.float32
+    for table, fresh in zip((state[COS], state[SIN]), reference_rope_table(TINY.rope_period, TINY.head_dim)):
+        assert table.dtype == torch.bfloat16 and table.shape == (64, 64, 32)
+        assert torch.equal(table, fresh.bfloat16())
+
+
+def evaluation_inputs(cfg: InfDiTConfig, dtype: torch.dtype):
+    g = torch.Generator().manual_seed(0)
+    height, width = GRID[0] * cfg.block_px, GRID[1] * cfg.block_px
+    lr_image = (torch.rand(1, 3, height // cfg.lr_scale, width // cfg.lr_scale, generator=g) * 2 - 1).to(dtype)
+    concat_lr = torch.nn.functional.interpolate(lr_image.float(), size=(height, width), mode="bicubic").clamp(-1, 1)
+    x = concat_lr + 2.5 * torch.randn(concat_lr.shape, generator=g)
+    return x, concat_lr.to(dtype), lr_image, torch.randn(1, cfg.vector_dim, generator=g)
+
+
+def scheduled_evaluation(net, dtype: torch.dtype) -> torch.Tensor:
+    """D(x; 2.5) from the block scheduler, 2 x 2-block batches."""
+    x, concat_lr, lr_image, vector = evaluation_inputs(net.cfg, dtype)
+    placement = Placement(CPU)
+    with torch.inference_mode():
+        context = ImageContext(concat_lr, LRContext(net, lr_image, placement), vector)
+        schedule = plan_schedule(plan_batches(*GRID, 2, "row"))
+        return evaluate(net, x, 2.5, context, schedule, placement, torch.empty_like(x))
+
+
+def reference(net, dtype: torch.dtype, rope_tables) -> torch.Tensor:
+    with torch.inference_mode():
+        x, concat_lr, lr_image, vector = evaluation_inputs(net.cfg, dtype)
+        return reference_evaluation(net, x, 2.5, concat_lr, lr_image, vector, rope_tables)
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_evaluations_use_the_checkpoints_own_bf16_rope_tables_in_any_compute_dtype(released, released_file, dtype):
+    net = load_infdit(released_file, dtype).net
+    if dtype == torch.float16:
+        # The tiled and the unfolded LR keys round differently in fp16 (by ~5e-4 of D, as much
+        # as the table): without layer 0's cross-attention output the comparison sees the table alone.
+        with torch.no_grad():
+            net.lr_xattn.dense.weight.zero_()
+            net.lr_xattn.dense.bias.zero_()
+    out = scheduled_evaluation(net, dtype)
+    # Both paths run the same arithmetic on the same values, whatever the dtype: 1e-5 is fp32 noise.
+    assert relative(out, reference(net, dtype, (released[COS], released[SIN]))) <= 1e-5
+    # A table computed afresh in fp32 gives other numbers: the test sees which table was used.
+    assert relative(out, reference(net, dtype, reference_rope_table(TINY.rope_period, TINY.head_dim))) > 1e-4
+
+
+def test_stored_table_values_are_used_even_where_a_recomputation_would_round_otherwise(released, tmp_path):
+    # As a table built with other arithmetic (another device, bf16 maths) would: row 5's row
+    # part one bf16 step off the fp32 table rounded to bf16.
+    changed = dict(released)
+    cos = changed[COS].clone()
+    cos[5, :, :16] = torch.nextafter(cos[5, :, :16], torch.full_like(cos[5, :, :16], 2.0))
+    changed[COS] = cos
+    save_released_layout(changed, tmp_path / "other_table.pt")
+    net = load_infdit(tmp_path / "other_table.pt").net
+    assert torch.equal(net.rope.cos, table_diagonal(cos).float())
+    assert relative(scheduled_evaluation(net, torch.float32), reference(net, torch.float32, (cos, changed[SIN]))) <= 1e-5
+
+
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float32])
+def test_a_converted_file_computes_exactly_what_the_released_file_computes(released_file, tmp_path, stored):
+    target = tmp_path / "converted.safetensors"
+    convert_checkpoint(released_file, target, stored)
+    tensors = load_file(str(target))
+    assert tensors["rope.cos"].shape == (64, 32) and tensors["rope.cos"].dtype == stored
+    for dtype in (torch.float32, torch.float16):
+        assert torch.equal(scheduled_evaluation(load_infdit(target, dtype).net, dtype),
+                           scheduled_evaluation(load_infdit(released_file, dtype).net, dtype))
+
+
+def with_tables(released, cos, sin):
+    return {**{k: v for k, v in released.items() if k not in (COS, SIN)},
+            **({COS: cos} if cos is not None else {}), **({SIN: sin} if sin is not None else {})}
+
+
+def bf16_tables(period, head_dim=TINY.head_dim):
+    return tuple(t.bfloat16() for t in reference_rope_table(period, head_dim))
+
+
+@pytest.mark.parametrize("tables, message", [
+    (bf16_tables(100), r"mixins\.adaln_layer\.rope\.freqs_cos has 100 RoPE positions per axis.*8 x image_size / patch"),
+    (bf16_tables(64, 16), r"mixins\.adaln_layer\.rope\.freqs_cos \(64, 64, 16\) \(expected \(64, 64, 32\)\)"),
+    ((bf16_tables(64)[0], bf16_tables(32)[1]), r"RoPE tables do not match each other: mixins\.adaln_layer\.rope\.freqs_cos "
+                                               r"\(64, 64, 32\) bfloat16, mixins\.adaln_layer\.rope\.freqs_sin \(32, 32, 32\)"),
+    ((bf16_tables(64)[0], bf16_tables(64)[1].float()), r"do not match each other: .*bfloat16, .*float32"),
+    ((bf16_tables(64)[0][:, :32], bf16_tables(64)[1][:, :32]), r"freqs_cos \(64, 32, 32\) cannot be used: .*not \[period, period"),
+    ((bf16_tables(64)[0].transpose(0, 1), bf16_tables(64)[1]), r"freqs_cos \(64, 64, 32\) cannot be used: it is not a 2D rotary"),
+    ((torch.zeros(64, 64, 32, dtype=torch.int64), torch.zeros(64, 64, 32, dtype=torch.int64)), r"freqs_cos holds torch\.int64"),
+    ((None, None), r"missing Inf-DiT keys: mixins\.adaln_layer\.rope\.freqs_cos, mixins\.adaln_layer\.rope\.freqs_sin"),
+], ids=["period-100", "head-dim", "sizes-differ", "dtypes-differ", "not-square", "not-separable", "integers", "missing"])
+def test_rope_tables_that_do_not_fit_the_configuration_are_refused_naming_the_key(released, tmp_path, tables, message):
+    save_released_layout(with_tables(released, *tables), tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError, match=message):
+        load_infdit(tmp_path / "odd.pt")
+
+
+def test_a_converted_files_tables_must_fit_its_rope_period_and_an_old_file_without_them_is_refused(released, tmp_path):
+    tensors = load_file(str(convert_checkpoint_to(tmp_path, released)))
+    short = {**tensors, "rope.cos": tensors["rope.cos"][:32], "rope.sin": tensors["rope.sin"][:32]}
+    save_file(short, str(tmp_path / "short.safetensors"), metadata={"rope_period": "64"})
+    with pytest.raises(CheckpointError, match=r"rope\.cos \(32, 32\) \(expected \(64, 32\); rope_period 64 in the file's"):
+        load_infdit(tmp_path / "short.safetensors")
+    old = {k: v for k, v in tensors.items() if not k.startswith("rope.")}
+    save_file(old, str(tmp_path / "old.safetensors"), metadata={"rope_period": "64"})
+    with pytest.raises(CheckpointError, match="no RoPE tables.*Convert the released checkpoint again"):
+        load_infdit(tmp_path / "old.safetensors")
+
+
+class StandInOperations:
+    """An ``operations`` namespace shaped like ``comfy.ops.disable_weight_init``: subclasses of
+    torch.nn's layers that skip the random initialisation (the loader assigns the weights)."""
+
+    class Linear(torch.nn.Linear):
+        def reset_parameters(self) -> None:
+            return None
+
+    class Conv2d(torch.nn.Conv2d):
+        def reset_parameters(self) -> None:
+            return None
+
+    class LayerNorm(torch.nn.LayerNorm):
+        def reset_parameters(self) -> None:
+            return None
+
+
+def test_the_loader_builds_both_networks_from_the_given_operations(released_file):
+    weights = load_infdit(released_file, operations=StandInOperations)
+    stand_ins = (StandInOperations.Linear, StandInOperations.Conv2d, StandInOperations.LayerNorm)
+    for module in (weights.net, weights.clip):
+        layers = [m for m in module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.LayerNorm))]
+        assert layers and all(isinstance(layer, stand_ins) for layer in layers)
+    plain = load_infdit(released_file)
+    assert torch.equal(scheduled_evaluation(weights.net, torch.float32), scheduled_evaluation(plain.net, torch.float32))
+    pixels = torch.randn(1, 3, TINY_CLIP.image_size, TINY_CLIP.image_size)
+    assert torch.equal(weights.clip.encode(pixels), plain.clip.encode(pixels))
+
+
 def test_the_released_file_is_refused_by_plain_weights_only_loading(released_file):
     # Its numpy RNG state is why the loader names the numpy types it may build.
     with pytest.raises(Exception, match="numpy"):
@@ -183,6 +342,43 @@ def test_an_unknown_pickled_object_is_refused_by_name_unless_allowed(released, t
     with pytest.raises(CheckpointError, match=r"datetime\.timedelta.*--allow-global datetime\.timedelta"):
         load_infdit(path)
     assert load_infdit(path, allow_globals=("datetime.timedelta",)).net.cfg == TINY
+
+
+class Pickled:
+    """An object that pickles as a call of ``function(*args)`` (torch.load would make that call)."""
+
+    def __init__(self, function, *args):
+        self.call = (function, args)
+
+    def __reduce__(self):
+        return self.call
+
+
+@pytest.mark.parametrize("payload, name", [(Pickled(os.system, "exit 0"), "posix.system"),
+                                           (Pickled(eval, "0"), "builtins.eval"),
+                                           (Pickled(subprocess.Popen, ["true"]), "subprocess.Popen")],
+                         ids=["os.system", "eval", "subprocess"])
+def test_a_pickle_that_runs_commands_is_refused_by_name_without_advice_to_allow_it(released, tmp_path, payload, name):
+    if os.name == "nt" and name == "posix.system":
+        name = "nt.system"
+    path = tmp_path / "hostile.pt"
+    torch.save({"module": released, "client_state": payload}, path)
+    with pytest.raises(CheckpointError) as refused:
+        load_infdit(path)
+    text = str(refused.value)
+    assert f"pickled call of {name}, which runs commands or code" in text
+    assert not any(advice in text for advice in ("weights_only", "allow-global", "allow_globals", "safe_globals"))
+    with pytest.raises(CheckpointError, match="will not allow the pickled global"):
+        load_infdit(path, allow_globals=(name,))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 4")
+def test_a_pickle_the_safe_loader_cannot_read_is_refused_without_torchs_advice_to_load_it_unsafely(tmp_path):
+    path = tmp_path / "protocol4.pt"
+    path.write_bytes(pickle.dumps({"module": {}}, protocol=4))
+    with pytest.raises(CheckpointError, match=r"cannot read the file as a torch checkpoint \(Unsupported operand") as refused:
+        load_infdit(path)
+    assert "weights_only" not in str(refused.value)
 
 
 def test_clip_comes_from_a_separate_openclip_file_when_the_checkpoint_has_none(weights, tmp_path):

@@ -41,11 +41,15 @@ def test_the_tower_is_openclips_vit_with_exact_gelu():
     assert (out - quick_gelu).abs().max() > 1e-4
 
 
-def test_the_embedding_is_unit_length():
+def test_the_embedding_is_the_towers_projected_class_token_normalised_in_fp32():
     clip = tiny_weights(seed=2).clip
-    embedding = clip.embed(torch.rand(3, 3, 40, 50) * 2 - 1)
-    assert embedding.shape == (3, TINY_CLIP.embed_dim)
-    torch.testing.assert_close(embedding.norm(dim=-1), torch.ones(3))
+    pixels = torch.randn(3, 3, TINY_CLIP.image_size, TINY_CLIP.image_size)
+    with torch.no_grad():
+        expected = F.normalize(reference_tower(clip, pixels, F.gelu), dim=-1)
+        torch.testing.assert_close(clip.encode(pixels), expected, rtol=1e-5, atol=1e-6)
+        half = clip.to(torch.bfloat16).encode(pixels)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, expected, rtol=0, atol=0.05)
 
 
 def test_the_clip_view_resizes_the_shorter_side_then_centre_crops_and_normalises():

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ultrares.models.infdit.lr_context import LRContext
-from ultrares.models.infdit.placement import Placement
+from ultrares.models.infdit._full_reference import reference_lr_windows
+from ultrares.models.infdit.evaluate import LRContext
+from ultrares.models.infdit.schedule import Placement
 from ultrares.models.infdit.tiny import TINY, tiny_weights
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
@@ -14,21 +15,11 @@ pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 CPU = torch.device("cpu")
 
 
-def unfold_windows(net, lr_image):
-    """The released ``process_lr``: proj_lr, then nn.Unfold(3 lb, stride lb, padding lb)."""
-    lb = TINY.lr_block
-    features = net.lr_xattn.proj_lr(lr_image)
-    unfolded = torch.nn.Unfold(kernel_size=3 * lb, stride=lb, padding=lb)(features)
-    b, _, windows = unfolded.shape
-    return unfolded.view(b, TINY.hidden, 3 * lb, 3 * lb, windows).permute(0, 4, 2, 3, 1).flatten(2, 3)
-
-
 def test_windows_are_the_unfolded_lr_tokens_after_the_projection():
     net = tiny_weights(seed=1).net
     lr_image = torch.rand(2, 3, 12, 20, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.inference_mode():
-        tokens = unfold_windows(net, lr_image)
-        expected = net.lr_xattn.token_key_values(tokens).view(2, 3, 5, *tokens.shape[2:3], 2, TINY.heads, -1)
+        expected = reference_lr_windows(net, lr_image)  # the released process_lr: proj_lr, then nn.Unfold
         context = LRContext(net, lr_image, Placement(CPU))
         torch.testing.assert_close(context.windows(range(0, 3), range(0, 5)), expected, rtol=0, atol=1e-6)
         torch.testing.assert_close(context.windows(range(1, 3), range(2, 4)), expected[:, 1:3, 2:4], rtol=0, atol=1e-6)

@@ -1,17 +1,20 @@
-"""The memory model against measured peaks, the budget rule, and the out-of-memory fallback."""
+"""The memory model against measured peaks, the budget rule, planning with the memory a host
+reports free, and the out-of-memory fallback."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 import pytest
 import torch
 
-from ultrares.models.infdit.memory import BudgetTooSmall, choose_batch_size, estimate_memory
-from ultrares.models.infdit.meter import LiveTensorMeter
+from ultrares.benchmarks.meter import LiveTensorMeter
+from ultrares.models.infdit.budget import UpscaleOptions, fit_budget, plan_budget, plan_stage, weight_bytes, working_memory
+from ultrares.models.infdit.memory import GiB, BudgetTooSmall, choose_batch_size, estimate_memory
 from ultrares.models.infdit.network import InfDiT
 from ultrares.models.infdit.tiny import TINY, tiny_weights
-from ultrares.models.infdit.upscale import UpscaleOptions, fit_budget, plan_stage, upscale, weight_bytes
+from ultrares.models.infdit.upscale import upscale
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -93,6 +96,57 @@ def test_a_budget_that_fits_only_with_offloading_switches_it_on(weights):
     assert fit_budget(weights, size, roomy) is roomy
     with pytest.raises(BudgetTooSmall, match=r"below the minimum for a 160x128 output \(weights .*\)$"):
         fit_budget(weights, size, UpscaleOptions(budget_bytes=floor[True] * 0.9))
+
+
+SIZE = (12, 20)
+"""An input whose 4x output is 48 x 80 pixels: 3 x 5 blocks."""
+
+
+def floor(weights, n: int = 1) -> dict[bool, int]:
+    """Device bytes of n x n batches for :data:`SIZE`, on the device and offloaded."""
+    return {offload: plan_stage(weights, 48, 80, UpscaleOptions(batch_blocks=n, offload=offload)).total
+            for offload in (False, True)}
+
+
+def test_a_plan_uses_what_is_free_and_lowers_a_budget_above_it_saying_so(weights):
+    available = 10 * GiB + weight_bytes(weights)
+    plan = plan_budget(weights, SIZE, UpscaleOptions(), free_bytes=10 * GiB)
+    assert plan.options.budget_bytes == available and plan.stages[-1].n == 5
+    assert [(level, text.split(":")[0]) for level, text in plan.messages] == [(logging.INFO, "5 x 5 blocks per batch")]
+    lowered = plan_budget(weights, SIZE, UpscaleOptions(budget_bytes=2 * available), free_bytes=10 * GiB)
+    assert lowered.options.budget_bytes == available
+    level, text = lowered.messages[0]
+    assert level == logging.WARNING and "is more than the 10.00 GiB available with the model loaded" in text
+
+
+def test_a_budget_that_fits_only_offloaded_switches_it_on_saying_so(weights):
+    between = sum(floor(weights).values()) / 2
+    plan = plan_budget(weights, SIZE, UpscaleOptions(budget_bytes=between), free_bytes=GiB)
+    assert plan.options == UpscaleOptions(budget_bytes=between, offload=True)
+    assert "offloading them to CPU RAM (same result, slower)" in plan.messages[0][1]
+    assert plan.messages[1][1].startswith("1 x 1 blocks per batch: weights")
+
+
+def test_a_plan_says_when_offloading_would_double_the_batch_and_when_it_needs_more_ram_than_is_free(weights):
+    two = floor(weights, 2)
+    plan = plan_budget(weights, SIZE, UpscaleOptions(budget_bytes=two[True]), free_bytes=GiB)
+    assert not plan.options.offload and plan.stages[-1].n == 1
+    assert plan.messages[-1] == (logging.INFO, "with offload_cache on, the same budget allows 2 x 2 blocks per batch "
+                                               "(fewer, larger batches; uses CPU RAM)")
+    offloaded = UpscaleOptions(budget_bytes=two[True], offload=True)
+    roomy = plan_budget(weights, SIZE, offloaded, free_bytes=GiB, host_free_bytes=GiB)
+    assert [level for level, _ in roomy.messages] == [logging.INFO]
+    level, text = plan_budget(weights, SIZE, offloaded, free_bytes=GiB, host_free_bytes=1000).messages[-1]
+    assert level == logging.WARNING and "of CPU RAM for a 80x48 output, 0.0 GiB is free" in text
+
+
+def test_before_loading_the_plan_asks_for_what_the_budget_needs_or_the_least_that_works(weights):
+    floors = floor(weights)
+    assert working_memory(weights, SIZE, UpscaleOptions()) == floors[True] - weight_bytes(weights)
+    budget = UpscaleOptions(budget_bytes=1.5 * floors[False])
+    assert working_memory(weights, SIZE, budget) == plan_stage(weights, 48, 80, budget).total - weight_bytes(weights)
+    with pytest.raises(BudgetTooSmall):
+        working_memory(weights, SIZE, UpscaleOptions(budget_bytes=0.9 * floors[True]))
 
 
 class RunsOutOfMemoryAbove(InfDiT):

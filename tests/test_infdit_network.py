@@ -8,24 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ultrares.models.infdit._full_reference import reference_gather, reference_rope_table
+from ultrares.models.infdit.attention import (SEGMENTS, RotaryTable, apply_rope, blocks_to_image, full_table,
+                                             gather_segments, table_diagonal, to_blocks, token_positions)
 from ultrares.models.infdit.network import modulate
-from ultrares.models.infdit.plan import BlockBatch
-from ultrares.models.infdit.rope import apply_rope, rope_cos_sin
+from ultrares.models.infdit.schedule import BlockBatch
 from ultrares.models.infdit.tiny import TINY, tiny_weights
-from ultrares.models.infdit.uniba import SEGMENTS, blocks_to_image, gather_segments, to_blocks, token_positions
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
-
-
-def reference_rope_table(period: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference's pix2struct table: per axis, frequencies repeated in adjacent pairs; rows
-    first, then columns; ``[period, period, head_dim]``."""
-    half = head_dim // 2
-    freqs = 1.0 / (10000 ** (torch.arange(0, half, 2)[: half // 2].float() / half))
-    t = torch.arange(period) / period * period
-    axis = torch.einsum("i,f->if", t, freqs).repeat_interleave(2, dim=-1)
-    table = torch.cat([axis[:, None, :].expand(-1, period, -1), axis[None, :, :].expand(period, -1, -1)], dim=-1)
-    return table.cos(), table.sin()
 
 
 def reference_rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -34,22 +24,44 @@ def reference_rotate_half(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def test_rope_matches_the_reference_table_with_interleaved_pairs():
-    cos_table, sin_table = reference_rope_table(64, 32)
-    rows, cols = torch.tensor([0, 3, 17, 63]), torch.tensor([5, 0, 40, 63])
-    cos, sin = rope_cos_sin(rows, cols, 32, 64, torch.float32)
+@pytest.mark.parametrize("period", [64, 200])  # 200: the reference's positions i / 200 * 200 are not all whole
+def test_a_new_rope_table_is_the_reference_table_with_interleaved_pairs(period):
+    cos_table, sin_table = reference_rope_table(period, 32)
+    rows, cols = torch.randint(0, period, (50,)), torch.randint(0, period, (50,))
+    cos, sin = RotaryTable(period, 32)(rows, cols)
     assert torch.equal(cos, cos_table[rows, cols]) and torch.equal(sin, sin_table[rows, cols])
-    t = torch.randn(4, 32)
+    t = torch.randn(50, 32)
     expected = t * cos_table[rows, cols] + reference_rotate_half(t) * sin_table[rows, cols]
     assert torch.equal(apply_rope(t, cos, sin), expected)
 
 
+def test_a_table_is_its_diagonal_row_part_then_column_part():
+    cos_table, _ = reference_rope_table(64, 32)
+    diagonal = table_diagonal(cos_table.bfloat16())
+    assert diagonal.shape == (64, 32) and diagonal.dtype == torch.bfloat16
+    assert torch.equal(full_table(diagonal), cos_table.bfloat16())
+    odd = cos_table.clone()
+    odd[5, 9, 3] += 1e-3  # one entry that no row part and column part give
+    with pytest.raises(ValueError, match="not a 2D rotary table"):
+        table_diagonal(odd)
+    with pytest.raises(ValueError, match=r"shape \(64, 32, 32\) is not \[period, period, head_dim\]"):
+        table_diagonal(cos_table[:, :32])
+
+
+def test_the_lookup_uses_the_tables_values_in_their_dtype():
+    table = RotaryTable(64, 32).bfloat16()
+    cos, sin = table(torch.tensor([3, 40]), torch.tensor([7, 1]))
+    assert cos.dtype == torch.bfloat16
+    assert torch.equal(cos[1], torch.cat([table.cos[40, :16], table.cos[1, 16:]]))
+    assert torch.equal(sin[0], torch.cat([table.sin[3, :16], table.sin[7, 16:]]))
+
+
 def test_rope_scores_depend_only_on_position_differences():
     q, k = torch.randn(32, dtype=torch.float64), torch.randn(32, dtype=torch.float64)
+    table = RotaryTable(1024, 32).double()
 
     def score(qpos, kpos):
-        (cq, sq), (ck, sk) = (rope_cos_sin(torch.tensor(p[0]), torch.tensor(p[1]), 32, 1024, torch.float64)
-                              for p in (qpos, kpos))
+        (cq, sq), (ck, sk) = (table(torch.tensor(p[0]), torch.tensor(p[1])) for p in (qpos, kpos))
         return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum()
 
     assert math.isclose(score((3, 4), (1, 9)), score((13, 24), (11, 29)), rel_tol=1e-5)
@@ -57,8 +69,9 @@ def test_rope_scores_depend_only_on_position_differences():
 
 
 def test_rope_positions_wrap_at_the_period():
-    a = rope_cos_sin(torch.tensor([3, 70]), torch.tensor([5, 200]), 32, 64, torch.float32)
-    b = rope_cos_sin(torch.tensor([3, 6]), torch.tensor([5, 8]), 32, 64, torch.float32)
+    table = RotaryTable(64, 32)
+    a = table(torch.tensor([3, 70]), torch.tensor([5, 200]))
+    b = table(torch.tensor([3, 6]), torch.tensor([5, 8]))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
@@ -155,7 +168,7 @@ def layer_inputs():
     cond = net.conditioning(torch.tensor([0.2]), torch.randn(1, TINY.vector_dim))
     h = torch.randn(1, 2, 2, TINY.block_tokens, TINY.hidden)
     rows, cols = token_positions(range(2), range(2), TINY.block)
-    cos, sin = rope_cos_sin(rows, cols, TINY.head_dim, 64, torch.float32)
+    cos, sin = net.rope(rows, cols)
     return net, h, cond, cos[..., None, :], sin[..., None, :]
 
 
@@ -182,3 +195,53 @@ def test_keys_are_normalised_with_the_query_layernorm(layer_inputs):
     captured.clear()
     _one_layer(net, h, cond, cos, sin, captured)
     torch.testing.assert_close(captured[0], apply_rope(blk.qk_norm(k), cos, sin))
+
+
+def released_layer(net, index, h, cond, cos, sin, window_kv=None):
+    """``AdaLNMixin.layer_forward`` written out with the checkpoint's tensors and plain ops."""
+    p, blk, head_dim = net.state_dict(), f"blocks.{index}.", TINY.head_dim
+
+    def linear(x, name):
+        return F.linear(x, p[name + ".weight"], p[name + ".bias"])
+
+    def norm(x, name=None):  # non-affine, or with the LayerNorm weights of ``name``
+        affine = (None, None) if name is None else (p[name + ".weight"], p[name + ".bias"])
+        return F.layer_norm(x, x.shape[-1:], *affine, eps=1e-6)
+
+    def mod(x, shift, scale):  # per-image [B, D] vectors over every block's tokens
+        return x * (1 + scale[:, None, None, None]) + shift[:, None, None, None]
+
+    def heads(t):
+        return t.unflatten(-1, (TINY.heads, head_dim))
+
+    def attend(q, k, v):
+        scores = torch.einsum("brcqhd,brckhd->brchqk", q, k) / math.sqrt(head_dim)
+        return torch.einsum("brchqk,brckhd->brcqhd", scores.softmax(dim=-1), v).flatten(-2)
+
+    def rope(t):
+        return t * cos + reference_rotate_half(t) * sin
+
+    shift_msa, scale_msa, shift_mlp, scale_mlp = cond.layers[index].chunk(4, dim=-1)
+    q, k, v = linear(mod(norm(h), shift_msa, scale_msa), blk + "qkv").chunk(3, dim=-1)
+    q, k = rope(norm(heads(q), blk + "qk_norm")), rope(norm(heads(k), blk + "qk_norm"))
+    keys = reference_gather(k) + p[blk + "block_bias"].repeat_interleave(TINY.block_tokens, dim=0)
+    h = h + linear(attend(q, keys, reference_gather(heads(v))), blk + "attn_out")
+    if index == 0:
+        lr_q = norm(heads(linear(norm(h), "lr_xattn.query")), "lr_xattn.q_norm") + p["lr_xattn.query_pos"][0]
+        lr_k, lr_v = window_kv.unbind(-3)
+        h = h + linear(attend(lr_q, lr_k + p["lr_xattn.key_pos"][0], lr_v), "lr_xattn.dense")
+        m = norm(h, "lr_xattn.post_norm")
+    else:
+        m = norm(h)
+    return h + linear(F.gelu(linear(mod(m, shift_mlp, scale_mlp), blk + "fc1"), approximate="tanh"), blk + "fc2")
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_a_layer_is_the_released_order_of_operations(layer_inputs, index):
+    net, h, cond, cos, sin = layer_inputs
+    window_kv = torch.randn(1, 2, 2, TINY.lr_window_tokens, 2, TINY.heads, TINY.head_dim) if index == 0 else None
+    gather = lambda layer, k, v: (reference_gather(k), reference_gather(v))  # noqa: E731
+    with torch.no_grad():
+        out = net.layer(index, h, cond, cos, sin, gather, window_kv)
+        expected = released_layer(net, index, h, cond, cos, sin, window_kv)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

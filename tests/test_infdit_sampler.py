@@ -7,16 +7,15 @@ import math
 import pytest
 import torch
 
-from ultrares.models.infdit.evaluate import ImageContext, evaluate
-from ultrares.models.infdit.lr_context import LRContext
+from ultrares.models.infdit._full_reference import reference_upscale_4x
+from ultrares.models.infdit.budget import UpscaleOptions
+from ultrares.models.infdit.evaluate import ImageContext, LRContext, evaluate
 from ultrares.models.infdit.network import InfDiT
-from ultrares.models.infdit.placement import Placement
-from ultrares.models.infdit.plan import plan_batches
 from ultrares.models.infdit.sampler import (NOISE_CHUNK, edm_precondition, edm_sigmas, evaluations, heun_sample,
                                             initial_state)
+from ultrares.models.infdit.schedule import Placement, plan_batches, plan_schedule
 from ultrares.models.infdit.tiny import TINY, tiny_weights
-from ultrares.models.infdit.upscale import UpscaleOptions, upscale
-from infdit_full_mode import reference_upscale_4x
+from ultrares.models.infdit.upscale import upscale
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -93,7 +92,7 @@ def test_the_lr_channels_are_scaled_by_c_in_and_d_combines_skip_and_network_outp
     c_skip, c_out, c_in, _ = edm_precondition(sigma)
     with torch.inference_mode():
         context = ImageContext(concat_lr, LRContext(net, lr, placement), torch.randn(1, TINY.vector_dim))
-        out = evaluate(net, x, sigma, context, plan_batches(1, 2, 2), placement, torch.empty_like(x))
+        out = evaluate(net, x, sigma, context, plan_schedule(plan_batches(1, 2, 2)), placement, torch.empty_like(x))
     torch.testing.assert_close(net.inputs[0], torch.cat([x, concat_lr], dim=1) * c_in)
     torch.testing.assert_close(out, c_skip * x + c_out * net.outputs[0])
 
@@ -105,7 +104,7 @@ def test_lr_keys_do_not_depend_on_sigma_so_one_context_serves_every_evaluation()
     concat_lr = torch.rand(1, 3, 32, 32, generator=g)
     vector = torch.randn(1, TINY.vector_dim, generator=g)
     placement = Placement(CPU)
-    batches = plan_batches(2, 2, 1)
+    schedule = plan_schedule(plan_batches(2, 2, 1))
     with torch.inference_mode():
         shared = ImageContext(concat_lr, LRContext(weights.net, lr, placement), vector)
 
@@ -113,7 +112,7 @@ def test_lr_keys_do_not_depend_on_sigma_so_one_context_serves_every_evaluation()
             def run(x, sigma, out):
                 context = shared if shared_map else ImageContext(concat_lr, LRContext(weights.net, lr, placement),
                                                                  vector)
-                return evaluate(weights.net, x, sigma, context, batches, placement, out)
+                return evaluate(weights.net, x, sigma, context, schedule, placement, out)
             return run
 
         start = torch.randn(1, 3, 32, 32, generator=g) * 40
@@ -133,8 +132,8 @@ def image():
 
 
 @pytest.fixture(scope="module")
-def full_sample(tiny, image):
-    """The whole-image sample of :mod:`infdit_full_mode` (not the scheduler with one batch)."""
+def full_sample(one_cpu_thread, tiny, image):
+    """The whole-image reference's sample (not the scheduler with one batch)."""
     return reference_upscale_4x(tiny, image, steps=3, seed=11, init_noise=True)
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ultrares.models.infdit.budget import UpscaleOptions
 from ultrares.models.infdit.preprocess import pad_to_multiple, resize_bicubic
 from ultrares.models.infdit.tiny import tiny_weights
-from ultrares.models.infdit.upscale import UpscaleOptions, upscale
+from ultrares.models.infdit.upscale import upscale
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 

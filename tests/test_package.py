@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 import subprocess
 import sys
@@ -58,6 +59,56 @@ def test_importing_the_core_loads_nothing_from_comfyui():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def _packages_with_a_public_api() -> dict[str, object]:
+    """The host-free packages that state their public API (``__all__``), by dotted name."""
+    packages = {}
+    for init in sorted(init for folder in ("kernels", "models", "benchmarks") for init in
+                       (REPO_ROOT / folder).rglob("__init__.py")):
+        parts = init.parent.relative_to(REPO_ROOT).parts
+        module = importlib.import_module(".".join(("ultrares", *parts)))
+        if hasattr(module, "__all__"):
+            packages[module.__name__] = module
+    return packages
+
+
+def test_a_public_api_names_objects_that_say_what_they_are():
+    packages = _packages_with_a_public_api()
+    assert "ultrares.models.infdit" in packages
+    undocumented = []
+    for name, package in packages.items():
+        assert len(set(package.__all__)) == len(package.__all__), f"{name}.__all__ lists a name twice"
+        for public in package.__all__:
+            obj = getattr(package, public)
+            if inspect.isclass(obj) or inspect.isfunction(obj):
+                doc = inspect.getdoc(obj) or ""
+                # A dataclass without a docstring gets its signature as one.
+                if not doc.strip() or doc.startswith(f"{obj.__name__}("):
+                    undocumented.append(f"{name}.{public}")
+    assert not undocumented, "public names without a docstring: " + ", ".join(undocumented)
+
+
+IMPORTED_THROUGH_THEIR_API = ("ultrares.models.infdit",)
+"""Packages that nodes/ imports only through ``__all__``."""
+
+
+def test_nodes_import_these_packages_only_through_their_public_api():
+    packages = {name: importlib.import_module(name) for name in IMPORTED_THROUGH_THEIR_API}
+    offenders = []
+    for path in sorted((REPO_ROOT / "nodes").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if not isinstance(node, ast.ImportFrom) or node.level == 0:
+                continue
+            base = ["ultrares", "nodes"][:max(2 - node.level + 1, 1)]
+            module = ".".join([*base, *(node.module or "").split(".")]).rstrip(".")
+            for name, package in packages.items():
+                if module.startswith(name + "."):
+                    offenders.append(f"{path.name} imports {module}")
+                elif module == name:
+                    offenders += [f"{path.name} imports {alias.name}, not in {name}.__all__"
+                                  for alias in node.names if alias.name not in package.__all__]
+    assert not offenders, "\n".join(offenders)
 
 
 def test_every_package_directory_is_installed():

@@ -149,3 +149,73 @@ def test_the_snapshot_keeps_interface_data_only():
     assert "tooltip" not in entry["input"]["required"]["steps"][1]
     assert "hidden" not in entry["input"] and "hidden" not in entry["input_order"]
     assert wg.node_def(entry) == DEFS["Sampler"]
+
+
+def _another_version(edit) -> dict:
+    """The Sampler entry as a later ComfyUI might serve it, after ``edit(raw)``."""
+    raw = copy.deepcopy(RAW["Sampler"])
+    edit(raw)
+    return wg.snapshot_entry(raw)
+
+
+def _add_optional_widget(raw):
+    raw["input"]["optional"]["shift"] = ["FLOAT", {"default": 1.0}]
+    raw["input_order"]["optional"].append("shift")
+
+
+def test_another_versions_additions_and_new_defaults_keep_the_snapshot_compatible():
+    def later(raw):
+        _add_optional_widget(raw)
+        raw["input"]["required"]["steps"][1].update(default=8, max=10000)
+        raw["input"]["required"]["method"][1]["options"].append("res_multistep")
+        raw["output"].append("LATENT")
+        raw["output_name"].append("denoised")
+        raw["display_name"] = "Sampler (advanced)"
+
+    live = _another_version(later)
+    assert wg.interface_differences(RAW["Sampler"], live) != []
+    assert wg.compatibility_differences(RAW["Sampler"], live) == []
+    assert wg.compatibility_differences(RAW["Sampler"], wg.snapshot_entry(RAW["Sampler"])) == []
+
+
+def _insert_required_widget(raw):
+    raw["input"]["required"]["denoise"] = ["FLOAT", {"default": 1.0}]
+    raw["input_order"]["required"].insert(1, "denoise")
+
+
+def _drop_steps(raw):
+    del raw["input"]["required"]["steps"]
+    raw["input_order"]["required"].remove("steps")
+
+
+def _optional_strength_becomes_int(raw):
+    raw["input"]["optional"]["strength"] = ["INT", {}]
+
+
+def _drop_choice(raw):
+    raw["input"]["required"]["method"][1]["options"].remove("heun")
+
+
+def _change_output(raw):
+    raw["output"] = ["IMAGE"]
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (_insert_required_widget, "new required input denoise"),
+    (_drop_steps, "input steps is gone"),
+    (_optional_strength_becomes_int, "input strength: FLOAT required=False is now INT"),
+    (_drop_choice, "input method: choices ['heun'] are gone"),
+    (_change_output, "outputs ['LATENT'] are not the first of ['IMAGE']"),
+])
+def test_what_another_version_breaks_is_named(edit, problem):
+    problems = wg.compatibility_differences(RAW["Sampler"], _another_version(edit))
+    assert any(problem in line for line in problems), problems
+
+
+def test_widgets_in_another_order_break_the_positions_ui_files_store_their_values_at():
+    def later(raw):
+        raw["input_order"]["required"] = ["model", "steps", "seed", "method"]
+
+    problems = wg.compatibility_differences(RAW["Sampler"], _another_version(later))
+    assert problems == ["widgets ['seed', 'steps', 'method', 'strength'] are not the first of "
+                        "['steps', 'seed', 'method', 'strength']"]

@@ -178,6 +178,47 @@ def interface_differences(snapshot: dict, live: dict) -> list[str]:
     return problems
 
 
+def compatibility_differences(snapshot: dict, live: dict) -> list[str]:
+    """What a live ``/object_info`` entry of *another* ComfyUI version (passed through
+    :func:`snapshot_entry`) breaks of what the workflows rely on in the snapshot's entry.
+
+    Versions move core nodes (new optional inputs and outputs, changed defaults, longer choice
+    lists), so this is a subset check rather than equality: every snapshot input is still there
+    with its type, required-ness and choices; any new input is optional; the snapshot's widgets
+    stay the first widgets in their order (UI files store widget values by position); the
+    snapshot's outputs lead the live ones. Names and categories may change.
+    """
+    ours, theirs = node_def(snapshot), node_def(live)
+    problems = []
+    if theirs.outputs[:len(ours.outputs)] != ours.outputs:
+        problems.append(f"outputs {list(ours.outputs)} are not the first of {list(theirs.outputs)}")
+    if ours.output_node != theirs.output_node:
+        problems.append(f"output_node {ours.output_node} != {theirs.output_node}")
+    for mine in ours.inputs:
+        other = theirs.input(mine.name)
+        if other is None:
+            problems.append(f"input {mine.name} is gone")
+        elif (mine.type, mine.required) != (other.type, other.required):
+            problems.append(f"input {mine.name}: {mine.type} required={mine.required} is now "
+                            f"{other.type} required={other.required}")
+        elif mine.type == "COMBO":
+            expected = mine.fixed_choices if mine.is_file_list else mine.choices
+            missing = [choice for choice in expected if choice not in (other.choices or ())]
+            if missing:
+                problems.append(f"input {mine.name}: choices {missing} are gone")
+    known = {item.name for item in ours.inputs}
+    problems += [f"new required input {item.name}" for item in theirs.inputs if item.required and item.name not in known]
+    widgets = [item.name for item in ours.widgets]
+    if [item.name for item in theirs.widgets][:len(widgets)] != widgets:
+        problems.append(f"widgets {widgets} are not the first of {[item.name for item in theirs.widgets]}")
+    return problems
+
+
+def snapshot_version(path: Path = DEFINITIONS_PATH) -> str:
+    """The ComfyUI version the snapshot was taken from."""
+    return json.loads(path.read_text())["comfyui_version"]
+
+
 def _without_choices(options: dict) -> dict:
     return {key: value for key, value in options.items() if key != "options"}
 

@@ -44,6 +44,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+import comfy_harness
+
 SIZE_DIVISOR = 16
 MAX_STEPS = 2
 SIZE_INPUTS = ("width", "height")
@@ -89,7 +91,7 @@ def write_flux_unet(path: Path, seed: int = 0) -> None:
     """FLUX.1-dev's DiT (full width, 1 + 1 blocks, guidance embedding) in fp8."""
     import comfy.model_detection
 
-    config = comfy.model_detection.model_config_from_unet_config(dict(FLUX_CONFIG))
+    config = comfy.model_detection.model_config_from_unet_config(comfy_harness.flux_unet_config(FLUX_CONFIG))
     with torch.device("meta"):
         shapes = _meta_shapes(config.get_model({}).diffusion_model)
     save_file(random_tensors(shapes, seed, torch.float8_e4m3fn), str(path))
@@ -151,7 +153,8 @@ def write_clear_weights(path: Path, down_factor: int, seed: int = 3) -> None:
 def write_infdit_release(path: Path, seed: int = 4) -> None:
     """The pack's built-in tiny Inf-DiT (2 layers, 64 wide, 16-px blocks, 2-layer CLIP tower)
     saved the way the release is: a DeepSpeed pickle with SAT names, as ``mp_rank_00_model_states.pt``."""
-    from ultrares.models.infdit.tiny import released_state_dict, save_released_layout, tiny_weights
+    from infdit_release import released_state_dict, save_released_layout
+    from ultrares.models.infdit.tiny import tiny_weights
 
     save_released_layout(released_state_dict(tiny_weights(seed=seed), seed=seed), path)
 

@@ -8,16 +8,28 @@ safetensors file with this pack's names; :func:`load_infdit` accepts either, inf
 sizes from the shapes, checks every tensor against them and refuses missing or unexpected
 keys by name.
 
+The 2D RoPE tables are weights like the others. The release stores them as bf16 buffers
+(``[1024, 1024, 80]``) and the reference's attention uses those stored values in every
+compute dtype, so the network keeps them (by their diagonal, see :mod:`.attention`) instead of
+recomputing them, casts them with the other weights, and a converted file carries them as
+``rope.cos`` / ``rope.sin``. Their period (positions per axis; ``8 x image_size / patch`` in
+the reference, which fixes ``image_size`` at 512) is the one size no other tensor records: it
+is the table's size in a released file, and the ``rope_period`` metadata of a converted file,
+which its tables must fit.
+
 The pickle is opened with ``torch.load(weights_only=True)``: besides tensors it may only
 build the numpy types DeepSpeed stores its RNG state with. Any other pickled global is
 refused by name (running it could execute code from the file), unless the caller names it
-in ``allow_globals`` after deciding to trust the file.
+in ``allow_globals`` after deciding to trust the file; globals that run commands or code
+(``os.system``, ``eval``, ``subprocess`` ...) are never allowed and never suggested.
 """
 
 from __future__ import annotations
 
+import _compat_pickle
 import importlib
 import math
+import pickle
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,14 +43,16 @@ from safetensors.torch import save_file
 from ..key_lists import name_first
 from .clip_vision import ClipVisionConfig, ClipVisionEncoder
 from .config import InfDiTConfig
-from .network import InfDiT
+from .network import InfDiT, Operations
+from .attention import full_table, table_diagonal
 
 PACK_FORMAT = "ultrares-infdit"
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 CLIP_PREFIX = "clip."
 SAT_CLIP_PREFIX = "image_encoder.model.visual."
 SAT_BLOCK_BIAS = "mixins.adaln_layer.re_pos_embed"
-SAT_ROPE_TABLE = "mixins.adaln_layer.rope.freqs_cos"
+ROPE_TABLES = {"rope.cos": "mixins.adaln_layer.rope.freqs_cos", "rope.sin": "mixins.adaln_layer.rope.freqs_sin"}
+"""Pack name (a table's diagonal, ``[period, head_dim]``) -> SAT name (the whole table)."""
 DEFAULT_ROPE_PERIOD = 1024
 
 # (SAT name, pack name); {i} is a layer index, {p} "weight" or "bias".
@@ -67,11 +81,10 @@ KEY_MAP: tuple[tuple[str, str], ...] = (
     ("mixins.final_layer.linear.{p}", "final.linear.{p}"),
 )
 
-# SAT entries the released model never reads: the RoPE tables (recomputed), the key
-# LayerNorms (the model normalises keys with the query LayerNorm), SAT's unused position
-# embedding and the leftovers of the deleted CLIP text tower.
+# SAT entries the released model never reads: the key LayerNorms (the model normalises keys
+# with the query LayerNorm), SAT's unused position embedding and the leftovers of the deleted
+# CLIP text tower.
 SAT_IGNORED: tuple[str, ...] = (
-    r"mixins\.adaln_layer\.rope\.freqs_(cos|sin)",
     r"mixins\.adaln_layer\.k_layer_norm\.\d+\.(weight|bias)",
     r"transformer\.position_embeddings\.weight",
     r"image_encoder\.model\.(token_embedding\.weight|positional_embedding|text_projection|logit_scale|attn_mask)",
@@ -105,6 +118,29 @@ def _rename(key: str, rules: list[tuple[re.Pattern[str], str]]) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # Reading files
 
+CODE_RUNNING_MODULES = frozenset({
+    "builtins", "os", "posix", "nt", "sys", "subprocess", "shutil", "socket", "importlib", "runpy", "pty",
+    "ctypes", "code", "codeop", "pickle", "_pickle", "marshal", "multiprocessing", "threading", "_thread", "signal",
+    "asyncio", "types", "functools", "operator", "inspect", "pdb", "bdb", "webbrowser", "platform", "io", "_io",
+    "pathlib", "tempfile", "glob", "timeit", "pydoc", "site", "zipimport", "copyreg", "imp", "urllib", "http",
+})
+"""Modules whose pickled globals can run commands or code (eval, os.system, subprocess.Popen,
+getattr, functools.partial ...): never allowed, never suggested to a user."""
+
+
+def _python3_name(name: str) -> str:
+    """A pickled global as Python 3 names it: protocol-2 pickles use Python 2's module names
+    (``commands.Popen`` is ``subprocess.Popen``) and torch drops the ``builtins.`` prefix."""
+    module, _, attr = name.rpartition(".")
+    if not module:
+        return f"builtins.{name}"
+    module, attr = _compat_pickle.NAME_MAPPING.get((module, attr), (module, attr))
+    return f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{attr}"
+
+
+def _runs_code(name: str) -> bool:
+    return _python3_name(name).split(".")[0] in CODE_RUNNING_MODULES
+
 
 def _allowed_pickle_globals(extra: tuple[str, ...]) -> list:
     try:
@@ -116,6 +152,9 @@ def _allowed_pickle_globals(extra: tuple[str, ...]) -> list:
                      (_reconstruct, "numpy._core.multiarray._reconstruct"), np.ndarray, np.dtype]
     allowed += [cls for name in dir(np.dtypes) if isinstance(cls := getattr(np.dtypes, name), type)]
     for name in extra:
+        if _runs_code(name):
+            raise CheckpointError(f"will not allow the pickled global {name!r}: it can run commands or code, which "
+                                  "a weights file never needs")
         module, _, attr = name.rpartition(".")
         try:
             allowed.append((getattr(importlib.import_module(module), attr), name))
@@ -127,8 +166,18 @@ def _allowed_pickle_globals(extra: tuple[str, ...]) -> list:
 def _refused_global(error: Exception) -> str | None:
     text = str(error)
     match = (re.search(r"GLOBAL ([\w.]+) was not an allowed global", text)
+             or re.search(r"unsupported GLOBAL ([\w.]+) whose module [\w.]+ is blocked", text)
              or re.search(r"but got <class '([\w.]+)'>", text))
     return match.group(1) if match else None
+
+
+def _unpickling_reason(error: Exception) -> str:
+    """What torch's safe unpickler objected to, without its advice to load the file unsafely."""
+    text = str(error)
+    if not isinstance(error, pickle.UnpicklingError) and "weights_only" not in text:
+        return text
+    match = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    return match.group(1).strip() if match else "its pickle is not one the safe loader reads"
 
 
 def _load_pickle(path: Path, allow_globals: tuple[str, ...]) -> dict:
@@ -143,7 +192,13 @@ def _load_pickle(path: Path, allow_globals: tuple[str, ...]) -> dict:
         except Exception as error:
             name = _refused_global(error)
             if name is None:
-                raise CheckpointError(f"{path.name}: cannot read the file as a torch checkpoint ({error})") from error
+                raise CheckpointError(f"{path.name}: cannot read the file as a torch checkpoint "
+                                      f"({_unpickling_reason(error)})") from error
+            if _runs_code(name):
+                raise CheckpointError(
+                    f"{path.name} was refused: it contains a pickled call of {_python3_name(name)}, which runs "
+                    "commands or code on the machine that opens the file. A weights file never needs it; do not "
+                    "open this file with any loader that runs pickled code.") from error
             raise CheckpointError(
                 f"{path.name} contains the pickled Python object {name}, which is not on the list of types "
                 "this loader builds (tensors, and the numpy types DeepSpeed stores its RNG state with). "
@@ -190,8 +245,34 @@ class SplitCheckpoint:
     """Whether the file used the released SAT names (error messages then use them too)."""
 
 
+def _check_rope_pair(state: dict[str, torch.Tensor], names: tuple[str, str]) -> None:
+    """cos and sin tables hold floating-point values, in one shape and one dtype."""
+    tables = [(name, state[name]) for name in names if name in state]
+    for name, table in tables:
+        if not table.is_floating_point():
+            raise CheckpointError(f"the RoPE table {name} holds {table.dtype} values, not floating-point ones")
+    if len(tables) == 2 and (tables[0][1].shape != tables[1][1].shape or tables[0][1].dtype != tables[1][1].dtype):
+        raise CheckpointError("the RoPE tables do not match each other: " + ", ".join(
+            f"{name} {tuple(table.shape)} {str(table.dtype).removeprefix('torch.')}" for name, table in tables))
+
+
+def _sat_rope_diagonal(key: str, table: torch.Tensor) -> torch.Tensor:
+    try:
+        return table_diagonal(table)
+    except ValueError as error:
+        raise CheckpointError(f"the RoPE table {key} {tuple(table.shape)} cannot be used: {error}") from error
+
+
+def _period(dit: dict[str, torch.Tensor]) -> int:
+    """Positions per axis of the tables present (else the release's; the missing keys are then named)."""
+    tables = [dit[key] for key in ROPE_TABLES if key in dit]
+    return tables[0].shape[0] if tables else DEFAULT_ROPE_PERIOD
+
+
 def split_sat(state: dict[str, torch.Tensor]) -> SplitCheckpoint:
     """SAT names (the released ``['module']``) -> pack names; refuses keys it does not know."""
+    _check_rope_pair(state, tuple(ROPE_TABLES.values()))
+    rope_keys = {sat: pack for pack, sat in ROPE_TABLES.items()}
     dit: dict[str, torch.Tensor] = {}
     clip: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
@@ -201,21 +282,22 @@ def split_sat(state: dict[str, torch.Tensor]) -> SplitCheckpoint:
         elif key == SAT_BLOCK_BIAS:
             for layer, bias in enumerate(value.unbind(0)):
                 dit[f"blocks.{layer}.block_bias"] = bias
+        elif key in rope_keys:
+            dit[rope_keys[key]] = _sat_rope_diagonal(key, value)
         elif (name := _rename(key, _SAT_TO_PACK)) is not None:
             dit[name] = value
         elif not any(regex.match(key) for regex in _SAT_IGNORED):
             unknown.append(key)
     if unknown:
         raise CheckpointError(f"unexpected keys in the SAT checkpoint: {name_first(sorted(unknown), 8)}")
-    rope = state.get(SAT_ROPE_TABLE)
-    return SplitCheckpoint(dit, clip, rope.shape[0] if rope is not None else DEFAULT_ROPE_PERIOD, sat=True)
+    return SplitCheckpoint(dit, clip, _period(dit), sat=True)
 
 
 def sat_name(key: str) -> str:
     """The released (SAT) name of a pack key, for messages about SAT files."""
     if match := re.fullmatch(r"blocks\.(\d+)\.block_bias", key):
         return f"{SAT_BLOCK_BIAS}[{match.group(1)}]"
-    return _rename(key, _PACK_TO_SAT) or key
+    return ROPE_TABLES.get(key) or _rename(key, _PACK_TO_SAT) or key
 
 
 def pack_to_sat(dit: dict[str, torch.Tensor], clip: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -225,6 +307,8 @@ def pack_to_sat(dit: dict[str, torch.Tensor], clip: dict[str, torch.Tensor] | No
     for key, value in dit.items():
         if match := re.fullmatch(r"blocks\.(\d+)\.block_bias", key):
             biases[int(match.group(1))] = value
+        elif key in ROPE_TABLES:
+            state[ROPE_TABLES[key]] = full_table(value)
         elif (name := _rename(key, _PACK_TO_SAT)) is not None:
             state[name] = value
         else:
@@ -244,9 +328,18 @@ def split_checkpoint(state: dict[str, torch.Tensor], metadata: dict) -> SplitChe
             "this is not an Inf-DiT checkpoint: it has neither the released (SAT) keys such as "
             "'transformer.layers.0.attention.query_key_value.weight' nor this pack's 'blocks.0.qkv.weight' "
             f"(first keys: {name_first(sorted(state))})")
+    if not any(key in state for key in ROPE_TABLES):
+        raise CheckpointError(
+            "this converted file has no RoPE tables (rope.cos, rope.sin): an earlier version of the converter "
+            "dropped them, but the release's own (bf16) tables are what the model computes with. Convert the "
+            "released checkpoint again.")
+    _check_rope_pair(state, tuple(ROPE_TABLES))
     dit = {key: value for key, value in state.items() if not key.startswith(CLIP_PREFIX)}
     clip = {key[len(CLIP_PREFIX):]: value for key, value in state.items() if key.startswith(CLIP_PREFIX)}
-    return SplitCheckpoint(dit, clip, int(metadata.get("rope_period", DEFAULT_ROPE_PERIOD)))
+    period = metadata.get("rope_period")
+    if period is not None and not period.isdigit():
+        raise CheckpointError(f"the file's metadata gives rope_period {period!r}, not a whole number")
+    return SplitCheckpoint(dit, clip, _period(dit) if period is None else int(period))
 
 
 def clip_state_from_file(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -310,6 +403,24 @@ def infer_clip_config(clip: dict[str, torch.Tensor]) -> ClipVisionConfig:
                             embed_dim=_shape(clip, "proj")[1], mlp_width=_shape(clip, "transformer.resblocks.0.mlp.c_fc.weight")[0])
 
 
+def _check_rope_tables(parts: SplitCheckpoint, cfg: InfDiTConfig) -> None:
+    """The tables fit the configuration (as ``load_state_dict`` would check them), with a period
+    the reference can build: ``8 x image_size / patch`` positions per axis."""
+    name = sat_name if parts.sat else str
+    shown = (lambda shape: (shape[0], *shape)) if parts.sat else tuple
+    expected = (cfg.rope_period, cfg.head_dim)
+    for key in ROPE_TABLES:
+        if key in parts.dit and tuple(parts.dit[key].shape) != expected:
+            source = "" if parts.sat else f"; rope_period {cfg.rope_period} in the file's metadata"
+            raise CheckpointError(f"Inf-DiT shapes that do not fit the inferred configuration: {name(key)} "
+                                  f"{shown(parts.dit[key].shape)} (expected {shown(expected)}{source})")
+    if cfg.rope_period % 8:
+        raise CheckpointError(
+            f"{name('rope.cos')} has {cfg.rope_period} RoPE positions per axis, but the reference builds its tables "
+            "with 8 x image_size / patch of them (1024 for the release: 512-px crops, 4-px patches), a multiple of "
+            "8: no Inf-DiT configuration has this table")
+
+
 def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str,
                 source_name: Callable[[str], str] = str) -> None:
     """Copy ``state`` into ``module``; every key must exist on both sides with the same shape.
@@ -341,36 +452,57 @@ class InfDiTWeights:
     clip: ClipVisionEncoder | None
 
 
-def _build(cls, cfg, state: dict[str, torch.Tensor], what: str, dtype: torch.dtype,
+ALIGNMENT = 64
+"""Bytes PyTorch aligns its CPU allocations to."""
+
+
+def _in_dtype(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``value`` in ``dtype``, in aligned memory: safetensors hands out views into the file at any
+    offset, and CPU kernels round differently on unaligned weights (a converted fp32 file would
+    otherwise compute other last bits than the file it came from)."""
+    return value.to(dtype, copy=value.data_ptr() % ALIGNMENT != 0)
+
+
+def _build(cls, cfg, state: dict[str, torch.Tensor], what: str, dtype: torch.dtype, operations: Operations,
            source_name: Callable[[str], str] = str) -> torch.nn.Module:
+    """``cls(cfg, operations)`` holding ``state`` in ``dtype``: every tensor is cast, the RoPE tables
+    too, as the reference casts its buffers with the model before loading the stored values into them."""
     with torch.device("meta"):
-        module = cls(cfg)
-    load_strict(module, {key: value.to(dtype) for key, value in state.items()}, what, source_name)
+        module = cls(cfg, operations)
+    load_strict(module, {key: _in_dtype(value, dtype) for key, value in state.items()}, what, source_name)
     return module.eval().requires_grad_(False)
 
 
-def load_clip(state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> ClipVisionEncoder:
-    return _build(ClipVisionEncoder, infer_clip_config(state), state, "CLIP image tower", dtype)
+def load_clip(state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+              operations: Operations = torch.nn) -> ClipVisionEncoder:
+    """An OpenCLIP image tower from its tensors (sizes read from their shapes)."""
+    return _build(ClipVisionEncoder, infer_clip_config(state), state, "CLIP image tower", dtype, operations)
 
 
 def load_infdit(path: str | Path, dtype: torch.dtype = torch.float32, clip_path: str | Path | None = None,
-                allow_globals: tuple[str, ...] = ()) -> InfDiTWeights:
+                allow_globals: tuple[str, ...] = (), operations: Operations = torch.nn) -> InfDiTWeights:
     """Load an Inf-DiT file (released pickle or converted safetensors) on the CPU.
 
     The CLIP tower comes from ``clip_path`` when given, else from the checkpoint if it has
-    one; otherwise :attr:`InfDiTWeights.clip` is ``None``.
+    one; otherwise :attr:`InfDiTWeights.clip` is ``None``. Both networks are built from
+    ``operations`` (e.g. a ``comfy.ops`` class).
     """
     state, metadata = read_state_dict(path, allow_globals)
     parts = split_checkpoint(state, metadata)
-    net = _build(InfDiT, infer_config(parts.dit, parts.rope_period), parts.dit, "Inf-DiT", dtype,
-                 sat_name if parts.sat else str)
+    cfg = infer_config(parts.dit, parts.rope_period)
+    _check_rope_tables(parts, cfg)
+    net = _build(InfDiT, cfg, parts.dit, "Inf-DiT", dtype, operations, sat_name if parts.sat else str)
     clip_state = clip_state_from_file(read_state_dict(clip_path)[0]) if clip_path is not None else parts.clip
-    return InfDiTWeights(net, load_clip(clip_state, dtype) if clip_state else None)
+    return InfDiTWeights(net, load_clip(clip_state, dtype, operations) if clip_state else None)
 
 
 def convert_checkpoint(source: str | Path, target: str | Path, dtype: torch.dtype = torch.bfloat16,
                        clip_path: str | Path | None = None, allow_globals: tuple[str, ...] = ()) -> InfDiTConfig:
-    """Rewrite a released checkpoint as a safetensors file in the pack's names (verified first)."""
+    """Rewrite a released checkpoint as a safetensors file in the pack's names (verified first).
+
+    The file keeps the checkpoint's RoPE tables (their diagonals), so it computes what the
+    source computes; bf16 or fp32 hold the release's bf16 values exactly.
+    """
     weights = load_infdit(source, dtype, clip_path, allow_globals)
     tensors = {key: value.contiguous() for key, value in weights.net.state_dict().items()}
     if weights.clip is not None:

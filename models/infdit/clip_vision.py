@@ -4,7 +4,8 @@ Parameter names follow OpenCLIP's ``VisionTransformer`` (``conv1``, ``class_embe
 ``transformer.resblocks.{i}.attn.in_proj_weight`` ...), so OpenCLIP checkpoints load by
 stripping their ``visual.`` prefix. This tower uses the *exact* (erf) GELU of OpenCLIP's
 ``ViT-L-14`` config; ComfyUI's built-in ViT-L/14 vision config uses quick_gelu (OpenAI CLIP)
-and would give different embeddings for these weights.
+and would give different embeddings for these weights. Its Linear, Conv2d and LayerNorm
+layers come from ``operations`` (see :data:`.network.Operations`).
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .preprocess import clip_view
+from .network import Operations
 
 OPENCLIP_HEAD_WIDTH = 64
 
 
 @dataclass(frozen=True)
 class ClipVisionConfig:
+    """Sizes of one OpenCLIP ViT image tower (defaults: ViT-L/14 at 224 px)."""
+
     width: int = 1024
     layers: int = 24
     patch: int = 14
@@ -40,12 +43,14 @@ class ClipVisionConfig:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, width: int, heads: int):
+    """``nn.MultiheadAttention``'s parameters (OpenCLIP's names), run with fused attention."""
+
+    def __init__(self, width: int, heads: int, operations: Operations = nn):
         super().__init__()
         self.heads = heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
-        self.out_proj = nn.Linear(width, width)
+        self.out_proj = operations.Linear(width, width)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,15 +60,17 @@ class SelfAttention(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    def __init__(self, cfg: ClipVisionConfig):
+    """Pre-LN attention and MLP (exact GELU)."""
+
+    def __init__(self, cfg: ClipVisionConfig, operations: Operations = nn):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.width, eps=cfg.eps)
-        self.attn = SelfAttention(cfg.width, cfg.heads)
-        self.ln_2 = nn.LayerNorm(cfg.width, eps=cfg.eps)
+        self.ln_1 = operations.LayerNorm(cfg.width, eps=cfg.eps)
+        self.attn = SelfAttention(cfg.width, cfg.heads, operations)
+        self.ln_2 = operations.LayerNorm(cfg.width, eps=cfg.eps)
         self.mlp = nn.Sequential()
-        self.mlp.add_module("c_fc", nn.Linear(cfg.width, cfg.mlp_width))
+        self.mlp.add_module("c_fc", operations.Linear(cfg.width, cfg.mlp_width))
         self.mlp.add_module("gelu", nn.GELU())
-        self.mlp.add_module("c_proj", nn.Linear(cfg.mlp_width, cfg.width))
+        self.mlp.add_module("c_proj", operations.Linear(cfg.mlp_width, cfg.width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -71,21 +78,25 @@ class ResidualBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ClipVisionConfig):
+    """The residual blocks, under OpenCLIP's ``transformer.resblocks`` names."""
+
+    def __init__(self, cfg: ClipVisionConfig, operations: Operations = nn):
         super().__init__()
-        self.resblocks = nn.ModuleList(ResidualBlock(cfg) for _ in range(cfg.layers))
+        self.resblocks = nn.ModuleList(ResidualBlock(cfg, operations) for _ in range(cfg.layers))
 
 
 class ClipVisionEncoder(nn.Module):
-    def __init__(self, cfg: ClipVisionConfig = ClipVisionConfig()):
+    """OpenCLIP's ``VisionTransformer``: normalised CLIP pixels -> the projected class token."""
+
+    def __init__(self, cfg: ClipVisionConfig = ClipVisionConfig(), operations: Operations = nn):
         super().__init__()
         self.cfg = cfg
-        self.conv1 = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch, stride=cfg.patch, bias=False)
+        self.conv1 = operations.Conv2d(3, cfg.width, kernel_size=cfg.patch, stride=cfg.patch, bias=False)
         self.class_embedding = nn.Parameter(torch.zeros(cfg.width))
         self.positional_embedding = nn.Parameter(torch.zeros(cfg.tokens, cfg.width))
-        self.ln_pre = nn.LayerNorm(cfg.width, eps=cfg.eps)
-        self.transformer = Transformer(cfg)
-        self.ln_post = nn.LayerNorm(cfg.width, eps=cfg.eps)
+        self.ln_pre = operations.LayerNorm(cfg.width, eps=cfg.eps)
+        self.transformer = Transformer(cfg, operations)
+        self.ln_post = operations.LayerNorm(cfg.width, eps=cfg.eps)
         self.proj = nn.Parameter(torch.zeros(cfg.width, cfg.embed_dim))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -103,7 +114,3 @@ class ClipVisionEncoder(nn.Module):
         (``encode_image(normalize=True)``, then normalised once more)."""
         out = self.forward(pixels.to(self.conv1.weight.device)).float()
         return F.normalize(F.normalize(out, dim=-1), dim=-1)
-
-    def embed(self, image: torch.Tensor) -> torch.Tensor:
-        """Image in [-1, 1] ``[B, 3, H, W]`` -> L2-normalised embedding (preprocessing included)."""
-        return self.encode(clip_view(image.float(), self.cfg.image_size))

@@ -4,8 +4,9 @@
 
 (from the pack's folder; ``python -m ultrares.models.infdit.convert`` where the pack is installed).
 
-The source is verified first (every DiT key present, every shape consistent); the CLIP tower
-is taken from the checkpoint, or from ``--clip open_clip_pytorch_model.bin`` when given.
+The source is verified first (every DiT key present, every shape consistent); its RoPE tables
+are kept as stored; the CLIP tower is taken from the checkpoint, or from
+``--clip open_clip_pytorch_model.bin`` when given.
 """
 
 from __future__ import annotations

@@ -6,13 +6,13 @@ Terms (``u`` = one token's hidden vector in the model dtype, ``T`` tokens in the
 - weights: the DiT and CLIP parameters, as loaded;
 - sampler state: x, D, the Heun slope and the Euler step (fp32 ``[B, 3, H, W]``), the
   upsampled LR and the cross-attention LR image (model dtype), all on the host with offloading;
-- neighbour cache: the blocks :meth:`.plan.CacheSchedule.device_blocks` keeps on the device,
-  times layers times K and V;
+- neighbour cache: the most blocks the schedule keeps on the device
+  (:attr:`.schedule.Schedule.device_peak`), times layers times K and V;
 - batch activations: the peak of one layer, reached while the keys and values are gathered:
   the hidden state, the fused QKV output, rotated queries and keys, the extended key/value
   grids and the four-segment keys and values — ``ACTIVATION_UNITS * T + E`` units of ``u`` —
   and layer 0's LR windows, or, if larger, building the keys and values of the LR region
-  under the batch tile by tile (:mod:`.lr_context`); plus, throughout, that LR region, the
+  under the batch tile by tile (:class:`.evaluate.LRContext`); plus, throughout, that LR region, the
   RoPE tables and the batch's pixels.
 
 Attention itself is assumed fused (PyTorch's flash/efficient kernels on GPU and its flash
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from .config import InfDiTConfig
-from .lr_context import TILE_BLOCKS
-from .plan import CacheSchedule, ScanOrder, plan_batches
+from .evaluate import TILE_BLOCKS
+from .schedule import ScanOrder, plan_batches, plan_schedule
 
 ACTIVATION_UNITS = 15
 """Hidden-vector copies per batch token at the peak of a layer (see the module docstring)."""
@@ -47,6 +47,8 @@ class BudgetTooSmall(ValueError):
 
 @dataclass(frozen=True)
 class MemoryEstimate:
+    """Device bytes of a sample with n x n batches, by term (see the module docstring)."""
+
     n: int
     weights: int
     state: int
@@ -102,7 +104,7 @@ def estimate_memory(cfg: InfDiTConfig, height: int, width: int, n: int, *, weigh
                     offload: bool, scan: ScanOrder = "auto", images: int = 1) -> MemoryEstimate:
     """Device bytes of sampling a ``height x width`` output (whole blocks) with n x n batches."""
     grid_rows, grid_cols = height // cfg.block_px, width // cfg.block_px
-    cache_blocks = CacheSchedule(plan_batches(grid_rows, grid_cols, n, scan)).device_blocks(offload)
+    cache_blocks = plan_schedule(plan_batches(grid_rows, grid_cols, n, scan), offload).device_peak
     return MemoryEstimate(
         n=n, weights=weight_bytes, state=0 if offload else _state_bytes(cfg, height, width, dtype, images),
         cache=cache_blocks * cfg.layers * _block_kv_bytes(cfg, dtype, images),
@@ -113,8 +115,8 @@ def offloaded_host_bytes(cfg: InfDiTConfig, height: int, width: int, n: int, *, 
                          scan: ScanOrder = "auto", images: int = 1) -> int:
     """Host RAM that offloading takes for what the device does not hold: the sampler state and
     the strip of cached neighbour keys (the input and output images come on top)."""
-    schedule = CacheSchedule(plan_batches(height // cfg.block_px, width // cfg.block_px, n, scan))
-    strip = schedule.host_blocks() * cfg.layers * _block_kv_bytes(cfg, dtype, images)
+    schedule = plan_schedule(plan_batches(height // cfg.block_px, width // cfg.block_px, n, scan), offload=True)
+    strip = schedule.host_peak * cfg.layers * _block_kv_bytes(cfg, dtype, images)
     return _state_bytes(cfg, height, width, dtype, images) + strip
 
 

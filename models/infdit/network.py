@@ -1,8 +1,10 @@
 """The Inf-DiT network in plain PyTorch, evaluated one rectangle of UniBA blocks at a time.
 
-The module holds the weights and runs the per-token maths; *which* keys a block attends to
-comes from a ``neighbours`` callback (see :mod:`.schedule`), so the same code evaluates the
-whole image or an n x n batch of blocks with cached neighbours.
+Each module holds its weights and its ``forward`` is the released model's maths (the order
+of ``AdaLNMixin.layer_forward`` and ``FinalLayerMixin``). *Which* keys a block attends to
+comes from a ``neighbours`` callback, so the same code evaluates the whole image
+(:mod:`._full_reference`, the released clamp-and-concatenate gather) or an n x n batch of
+blocks whose neighbours come from the cache (:mod:`.evaluate`, as :mod:`.schedule` plans).
 
 Quirks of the released model that change numbers and are reproduced here:
 
@@ -13,24 +15,35 @@ Quirks of the released model that change numbers and are reproduced here:
 - layer 0 adds the nearby-LR cross-attention and then uses its own affine LayerNorm before
   the MLP; every other LayerNorm of the trunk has no affine parameters;
 - the MLP uses the tanh approximation of GELU.
+
+Every Linear, Conv2d and LayerNorm is built from ``operations`` (default ``torch.nn``), as in
+ComfyUI's own networks, so that ``comfy.ops`` (manual cast, fp8 weights, low-VRAM loading)
+can be passed in by the nodes.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import RotaryTable, apply_rope, block_attention, blocks_to_image, to_blocks
 from .config import InfDiTConfig
-from .rope import apply_rope
-from .uniba import blocks_to_image, to_blocks
 
+Gather = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""``(k, v) -> (keys, values)``: one layer's K/V of the blocks being computed (block layout) to
+each block's ``[B, nr, nc, 4L, heads, head_dim]`` segments (self, top-left, left, top), before
+the block bias."""
 Neighbours = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-"""``(layer, k, v) -> (keys, values)``: a batch's own K/V in block layout to its gathered
-``[B, nr, nc, 4L, heads, head_dim]`` segments (self, top-left, left, top), before the block bias."""
+"""``(layer, k, v) -> (keys, values)``: the :data:`Gather` of every layer."""
+Operations = ModuleType | type
+"""A namespace with ``Linear``, ``Conv2d`` and ``LayerNorm`` classes: ``torch.nn``, or one of
+``comfy.ops`` (``disable_weight_init``, ``manual_cast`` ...)."""
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -39,21 +52,18 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.view(view)) + shift.view(view)
 
 
-def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Dense attention inside each block: ``[B, nr, nc, L, H, d]`` queries -> ``[B, nr, nc, L, H*d]``."""
-    lead = q.shape[:3]
-    out = F.scaled_dot_product_attention(q.flatten(0, 2).transpose(1, 2), k.flatten(0, 2).transpose(1, 2),
-                                         v.flatten(0, 2).transpose(1, 2))
-    return out.transpose(1, 2).reshape(*lead, q.shape[3], -1)
+def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm without affine parameters over the last dimension (the trunk's norms)."""
+    return F.layer_norm(x, x.shape[-1:], eps=eps)
 
 
 class TwoLayerMLP(nn.Module):
     """Linear -> SiLU -> Linear: the timestep and CLIP-vector embeddings."""
 
-    def __init__(self, inputs: int, width: int):
+    def __init__(self, inputs: int, width: int, operations: Operations = nn):
         super().__init__()
-        self.fc1 = nn.Linear(inputs, width)
-        self.fc2 = nn.Linear(width, width)
+        self.fc1 = operations.Linear(inputs, width)
+        self.fc2 = operations.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.silu(self.fc1(x)))
@@ -62,8 +72,8 @@ class TwoLayerMLP(nn.Module):
 class TimestepEmbedding(TwoLayerMLP):
     """EDM noise level ``c_noise`` -> ``[B, hidden]``: cos-then-sin features, then the MLP."""
 
-    def __init__(self, channels: int, width: int):
-        super().__init__(channels, width)
+    def __init__(self, channels: int, width: int, operations: Operations = nn):
+        super().__init__(channels, width, operations)
         self.channels = channels
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
@@ -73,35 +83,20 @@ class TimestepEmbedding(TwoLayerMLP):
         return super().forward(torch.cat([angles.cos(), angles.sin()], dim=1).to(self.fc1.weight.dtype))
 
 
-class DiTBlock(nn.Module):
-    """One pre-LN adaLN layer (no gates) with QK-LayerNorm, 2D RoPE and the UniBA block bias."""
-
-    def __init__(self, cfg: InfDiTConfig):
-        super().__init__()
-        d = cfg.hidden
-        self.ada = nn.Linear(d, 4 * d)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.qk_norm = nn.LayerNorm(cfg.head_dim, eps=cfg.eps)
-        self.block_bias = nn.Parameter(torch.zeros(4, cfg.heads, cfg.head_dim))
-        self.attn_out = nn.Linear(d, d)
-        self.fc1 = nn.Linear(d, cfg.mlp_ratio * d)
-        self.fc2 = nn.Linear(cfg.mlp_ratio * d, d)
-
-
 class LRCrossAttention(nn.Module):
     """Layer 0's nearby-LR cross-attention: each block's queries see the LR tokens of the 3x3
     LR blocks around it (zero tokens outside the image), with learned absolute positions."""
 
-    def __init__(self, cfg: InfDiTConfig):
+    def __init__(self, cfg: InfDiTConfig, operations: Operations = nn):
         super().__init__()
         d, h, hd = cfg.hidden, cfg.heads, cfg.head_dim
-        self.proj_lr = nn.Conv2d(3, d, kernel_size=cfg.lr_patch, stride=cfg.lr_patch)
-        self.query = nn.Linear(d, d)
-        self.key_value = nn.Linear(d, 2 * d)
-        self.dense = nn.Linear(d, d)
-        self.post_norm = nn.LayerNorm(d, eps=cfg.eps)
-        self.q_norm = nn.LayerNorm(hd, eps=cfg.eps)
-        self.k_norm = nn.LayerNorm(hd, eps=cfg.eps)
+        self.proj_lr = operations.Conv2d(3, d, kernel_size=cfg.lr_patch, stride=cfg.lr_patch)
+        self.query = operations.Linear(d, d)
+        self.key_value = operations.Linear(d, 2 * d)
+        self.dense = operations.Linear(d, d)
+        self.post_norm = operations.LayerNorm(d, eps=cfg.eps)
+        self.q_norm = operations.LayerNorm(hd, eps=cfg.eps)
+        self.k_norm = operations.LayerNorm(hd, eps=cfg.eps)
         self.query_pos = nn.Parameter(torch.zeros(1, cfg.block_tokens, h, hd))
         self.key_pos = nn.Parameter(torch.zeros(1, cfg.lr_window_tokens, h, hd))
         self.heads = h
@@ -118,11 +113,72 @@ class LRCrossAttention(nn.Module):
         return self.dense(block_attention(q, k + self.key_pos[0], v))
 
 
-class FinalLayer(nn.Module):
-    def __init__(self, cfg: InfDiTConfig):
+class DiTBlock(nn.Module):
+    """One pre-LN adaLN layer (no gates) with QK-LayerNorm, 2D RoPE and the UniBA block bias."""
+
+    def __init__(self, cfg: InfDiTConfig, operations: Operations = nn):
         super().__init__()
-        self.ada = nn.Linear(cfg.hidden, 2 * cfg.hidden)
-        self.linear = nn.Linear(cfg.hidden, cfg.patch * cfg.patch * cfg.out_channels)
+        d = cfg.hidden
+        self.ada = operations.Linear(d, 4 * d)
+        self.qkv = operations.Linear(d, 3 * d)
+        self.qk_norm = operations.LayerNorm(cfg.head_dim, eps=cfg.eps)
+        self.block_bias = nn.Parameter(torch.zeros(4, cfg.heads, cfg.head_dim))
+        self.attn_out = operations.Linear(d, d)
+        self.fc1 = operations.Linear(d, cfg.mlp_ratio * d)
+        self.fc2 = operations.Linear(cfg.mlp_ratio * d, d)
+        self.heads, self.block_tokens, self.eps = cfg.heads, cfg.block_tokens, cfg.eps
+
+    def forward(self, h: torch.Tensor, modulation: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                gather: Gather, lr_attention: LRCrossAttention | None = None,
+                lr_window_kv: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens ``h`` ``[B, nr, nc, L, D]`` and this layer's ``[B, 4D]`` modulation -> the layer's output::
+
+            h = h + Attn(mod(LN(h), shift_msa, scale_msa))     over each block's UniBA keys
+            h = h + CrossAttn(LN(h), LR);  m = post_norm(h)    layer 0 (``lr_attention`` given)
+            m = LN(h)                                          every other layer
+            h = h + MLP(mod(m, shift_mlp, scale_mlp))
+        """
+        shift_msa, scale_msa, shift_mlp, scale_mlp = modulation.chunk(4, dim=-1)
+        h = h + self.attention(h, shift_msa, scale_msa, cos, sin, gather)
+        if lr_attention is None:
+            m = layer_norm(h, self.eps)
+        else:
+            h = h + lr_attention(layer_norm(h, self.eps), lr_window_kv)
+            m = lr_attention.post_norm(h)
+        return h + self.fc2(F.gelu(self.fc1(modulate(m, shift_mlp, scale_mlp)), approximate="tanh"))
+
+    def attention(self, h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, gather: Gather) -> torch.Tensor:
+        """``Attn(mod(LN(h), shift, scale))``: QK-LayerNorm, RoPE, the gathered keys plus their
+        segment's bias, attention inside each block, output projection."""
+        qkv = self.qkv(modulate(layer_norm(h, self.eps), shift, scale))
+        q, k, v = qkv.unflatten(-1, (3, self.heads, -1)).unbind(-3)
+        del qkv
+        q = apply_rope(self.qk_norm(q), cos, sin)
+        k = apply_rope(self.qk_norm(k), cos, sin)  # the query LayerNorm, as released
+        keys, values = gather(k, v)
+        del k, v
+        keys += self.block_bias.repeat_interleave(self.block_tokens, dim=0)
+        return self.attn_out(block_attention(q, keys, values))
+
+
+class FinalLayer(nn.Module):
+    """The output head: ``F = unpatchify(Linear(mod(LN(LN(h)), shift, scale)))``."""
+
+    def __init__(self, cfg: InfDiTConfig, operations: Operations = nn):
+        super().__init__()
+        self.ada = operations.Linear(cfg.hidden, 2 * cfg.hidden)
+        self.linear = operations.Linear(cfg.hidden, cfg.patch * cfg.patch * cfg.out_channels)
+        self.block, self.patch, self.channels, self.eps = cfg.block, cfg.patch, cfg.out_channels, cfg.eps
+
+    def forward(self, h: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+        """Tokens ``[B, nr, nc, L, D]`` and the ``[B, 2D]`` modulation -> pixels ``[B, 3, h, w]``.
+
+        LayerNorm twice: SAT's ``final_layernorm``, then the head's own ``norm_final``.
+        """
+        shift, scale = modulation.chunk(2, dim=-1)
+        tokens = self.linear(modulate(layer_norm(layer_norm(h, self.eps), self.eps), shift, scale))
+        return blocks_to_image(tokens, self.block, self.patch, self.channels)
 
 
 @dataclass
@@ -134,24 +190,23 @@ class Conditioning:
 
 
 class InfDiT(nn.Module):
-    """The DiT of Inf-DiT (weights and per-token maths; evaluation order lives in :mod:`.schedule`)."""
+    """The DiT of Inf-DiT, in the pieces an executor runs: the conditioning once per evaluation,
+    then per rectangle of blocks the embedding, every layer and the output head."""
 
-    def __init__(self, cfg: InfDiTConfig):
+    def __init__(self, cfg: InfDiTConfig, operations: Operations = nn):
         super().__init__()
         self.cfg = cfg
-        self.patch_embed = nn.Conv2d(cfg.in_channels, cfg.hidden, kernel_size=cfg.patch, stride=cfg.patch)
-        self.time_embed = TimestepEmbedding(cfg.time_channels, cfg.hidden)
-        self.vector_embed = TwoLayerMLP(cfg.vector_dim, cfg.hidden)
-        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.layers))
-        self.lr_xattn = LRCrossAttention(cfg)
-        self.final = FinalLayer(cfg)
+        self.patch_embed = operations.Conv2d(cfg.in_channels, cfg.hidden, kernel_size=cfg.patch, stride=cfg.patch)
+        self.time_embed = TimestepEmbedding(cfg.time_channels, cfg.hidden, operations)
+        self.vector_embed = TwoLayerMLP(cfg.vector_dim, cfg.hidden, operations)
+        self.blocks = nn.ModuleList(DiTBlock(cfg, operations) for _ in range(cfg.layers))
+        self.lr_xattn = LRCrossAttention(cfg, operations)
+        self.final = FinalLayer(cfg, operations)
+        self.rope = RotaryTable(cfg.rope_period, cfg.head_dim)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.patch_embed.weight.dtype
-
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, (self.cfg.hidden,), eps=self.cfg.eps)
 
     def conditioning(self, c_noise: torch.Tensor, vector: torch.Tensor) -> Conditioning:
         """Time + CLIP-vector embedding, SiLU, then every adaLN head (which applies SiLU again)."""
@@ -165,43 +220,15 @@ class InfDiT(nn.Module):
 
     def layer(self, index: int, h: torch.Tensor, cond: Conditioning, cos: torch.Tensor, sin: torch.Tensor,
               neighbours: Neighbours, lr_window_kv: torch.Tensor | None = None) -> torch.Tensor:
-        """One transformer layer on block-layout tokens ``[B, nr, nc, L, D]``."""
-        cfg, blk = self.cfg, self.blocks[index]
-        shift_msa, scale_msa, shift_mlp, scale_mlp = cond.layers[index].chunk(4, dim=-1)
-        q, k, v = blk.qkv(modulate(self._norm(h), shift_msa, scale_msa)).unflatten(-1, (3, cfg.heads, -1)).unbind(-3)
-        q = apply_rope(blk.qk_norm(q), cos, sin)
-        k = apply_rope(blk.qk_norm(k), cos, sin)
-        keys, values = neighbours(index, k, v)
-        del k, v
-        keys += blk.block_bias.repeat_interleave(cfg.block_tokens, dim=0)
-        h = h + blk.attn_out(block_attention(q, keys, values))
-        del q, keys, values
-        if index == 0:
-            if lr_window_kv is None:
-                raise ValueError("layer 0 needs the LR cross-attention keys and values")
-            h = h + self.lr_xattn(self._norm(h), lr_window_kv)
-            m = self.lr_xattn.post_norm(h)
-        else:
-            m = self._norm(h)
-        return h + blk.fc2(F.gelu(blk.fc1(modulate(m, shift_mlp, scale_mlp)), approximate="tanh"))
+        """Layer ``index`` on block-layout tokens ``[B, nr, nc, L, D]``; layer 0 is the one with
+        the nearby-LR cross-attention, whose keys and values ``lr_window_kv`` it then needs."""
+        gather = functools.partial(neighbours, index)
+        if index > 0:
+            return self.blocks[index](h, cond.layers[index], cos, sin, gather)
+        if lr_window_kv is None:
+            raise ValueError("layer 0 needs the LR cross-attention keys and values")
+        return self.blocks[0](h, cond.layers[0], cos, sin, gather, self.lr_xattn, lr_window_kv)
 
     def output(self, h: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """Final layer (LayerNorm twice, modulation, Linear) and unpatchify -> ``[B, 3, h, w]``."""
-        shift, scale = cond.final.chunk(2, dim=-1)
-        tokens = self.final.linear(modulate(self._norm(self._norm(h)), shift, scale))
-        return blocks_to_image(tokens, self.cfg.block, self.cfg.patch, self.cfg.out_channels)
-
-
-def randomize_(model: nn.Module, seed: int, std: float = 0.05) -> nn.Module:
-    """Deterministic random weights for tests and benchmarks (LayerNorm scales near 1).
-
-    Every tensor gets noise, so segment biases, positional embeddings and zero-initialised
-    heads all influence the output (a zero tensor could hide a wrong order).
-    """
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator) * std
-            is_norm_scale = name.endswith("weight") and param.dim() == 1
-            param.copy_(noise + 1.0 if is_norm_scale else noise)
-    return model
+        """The output head -> ``[B, 3, h, w]``."""
+        return self.final(h, cond.final)

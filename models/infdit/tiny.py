@@ -1,32 +1,40 @@
-"""Built-in tiny Inf-DiT models with random weights, and files in the released layout.
+"""Built-in tiny Inf-DiT models with random weights.
 
 Real weights cannot be downloaded here, so tests, benchmarks and the ComfyUI integration
 tests run this code path on a 2-layer, 64-wide network with 16-px blocks (same geometry
 rules as the released model: 4-px patches, LR cross-attention at 1/4 of the output, a 3x3
 LR-block window; RoPE wraps every 64 tokens so small images exercise the wrap) and a 2-layer
-CLIP tower (two heads). :func:`save_released_layout` writes such weights
-the way the release was saved: SAT names under DeepSpeed's ``['module']``, with the unused
-tensors and the client state (including a numpy RNG state) beside them.
+CLIP tower (two heads).
 """
 
 from __future__ import annotations
 
-import random
-from collections import OrderedDict
-from pathlib import Path
-
-import numpy as np
 import torch
+from torch import nn
 
-from .checkpoint import SAT_CLIP_PREFIX, SAT_ROPE_TABLE, InfDiTWeights, pack_to_sat
+from .checkpoint import InfDiTWeights
 from .clip_vision import ClipVisionConfig, ClipVisionEncoder
 from .config import InfDiTConfig
-from .network import InfDiT, randomize_
-from .rope import rope_cos_sin
+from .network import InfDiT
 
 TINY = InfDiTConfig(hidden=64, layers=2, heads=2, patch=4, block=4, lr_block=2, time_channels=32, vector_dim=16,
                     rope_period=64)
 TINY_CLIP = ClipVisionConfig(width=128, layers=2, patch=14, image_size=28, embed_dim=16, mlp_width=512)
+
+
+def randomize_(model: nn.Module, seed: int, std: float = 0.05) -> nn.Module:
+    """Deterministic random weights for tests and benchmarks (LayerNorm scales near 1).
+
+    Every tensor gets noise, so segment biases, positional embeddings and zero-initialised
+    heads all influence the output (a zero tensor could hide a wrong order).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator) * std
+            is_norm_scale = name.endswith("weight") and param.dim() == 1
+            param.copy_(noise + 1.0 if is_norm_scale else noise)
+    return model
 
 
 def tiny_weights(seed: int = 0, cfg: InfDiTConfig = TINY, clip_cfg: ClipVisionConfig | None = TINY_CLIP,
@@ -37,55 +45,3 @@ def tiny_weights(seed: int = 0, cfg: InfDiTConfig = TINY, clip_cfg: ClipVisionCo
     if clip_cfg is not None:
         clip = randomize_(ClipVisionEncoder(clip_cfg), seed + 1).to(dtype).eval().requires_grad_(False)
     return InfDiTWeights(net, clip)
-
-
-def released_state_dict(weights: InfDiTWeights, seed: int = 0) -> dict[str, torch.Tensor]:
-    """``['module']`` of the release for these weights: SAT names plus the tensors it ignores."""
-    cfg = weights.net.cfg
-    generator = torch.Generator().manual_seed(seed)
-    clip = weights.clip.state_dict() if weights.clip is not None else None
-    state = pack_to_sat(weights.net.state_dict(), clip)
-    rows = torch.arange(cfg.rope_period)
-    cos, sin = rope_cos_sin(rows[:, None].expand(-1, cfg.rope_period), rows[None, :].expand(cfg.rope_period, -1),
-                            cfg.head_dim, cfg.rope_period, torch.float32)
-    state[SAT_ROPE_TABLE], state[SAT_ROPE_TABLE.replace("cos", "sin")] = cos, sin
-    for layer in range(cfg.layers):
-        for param in ("weight", "bias"):
-            state[f"mixins.adaln_layer.k_layer_norm.{layer}.{param}"] = torch.randn(cfg.head_dim, generator=generator)
-    state["transformer.position_embeddings.weight"] = torch.randn(256, cfg.hidden, generator=generator)
-    if clip is not None:
-        text = SAT_CLIP_PREFIX.removesuffix("visual.")
-        state[text + "token_embedding.weight"] = torch.randn(49, 8, generator=generator)
-        state[text + "positional_embedding"] = torch.randn(77, 8, generator=generator)
-        state[text + "text_projection"] = torch.randn(8, 8, generator=generator)
-        state[text + "logit_scale"] = torch.tensor(4.6052)
-    return state
-
-
-def save_released_layout(module_state: dict[str, torch.Tensor], path: str | Path) -> None:
-    """Save ``module_state`` as DeepSpeed saves ``mp_rank_00_model_states.pt`` for SAT."""
-    torch.save({
-        "module": module_state,
-        "buffer_names": [key for key in module_state if "rope" in key],
-        "optimizer": None,
-        "param_shapes": [OrderedDict((key, value.shape) for key, value in module_state.items())],
-        "frozen_param_shapes": None,
-        "shared_params": {},
-        "frozen_param_fragments": None,
-        "lr_scheduler": None,
-        "data_sampler": None,
-        "random_ltd": None,
-        "sparse_tensor_module_names": set(),
-        "skipped_steps": 0,
-        "global_steps": 1000,
-        "global_samples": 64000,
-        "dp_world_size": 8,
-        "mp_world_size": 1,
-        "ds_config": {"train_micro_batch_size_per_gpu": 8, "bf16": {"enabled": True}},
-        "ds_version": "0.14.0",
-        "iteration": 1000,
-        "random_rng_state": random.getstate(),
-        "np_rng_state": np.random.get_state(),
-        "torch_rng_state": torch.get_rng_state(),
-        "cuda_rng_state": torch.zeros(16, dtype=torch.uint8),
-    }, str(path))

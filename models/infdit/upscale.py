@@ -6,44 +6,22 @@ cross-attention at 1/4 of the output size, and its unpadded version goes to CLIP
 sampling the padding is cropped off. Larger factors repeat stages (8 = 4 then 2, 16 = 4 then
 4). Images are sampled one at a time; an alpha channel is resized bicubically.
 
-The batch size n comes from the memory model and the budget (or is given); if the device
-still runs out of memory, the evaluation restarts with n - 1.
+The batch size n of each stage comes from its plan (:mod:`.budget`); if the device still
+runs out of memory, the evaluation restarts with n - 1.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 
 import torch
 
+from .budget import UpscaleOptions, plan_stage, stage_factors, stage_sizes
 from .checkpoint import InfDiTWeights
-from .evaluate import ImageContext, evaluate
-from .lr_context import LRContext
-from .memory import BudgetTooSmall, MemoryEstimate, choose_batch_size, estimate_memory
-from .placement import HostObserver, Placement
-from .plan import ScanOrder, plan_batches
+from .evaluate import ImageContext, LRContext, evaluate
 from .preprocess import clip_view, pad_to_multiple, resize_bicubic
 from .sampler import edm_sigmas, evaluations, heun_sample, initial_state
-
-STAGES: dict[int, tuple[int, ...]] = {2: (2,), 4: (4,), 8: (4, 2), 16: (4, 4)}
-
-
-@dataclass(frozen=True)
-class UpscaleOptions:
-    scale: int = 4
-    steps: int = 20
-    seed: int = 0
-    init_noise: bool = True
-    """Start from the upsampled LR plus noise (the released setting) instead of pure noise."""
-    budget_bytes: float | None = None
-    """Device memory for the whole sample; ``None``: no limit (one batch if nothing is given)."""
-    batch_blocks: int | None = None
-    """Fixed n (blocks per batch side), overriding the budget."""
-    scan: ScanOrder = "auto"
-    offload: bool = False
-    margin: float = 0.0
-    """Headroom on top of the memory model when choosing n (fraction)."""
+from .schedule import HostObserver, Placement, Schedule, plan_batches, plan_schedule
 
 
 class Progress:
@@ -62,63 +40,6 @@ class Progress:
         self.total += total_change
 
 
-def weight_bytes(weights: InfDiTWeights) -> int:
-    modules = [weights.net] + ([weights.clip] if weights.clip is not None else [])
-    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
-
-
-def stage_factors(scale: int) -> tuple[int, ...]:
-    if scale not in STAGES:
-        raise ValueError(f"scale must be one of {sorted(STAGES)} (2x and 4x passes), got {scale}")
-    return STAGES[scale]
-
-
-def stage_sizes(weights: InfDiTWeights, size: tuple[int, int], factors: tuple[int, ...]) -> list[tuple[int, int]]:
-    """Sampled (padded) output size of each stage: the input of a stage is padded to whole blocks."""
-    sizes, (height, width) = [], size
-    for factor in factors:
-        multiple = weights.net.cfg.block_px // factor
-        sizes.append((-(-height // multiple) * multiple * factor, -(-width // multiple) * multiple * factor))
-        height, width = height * factor, width * factor
-    return sizes
-
-
-def plan_stage(weights: InfDiTWeights, height: int, width: int, options: UpscaleOptions) -> MemoryEstimate:
-    """The batch size n for one stage's padded output, from the options and the memory model."""
-    cfg = weights.net.cfg
-    kwargs = dict(weight_bytes=weight_bytes(weights), dtype=weights.net.dtype, offload=options.offload,
-                  scan=options.scan)
-    if options.batch_blocks is not None:
-        return estimate_memory(cfg, height, width, options.batch_blocks, **kwargs)
-    if options.budget_bytes is None:
-        return estimate_memory(cfg, height, width, max(height, width) // cfg.block_px, **kwargs)
-    return choose_batch_size(cfg, height, width, options.budget_bytes, margin=options.margin, **kwargs)
-
-
-def stage_plans(weights: InfDiTWeights, size: tuple[int, int], options: UpscaleOptions) -> list[MemoryEstimate]:
-    """The memory plan of every stage for an input of ``size`` (raises :class:`BudgetTooSmall`)."""
-    return [plan_stage(weights, height, width, options)
-            for height, width in stage_sizes(weights, size, stage_factors(options.scale))]
-
-
-def fit_budget(weights: InfDiTWeights, size: tuple[int, int], options: UpscaleOptions) -> UpscaleOptions:
-    """``options``, with offloading switched on when the budget fits only that way.
-
-    Offloading gives the same result (more slowly, using host RAM), so a budget too small for
-    the neighbour cache and full-image buffers on the device is met with it rather than
-    refused. Raises :class:`BudgetTooSmall` when even one block per batch, offloaded, does not fit.
-    """
-    try:
-        stage_plans(weights, size, options)
-        return options
-    except BudgetTooSmall:
-        if options.offload:
-            raise
-    offloaded = replace(options, offload=True)
-    stage_plans(weights, size, offloaded)
-    return offloaded
-
-
 class _StageSweep:
     """D(x; sigma) for one stage, block batch by block batch, shared by the images of a batch.
 
@@ -131,15 +52,18 @@ class _StageSweep:
                  images: int):
         self.weights, self.grid, self.n, self.options = weights, grid, n, options
         self.placement, self.progress, self.check_interrupt = placement, progress, check_interrupt
-        self.batches = plan_batches(*grid, n, options.scan)
+        self.schedule = self._plan()
         self.evaluations_left = evaluations(options.steps) * images
         self.context: ImageContext | None = None
+
+    def _plan(self) -> Schedule:
+        return plan_schedule(plan_batches(*self.grid, self.n, self.options.scan), self.placement.offload)
 
     def __call__(self, x: torch.Tensor, sigma: float, out: torch.Tensor) -> torch.Tensor:
         while True:
             done_before = self.progress.done
             try:
-                evaluate(self.weights.net, x, sigma, self.context, self.batches, self.placement, out,
+                evaluate(self.weights.net, x, sigma, self.context, self.schedule, self.placement, out,
                          self.progress.step, self.check_interrupt)
                 self.evaluations_left -= 1
                 return out
@@ -153,10 +77,10 @@ class _StageSweep:
     def _shrink(self, batches_done: int) -> None:
         if self.placement.device.type == "cuda":
             torch.cuda.empty_cache()
-        old = len(self.batches)
+        old = len(self.schedule.batches)
         self.n -= 1
-        self.batches = plan_batches(*self.grid, self.n, self.options.scan)
-        self.progress.rewind(batches_done, (len(self.batches) - old) * self.evaluations_left)
+        self.schedule = self._plan()
+        self.progress.rewind(batches_done, (len(self.schedule.batches) - old) * self.evaluations_left)
 
 
 def _upscale_stage(weights: InfDiTWeights, lr: torch.Tensor, factor: int, sweep: _StageSweep,
@@ -210,7 +134,7 @@ def upscale(weights: InfDiTWeights, images: torch.Tensor, options: UpscaleOption
     progress = Progress(0, on_progress)
     sweeps = [_StageSweep(weights, (height // block_px, width // block_px), plan_stage(weights, height, width, options).n,
                           options, placement, progress, check_interrupt, count) for height, width in sizes]
-    progress.total = sum(len(sweep.batches) * sweep.evaluations_left for sweep in sweeps)
+    progress.total = sum(len(sweep.schedule.batches) * sweep.evaluations_left for sweep in sweeps)
     generator = torch.Generator().manual_seed(options.seed)
     results = []
     with torch.inference_mode():

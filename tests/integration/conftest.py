@@ -1,8 +1,10 @@
 """ComfyUI integration tests: run against the checkout named by COMFYUI_PATH, skipped with a
-reason when it is not set (CI has no ComfyUI)."""
+reason when it is not set. Where skipping would hide them (CI sets ULTRARES_REQUIRE_COMFYUI=1),
+a missing COMFYUI_PATH is an error instead."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,8 @@ COMFY_PATH = comfy_harness.comfyui_path()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if COMFY_PATH is None and os.environ.get(comfy_harness.REQUIRE_ENV) == "1":
+        raise pytest.UsageError(f"{comfy_harness.REQUIRE_ENV}=1 but {comfy_harness.SKIP_REASON}")
     for item in items:
         if HERE in Path(str(item.path)).resolve().parents:
             item.add_marker(pytest.mark.comfyui)

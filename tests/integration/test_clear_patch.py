@@ -1,11 +1,16 @@
 """The CLEAR patch node on a tiny real ComfyUI Flux (CPU): released-layout files load onto the
 model, the patched model equals a hand-built CLEAR forward through ComfyUI's sampler, and the
-original model, other patches and other attention overrides are left intact."""
+original model, other patches and other attention overrides are left intact, including
+overrides that nodes applied after CLEAR install (newer ComfyUI's attention backend and
+sparse attention nodes, as stand-ins where 0.3.64 lacks them)."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
 import math
+import types
 
 import pytest
 import torch
@@ -297,3 +302,210 @@ def test_metadata_and_overrides_choose_the_pattern(pack_nodes, clear_dir):
     torch.testing.assert_close(from_metadata, run(patch(pack_nodes, flux, "clear_local_3.safetensors")), rtol=0, atol=0)
     overridden = run(patch(pack_nodes, flux, name, radius=13))
     assert not torch.equal(overridden, from_metadata)
+
+
+def count_attention_calls(model, latent_shape=LATENT) -> int:
+    calls = []
+
+    def counting(func, *args, **kwargs):
+        calls.append(1)
+        return func(*args, **kwargs)
+
+    counted = model.clone()
+    counted.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = counting
+    run(counted, latent_shape)
+    return len(calls)
+
+
+def prepare_state_passes_model_options() -> bool:
+    import comfy.model_patcher
+
+    return "model_options" in inspect.signature(comfy.model_patcher.ModelPatcher.prepare_state).parameters
+
+
+def sparse_attention_node(model, min_tokens: int = 0):
+    """Stand-in for core's Model Sparse Attention node applied to ``model``
+    (comfy_extras/nodes_sparse_attention.py, Comfy-Org/ComfyUI 01dafad3; 0.3.64 has no such node).
+
+    Like ``install_override`` there, it puts its override on top of the current one, chaining to
+    it, when the node runs and again at every sampling step (newer ComfyUI: an ON_PREPARE_STATE
+    callback, which gets the run's model options; 0.3.64's prepare_state passes none, so a
+    CALC_COND_BATCH wrapper does it at the same point of each step), and leaves the slot alone
+    once it is on top. Its override runs its own attention (ComfyUI's, recorded as "own") on
+    calls of ``min_tokens`` tokens or more and hands shorter ones to the previous override.
+    Its functions carry the core module's name, as the real node's do.
+    """
+    import comfy.patcher_extension
+
+    seen: list[tuple[str, int]] = []
+    installed = set()
+
+    def make_override(previous):
+        def override(func, q, k, v, heads, **kwargs):
+            tokens = q.shape[2] if kwargs.get("skip_reshape") else q.shape[1]
+            if tokens >= min_tokens:
+                seen.append(("own", tokens))
+                return func(q, k, v, heads, **kwargs)
+            seen.append(("passed", tokens))
+            return func(q, k, v, heads, **kwargs) if previous is None else previous(func, q, k, v, heads, **kwargs)
+        override.__module__ = "comfy_extras.nodes_sparse_attention"
+        return override
+
+    def install(transformer_options):
+        current = transformer_options.get("optimized_attention_override")
+        if current in installed:
+            return
+        override = make_override(current)
+        installed.add(override)
+        transformer_options["optimized_attention_override"] = override
+
+    patched = model.clone()
+    install(patched.model_options["transformer_options"])
+    if prepare_state_passes_model_options():
+        patched.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_PREPARE_STATE, "standin_sparse",
+                                      lambda patcher, timestep, model_options: install(
+                                          model_options["transformer_options"]))
+    else:
+        def every_step(executor, model, conds, x_in, timestep, model_options):
+            install(model_options["transformer_options"])
+            return executor(model, conds, x_in, timestep, model_options)
+
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, "standin_sparse", every_step)
+    return patched, seen
+
+
+SMALL_LATENT = (1, 16, 8, 8)  # 4 x 4 = 16 image tokens
+
+
+def test_clear_keeps_the_image_calls_under_an_override_reinstalled_at_every_step(pack_nodes, caplog):
+    model = comfy_harness.tiny_flux_patcher(seed=0)
+    clear = patch(pack_nodes, model, radius=2, min_tokens=40)  # CLEAR on the 7 x 10 grid, not on 4 x 4
+    clear_alone = run(clear)
+    plain_small = run(model, SMALL_LATENT)
+    later, seen = sparse_attention_node(clear)
+    with caplog.at_level(logging.INFO):
+        out = run(later)
+    torch.testing.assert_close(out, clear_alone, rtol=0, atol=0)
+    assert seen == [], "every call of the large image was CLEAR's"
+    torch.testing.assert_close(run(later, SMALL_LATENT), plain_small, rtol=0, atol=0)
+    assert [who for who, _ in seen] == ["own"] * count_attention_calls(model, SMALL_LATENT)
+    assert caplog.text.count("the attention override slot held core's Model Sparse Attention node") == 1
+    # the graph without CLEAR on top: the other override's own attention, not CLEAR's
+    assert not torch.equal(run(sparse_attention_node(model)[0]), clear_alone)
+
+
+def test_clear_applied_after_the_sparse_node_keeps_the_image_calls_too(pack_nodes):
+    # CLEAR chains to the sparse override at patch time; that node then puts a new override on
+    # top of CLEAR's at every step, and CLEAR goes back on top of it.
+    model = comfy_harness.tiny_flux_patcher(seed=0)
+    clear_alone = run(patch(pack_nodes, model, radius=2, min_tokens=40))
+    earlier, seen = sparse_attention_node(model)
+    torch.testing.assert_close(run(patch(pack_nodes, earlier, radius=2, min_tokens=40)), clear_alone, rtol=0, atol=0)
+    assert seen == []
+
+
+def test_calls_clear_declines_reach_the_override_it_displaced_and_the_chain_below(pack_nodes):
+    model = comfy_harness.tiny_flux_patcher(seed=0)
+    clear = patch(pack_nodes, model, radius=2, min_tokens=40)
+    later, seen = sparse_attention_node(clear, min_tokens=10 ** 6)  # hands every call down
+    torch.testing.assert_close(run(later, SMALL_LATENT), run(model, SMALL_LATENT), rtol=0, atol=0)
+    assert [who for who, _ in seen] == ["passed"] * count_attention_calls(model, SMALL_LATENT)
+
+
+def set_model_optimized_attention(model, attention):
+    """``ModelPatcher.set_model_optimized_attention`` where the host has it (newer ComfyUI's Model
+    Attention Backend node calls it); a copy of its body otherwise (comfy/model_patcher.py,
+    Comfy-Org/ComfyUI 08d0e510): the slot gets a closure that runs ``attention`` and ignores the
+    backend ComfyUI chose."""
+    setter = getattr(model, "set_model_optimized_attention", None)
+    if setter is not None:
+        return setter(attention)
+
+    def optimized_attention_override(_, *args, **kwargs):
+        return attention(*args, **kwargs)
+
+    optimized_attention_override.__qualname__ = ("ModelPatcher.set_model_optimized_attention.<locals>."
+                                                 "optimized_attention_override")
+    model.model_options["transformer_options"]["optimized_attention_override"] = optimized_attention_override
+
+
+def test_an_attention_backend_node_after_clear_becomes_its_dense_fallback_and_is_named(pack_nodes, caplog):
+    import comfy.ldm.modules.attention as comfy_attention
+
+    model = comfy_harness.tiny_flux_patcher(seed=0)
+    clear = patch(pack_nodes, model, radius=2, min_tokens=40)
+    clear_alone = run(clear)
+    backend_calls = []
+
+    def attention_pytorch(*args, **kwargs):
+        backend_calls.append(1)
+        return comfy_attention.attention_pytorch(*args, **kwargs)
+
+    with_backend = clear.clone()
+    set_model_optimized_attention(with_backend, attention_pytorch)
+    backend_only = model.clone()
+    set_model_optimized_attention(backend_only, attention_pytorch)
+    with caplog.at_level(logging.INFO):
+        torch.testing.assert_close(run(with_backend), clear_alone, rtol=0, atol=0)
+    assert backend_calls == []
+    assert caplog.text.count("an attention backend set through ModelPatcher.set_model_optimized_attention") == 1
+    assert "(attention_pytorch)" in caplog.text
+    torch.testing.assert_close(run(with_backend, SMALL_LATENT), run(backend_only, SMALL_LATENT), rtol=0, atol=0)
+    assert len(backend_calls) == 2 * count_attention_calls(model, SMALL_LATENT)
+
+
+def test_the_override_is_tagged_memory_efficient_for_core_memory_estimates(pack_nodes):
+    override = patch(pack_nodes, comfy_harness.tiny_flux_patcher(seed=0), radius=2).model_options[
+        "transformer_options"]["optimized_attention_override"]
+    assert override.memory_efficient is True
+
+
+def test_overrides_are_described_by_the_node_that_installed_them(pack_nodes):
+    from ultrares.nodes.attention_override import describe_override
+
+    def sparse(func, *args, **kwargs):
+        return func(*args, **kwargs)
+
+    for module in ("comfy_extras.nodes_sparse_attention", r"D:\ComfyUI\comfy_extras\nodes_sparse_attention"):
+        sparse.__module__ = module  # how ComfyUI names a module it loads by path
+        assert describe_override(sparse).startswith("core's Model Sparse Attention node")
+
+    def other_pack(func, *args, **kwargs):
+        return func(*args, **kwargs)
+
+    other_pack.__module__ = "custom_nodes.KJNodes.nodes"
+    assert describe_override(other_pack) == ("another node's attention override (custom_nodes.KJNodes.nodes."
+                                             "test_overrides_are_described_by_the_node_that_installed_them.<locals>."
+                                             "other_pack)")
+    assert describe_override(None).startswith("no override")
+
+
+def flux_variant_standin(image_model: str, family: str, **params):
+    """A tiny FLUX.1 dressed as another Flux-class variant the way newer ComfyUI builds one
+    (0.3.64 has none): its model_detection.py gives the variant its own ``image_model`` (Flux.2
+    also ``global_modulation``, ``mlp_silu_act``, no biases, ``txt_ids_dims=[3]``, 4 RoPE axes),
+    supported_models.py its own model config class, and the same comfy.ldm.flux.model.Flux class
+    takes the extra fields in its FluxParams (newer copies of model.py and model_detection.py of
+    unknown origin: no Comfy-Org/ComfyUI copy of those two files newer than 0.3.64 could be had)."""
+    model = comfy_harness.tiny_flux_patcher(seed=0)
+    config = model.model.model_config
+    config.unet_config = {**config.unet_config, "image_model": image_model}
+    config.__class__ = type(family, (type(config),), {})
+    network = model.model.diffusion_model
+    network.params = types.SimpleNamespace(**{**dataclasses.asdict(network.params), **params})
+    return model
+
+
+def test_flux_class_variants_whose_layout_clear_does_not_fit_are_refused_by_name(pack_nodes, clear_dir):
+    write_file(clear_dir, "clear_local_8.safetensors", comfy_harness.clear_released_state_dict(DEPTH, DEPTH_SINGLE, HIDDEN))
+    flux2 = flux_variant_standin("flux2", "Flux2", global_modulation=True, mlp_silu_act=True, qkv_bias=False,
+                                 ops_bias=False, txt_ids_dims=[3], axes_dim=[8, 8, 8, 8])
+    chroma = flux_variant_standin("chroma", "Chroma")
+    for weights in ("clear_local_8.safetensors", "none"):
+        with pytest.raises(ValueError, match=r"FLUX\.1's block layout only .* this Flux2 model has another "
+                                             r"\(image_model 'flux2', global_modulation=True, mlp_silu_act=True, "
+                                             r"ops_bias=False, qkv_bias=False, txt_ids_dims=\[3\], 4 RoPE axes\)"):
+            patch(pack_nodes, flux2, weights, radius=8)
+        with pytest.raises(ValueError, match=r"this Chroma model has another \(image_model 'chroma'\).*not supported yet"):
+            patch(pack_nodes, chroma, weights, radius=8)
+    assert patch(pack_nodes, comfy_harness.tiny_flux_patcher(seed=0), "clear_local_8.safetensors") is not None

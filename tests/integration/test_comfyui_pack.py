@@ -70,3 +70,41 @@ def test_tiny_models_sample_deterministically_with_comfyuis_sampler(comfy_nodes,
     assert torch.isfinite(first).all()
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     assert not torch.equal(first, comfy_harness.sample(make_model(seed=2), cond, cond, latent, seed=3))
+
+
+def test_the_harness_follows_newer_signatures_where_the_host_has_them(comfy_nodes, monkeypatch):
+    # Stand-ins of the 0.38-line signatures the harness adapts to (named per helper in comfy_harness).
+    import dataclasses
+
+    import comfy.ldm.flux.model
+    import comfy.utils
+    import execution
+
+    class PromptExecutorWithCacheArgs:  # execution.py, Comfy-Org/ComfyUI 04e2a914
+        def __init__(self, server, cache_type=False, cache_args=None, asset_manager=None):
+            self.ram = (cache_args["ram"], cache_args["ram_inactive"])
+
+    monkeypatch.setattr(execution, "PromptExecutor", PromptExecutorWithCacheArgs)
+    assert comfy_harness.prompt_executor(object()).ram == (0.0, 0.0)
+
+    @dataclasses.dataclass
+    class FluxParamsWithTextIds:  # FluxParams with txt_ids_dims, no default (comfy/ldm/flux/model.py)
+        hidden_size: int
+        txt_ids_dims: list
+
+    monkeypatch.setattr(comfy.ldm.flux.model, "FluxParams", FluxParamsWithTextIds)
+    assert comfy_harness.flux_unet_config({"hidden_size": 64}) == {"hidden_size": 64, "txt_ids_dims": []}
+
+    for name, value in (("PROGRESS_THROTTLE_MIN_INTERVAL", 0.1), ("PROGRESS_THROTTLE_MIN_PERCENT", 0.5)):
+        monkeypatch.setattr(comfy.utils, name, value, raising=False)  # comfy/utils.py, Comfy-Org/ComfyUI 09708eae
+    assert comfy_harness.unthrottle_progress_bars() == list(comfy_harness.PROGRESS_THROTTLE_SETTINGS)
+    assert comfy.utils.PROGRESS_THROTTLE_MIN_INTERVAL == 0 and comfy.utils.PROGRESS_THROTTLE_MIN_PERCENT == 0
+
+    class QKNorm(torch.nn.Module):  # newer RMSNorm keeps its scale as .weight
+        def __init__(self):
+            super().__init__()
+            self.query_norm = torch.nn.RMSNorm(8)
+            self.key_norm = torch.nn.RMSNorm(8)
+
+    state = comfy_harness.random_state_dict(QKNorm(), seed=0)
+    assert all(0.5 < float(value.mean()) < 1.5 for value in state.values())

@@ -181,8 +181,21 @@ def test_patch_refuses_weights_for_another_family_and_models_without_a_unet(pack
         patch.execute(model, "sd15.safetensors", 0, "middle.9.9", 0)
 
 
-def test_cancelled_distillation_leaves_a_checkpoint_that_resumes(pack_nodes, gspn_folder, monkeypatch, caplog):
+class InterruptStandIn(BaseException):
+    """Newer ComfyUI's ``InterruptProcessingException`` derives from ``BaseException``
+    (comfy/model_management.py, Comfy-Org/ComfyUI 02b2b388), so ``except Exception`` no longer
+    sees a cancel; 0.3.64's derives from ``Exception``."""
+
+
+@pytest.fixture(params=["host's", "BaseException"])
+def interrupt_class(request) -> type[BaseException]:
     import comfy.model_management
+
+    return comfy.model_management.InterruptProcessingException if request.param == "host's" else InterruptStandIn
+
+
+def test_cancelled_distillation_leaves_a_checkpoint_that_resumes(pack_nodes, gspn_folder, monkeypatch, caplog,
+                                                                 interrupt_class):
     import folder_paths
     from ultrares.models.gspn import load_gspn_weights
 
@@ -192,13 +205,13 @@ def test_cancelled_distillation_leaves_a_checkpoint_that_resumes(pack_nodes, gsp
     def cancel_after_three():
         checks.append(1)
         if len(checks) > 3:
-            raise comfy.model_management.InterruptProcessingException()
+            raise interrupt_class()
 
     import ultrares.nodes.gspn as gspn_nodes
 
     never_cancelled = gspn_nodes.check_interrupt
     monkeypatch.setattr(gspn_nodes, "check_interrupt", cancel_after_three)
-    with pytest.raises(comfy.model_management.InterruptProcessingException):
+    with pytest.raises(interrupt_class):
         _distill(pack_nodes, model, "cancelled", steps=10)
     _, record = load_gspn_weights(gspn_folder / "cancelled.safetensors", "SD15")
     assert record.steps == 3 and not record.finished
@@ -251,3 +264,83 @@ def test_prediction_matching_sends_gradients_through_the_unet_to_every_gspn_laye
     for spec, module in gspn.items():
         for name, parameter in module.named_parameters():
             assert parameter.grad is not None and parameter.grad.abs().sum() > 0, f"{spec.name}.{name}"
+
+
+@pytest.mark.parametrize("host", ["Dynamic VRAM", "no CoreModelPatcher"])
+def test_the_gspn_modules_get_the_patcher_class_comfyui_builds_its_models_with(pack_nodes, gspn_folder, monkeypatch,
+                                                                               host):
+    # One plain ModelPatcher among the models of a load sends newer ComfyUI's whole load down
+    # its non-dynamic path; 0.3.64 has no CoreModelPatcher at all.
+    import comfy.model_patcher
+    from ultrares.models.gspn import GSPNConfig, GSPNLayers, TrainingRecord, save_gspn_weights
+    from ultrares.nodes.gspn_patch import ADDITIONAL_MODELS_KEY, unet_layers
+
+    if host == "Dynamic VRAM":
+        expected = comfy_harness.dynamic_patcher_standin()
+        monkeypatch.setattr(comfy.model_patcher, "CoreModelPatcher", expected, raising=False)
+    else:
+        expected = comfy.model_patcher.ModelPatcher
+        monkeypatch.delattr(comfy.model_patcher, "CoreModelPatcher", raising=False)
+    model = comfy_harness.tiny_sd15_patcher(seed=1)
+    torch.manual_seed(0)
+    save_gspn_weights(gspn_folder / "random.safetensors", GSPNLayers(unet_layers(model), GSPNConfig()), "SD15",
+                      TrainingRecord())
+    (patched,) = pack_nodes["UltraResGSPNPatch"].execute(model, "random.safetensors", 0, "", 0).result
+    (gspn_patcher,) = patched.get_additional_models_with_key(ADDITIONAL_MODELS_KEY)
+    assert type(gspn_patcher) is expected
+    cond = comfy_harness.sd15_conditioning()
+    out = comfy_harness.sample(patched, cond, cond, torch.zeros(1, 4, 6, 8), seed=3)
+    assert torch.isfinite(out).all()
+
+
+class SharedCastBuffer:
+    """Stand-in for the cast buffers of newer ComfyUI's ops (comfy/ops.py, Comfy-Org/ComfyUI
+    0271a469: ``cast_modules_with_vbar`` casts a layer's weights into a per-stream buffer that the
+    next layer's cast reuses, as raw memory autograd knows nothing of; low-VRAM offloading's
+    ``get_cast_buffer`` in comfy/model_management.py 02b2b388 is alike). Every weight matrix
+    ComfyUI's ops cast lands in one buffer, through a tensor of its own over that memory (so no
+    version counter notices the overwrite, as with aimdo's raw pointers)."""
+
+    def __init__(self, model, monkeypatch):
+        import comfy.model_management
+
+        self.original = comfy.model_management.cast_to
+        largest = max(p.numel() for p in model.get_model_object("diffusion_model").parameters())
+        self.buffer = torch.empty(largest, dtype=torch.float32)
+        self.casts = 0
+        monkeypatch.setattr(comfy.model_management, "cast_to", self.cast_to)
+
+    def cast_to(self, weight, dtype=None, device=None, non_blocking=False, copy=False, stream=None, **kwargs):
+        if not isinstance(weight, torch.nn.Parameter) or weight.ndim < 2 or (dtype or weight.dtype) != torch.float32:
+            return self.original(weight, dtype, device, non_blocking, copy, stream, **kwargs)
+        self.casts += 1
+        view = torch.empty(0, dtype=torch.float32).set_(self.buffer.untyped_storage(), 0, weight.shape)
+        return view.copy_(weight.detach())
+
+
+def _prediction_matching_gradients(model) -> dict[str, torch.Tensor]:
+    from ultrares.models.gspn import GSPNConfig, GSPNLayers
+    from ultrares.nodes.gspn_patch import unet_layers
+    from ultrares.nodes.gspn_training import TrajectorySettings, with_host, with_weight_copies
+
+    trajectory = TrajectorySettings(width=64, height=48, sampling_steps=2, cfg=2.0)
+    with torch.inference_mode(False), torch.enable_grad():
+        torch.manual_seed(0)
+        gspn = GSPNLayers(unet_layers(model), GSPNConfig(chunk=4, proxy_ratio=4))
+
+        def run(host):
+            host.student(host.start(0), host.sigmas()[0], 0, gspn).square().mean().backward()
+
+        with_host(with_weight_copies(model), _prompts(), None, trajectory, 0, run)
+    return {f"{spec.name}.{name}": p.grad for spec, module in gspn.items() for name, p in module.named_parameters()}
+
+
+def test_prediction_matching_gradients_survive_cast_buffers_that_the_next_layer_overwrites(pack_nodes, monkeypatch):
+    with torch.inference_mode():
+        model = comfy_harness.tiny_sd15_patcher(seed=3)
+    expected = _prediction_matching_gradients(model)
+    shared = SharedCastBuffer(model, monkeypatch)
+    got = _prediction_matching_gradients(model)
+    assert shared.casts > 0, "the UNet's weights did not go through ComfyUI's cast"
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, msg=name)

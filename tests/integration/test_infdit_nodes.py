@@ -13,11 +13,14 @@ import json
 import pytest
 import torch
 
+import comfy_harness
+from ultrares.models.infdit.budget import UpscaleOptions, plan_stage, weight_bytes
 from ultrares.models.infdit.checkpoint import convert_checkpoint, load_infdit
-from ultrares.models.infdit.preprocess import clip_view, resize_bicubic
-from ultrares.models.infdit.tiny import TINY_CLIP, released_state_dict, save_released_layout, tiny_weights
 from ultrares.models.infdit.memory import GiB
-from ultrares.models.infdit.upscale import UpscaleOptions, plan_stage, upscale
+from ultrares.models.infdit.preprocess import clip_view, resize_bicubic
+from ultrares.models.infdit.tiny import TINY_CLIP, tiny_weights
+from ultrares.models.infdit.upscale import upscale
+from infdit_release import released_state_dict, save_released_layout
 
 RELEASED = "mp_rank_00_model_states.pt"
 CONVERTED = "infdit_tiny.safetensors"
@@ -103,7 +106,7 @@ def run_prompt(comfy_nodes, prompt: dict, image: torch.Tensor, on_progress=None)
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("test", prompt, None))
     assert valid, json.dumps([error, node_errors], default=str)
     server = RecordingServer()
-    executor = execution.PromptExecutor(server)
+    executor = comfy_harness.prompt_executor(server)
     comfy.utils.set_progress_bar_global_hook(
         (lambda value, total, preview, node_id=None: on_progress(value, total)) if on_progress else None)
     try:
@@ -176,6 +179,31 @@ def test_budgets_that_fit_better_offloaded_offload_or_say_so_and_one_above_free_
     assert "is more than the" in caplog.text and "available with the model loaded" in caplog.text
 
 
+def test_the_loader_uses_comfyuis_patcher_class_and_the_budget_its_free_memory_reading(comfy_nodes, model_folder,
+                                                                                       monkeypatch, caplog):
+    # Dynamic VRAM: the patcher's get_free_memory counts VRAM that comfy-aimdo frees on demand,
+    # which model management's reading leaves out (comfy/model_management.py, Comfy-Org/ComfyUI
+    # 02b2b388, asks code that sizes work to use the patcher's).
+    import comfy.model_patcher
+
+    weights = load_infdit(model_folder / RELEASED)
+    one, two = (plan_stage(weights, 48, 80, UpscaleOptions(batch_blocks=n)).total for n in (1, 2))
+    patcher_class = comfy_harness.dynamic_patcher_standin(free_bytes=one - weight_bytes(weights))
+    monkeypatch.setattr(comfy.model_patcher, "CoreModelPatcher", patcher_class, raising=False)
+    (loaded,) = comfy_nodes.NODE_CLASS_MAPPINGS["UltraResInfDiTLoader"].execute(RELEASED, "from checkpoint",
+                                                                                "fp32").result
+    assert type(loaded.patcher) is patcher_class
+    image = torch.rand(1, 12, 20, 3)
+    with caplog.at_level("INFO"):
+        executor, server, out = run_prompt(comfy_nodes, upscale_prompt(RELEASED, image), image)
+    assert executor.success, server.messages[-1]
+    assert patcher_class.free_memory_reads, "the plan did not ask the patcher"
+    assert one < two and "Inf-DiT: 1 x 1 blocks per batch: weights" in caplog.text
+    assert "offloading" not in caplog.text
+    expected = upscale(weights, image.movedim(-1, 1), UpscaleOptions(scale=4, steps=2, seed=3), torch.device("cpu"))
+    torch.testing.assert_close(out, expected.movedim(1, -1), rtol=0, atol=1e-5)
+
+
 def test_cancelling_stops_between_block_batches(comfy_nodes, model_folder):
     import comfy.model_management
 
@@ -204,6 +232,19 @@ def test_errors_name_the_problem(comfy_nodes, model_folder, checkpoint, budget, 
     assert not executor.success
     (error,) = [data for event, data in server.messages if event == "execution_error"]
     assert __import__("re").search(message, error["exception_message"]), error["exception_message"]
+
+
+@pytest.mark.parametrize("operations", ["disable_weight_init", "manual_cast"])
+def test_networks_built_from_comfy_ops_compute_what_the_torch_nn_ones_do(comfy_nodes, model_folder, operations):
+    import comfy.ops
+
+    ops = getattr(comfy.ops, operations)
+    weights = load_infdit(model_folder / RELEASED, operations=ops)
+    assert isinstance(weights.net.blocks[1].qkv, ops.Linear) and isinstance(weights.net.patch_embed, ops.Conv2d)
+    assert isinstance(weights.net.lr_xattn.post_norm, ops.LayerNorm) and isinstance(weights.clip.ln_post, ops.LayerNorm)
+    image, options = torch.rand(1, 3, 8, 12), UpscaleOptions(scale=4, steps=1, seed=3, batch_blocks=1)
+    expected = upscale(load_infdit(model_folder / RELEASED), image, options, torch.device("cpu"))
+    assert torch.equal(upscale(weights, image, options, torch.device("cpu")), expected)
 
 
 def test_the_clip_tower_matches_comfyuis_clip_vision_with_exact_gelu_but_not_quick_gelu(comfy_nodes):

@@ -4,11 +4,13 @@ The exactness tests compare the block scheduler with this, so nothing here uses 
 scheduler's pieces (batch plans, neighbour cache, extended grids, LR tiles, per-batch RoPE
 positions, the in-place Heun buffers, the chunked noise draw). It shares only the per-token
 network maths (``net.layer`` with a gather callback, ``net.embed``, ``net.output``), which
-``test_infdit_network.py`` checks against the reference formulas, and the CLIP tower
-(``test_infdit_clip.py``).
+``test_infdit_network.py`` checks against the reference formulas, and the CLIP tower and its
+preprocessing (``test_infdit_clip.py``, and against torchvision in the ComfyUI tests).
 
-- evaluation: token positions from the token index, the clamp-and-concatenate neighbour
-  gather of ``get_cat_layer_left_top``, LR windows from ``nn.Unfold`` after ``proj_lr``;
+- evaluation: token positions from the token index wrapped at the table size, cos and sin
+  looked up in ``[period, period, head_dim]`` tables as ``RotaryPositionEmbedding`` does (the
+  tables it is fed, or ones built as its ``__init__`` builds them), the clamp-and-concatenate
+  neighbour gather of ``get_cat_layer_left_top``, LR windows from ``nn.Unfold`` after ``proj_lr``;
 - sampling: ``ConcatSRHeunEDMSampler`` (EDM Algorithm 1 without churn) over
   ``EDMDiscretization`` sigmas, noise for the whole image in one draw.
 """
@@ -18,8 +20,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ultrares.models.infdit.rope import rope_cos_sin
-from ultrares.models.infdit.uniba import to_blocks
+from .attention import to_blocks
+from .preprocess import clip_view
+
+
+def reference_rope_table(period: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``RotaryPositionEmbedding(pix2struct=True)``'s fp32 tables ``[period, period, head_dim]``:
+    per axis, frequencies repeated in adjacent pairs; rows first, then columns."""
+    half = head_dim // 2
+    freqs = 1.0 / (10000 ** (torch.arange(0, half, 2)[: half // 2].float() / half))
+    t = torch.arange(period) / period * period
+    axis = torch.einsum("i,f->if", t, freqs).repeat_interleave(2, dim=-1)
+    table = torch.cat([axis[:, None, :].expand(-1, period, -1), axis[None, :, :].expand(period, -1, -1)], dim=-1)
+    return table.cos(), table.sin()
 
 
 def reference_gather(x: torch.Tensor) -> torch.Tensor:
@@ -49,21 +62,32 @@ def reference_preconditioning(sigma: float) -> tuple[float, float, float, float]
     return c_skip, c_out, c_in, 0.25 * torch.log(torch.tensor(sigma, dtype=torch.float64)).item()
 
 
-def reference_evaluation(net, x, sigma, concat_lr, lr_image, vector) -> torch.Tensor:
-    """One denoiser evaluation D(x; sigma) of the whole image at once."""
+def reference_evaluation(net, x, sigma, concat_lr, lr_image, vector, rope_tables=None) -> torch.Tensor:
+    """One denoiser evaluation D(x; sigma) of the whole image at once.
+
+    ``rope_tables``: the ``[period, period, head_dim]`` cos and sin tables, cast to the model
+    dtype as the reference casts its buffers (default: built as a new reference model builds them).
+    D is formed in fp32 from the network output, as the pack's sampler does (the release's
+    sampler runs in bf16), so that a half-precision model is compared on its network alone.
+    """
     cfg = net.cfg
     c_skip, c_out, c_in, c_noise = reference_preconditioning(sigma)
     cond = net.conditioning(torch.full((x.shape[0],), c_noise), vector)
     h = net.embed(torch.cat([x, concat_lr], dim=1) * c_in)
     rows_t, cols_t = x.shape[-2] // cfg.patch, x.shape[-1] // cfg.patch
     index = torch.arange(rows_t * cols_t)
-    cos, sin = rope_cos_sin(index // cols_t, index % cols_t, cfg.head_dim, cfg.rope_period, net.dtype)
+    if rope_tables is None:
+        rope_tables = reference_rope_table(cfg.rope_period, cfg.head_dim)
+    cos_table, sin_table = rope_tables
+    period = cos_table.shape[0]
+    rows, cols = index // cols_t % period, index % cols_t % period
+    cos, sin = cos_table.to(net.dtype)[rows, cols], sin_table.to(net.dtype)[rows, cols]
     cos, sin = (to_blocks(t.T.reshape(1, -1, rows_t, cols_t), cfg.block)[0][..., None, :] for t in (cos, sin))
     windows = reference_lr_windows(net, lr_image)
     for layer in range(cfg.layers):
         h = net.layer(layer, h, cond, cos, sin, lambda _, k, v: (reference_gather(k), reference_gather(v)),
                       windows if layer == 0 else None)
-    return c_skip * x + c_out * net.output(h, cond)
+    return c_skip * x + c_out * net.output(h, cond).float()
 
 
 def reference_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 40.0, rho: float = 7.0) -> list[float]:
@@ -96,7 +120,7 @@ def reference_upscale_4x(weights, image: torch.Tensor, steps: int, seed: int, in
     net = weights.net
     lr = image * 2 - 1
     concat_lr = F.interpolate(lr, scale_factor=4, mode="bicubic", align_corners=False, antialias=True).clamp(-1, 1)
-    vector = weights.clip.embed(lr)
+    vector = weights.clip.encode(clip_view(lr, weights.clip.cfg.image_size))
     noise = torch.randn(concat_lr.shape, generator=torch.Generator().manual_seed(seed)) * 40.0
     x = concat_lr + noise if init_noise else noise
     with torch.inference_mode():

@@ -9,7 +9,7 @@ after any op. Not seen: memory a kernel allocates for itself and frees before re
 the meter started (add the weights yourself).
 
 On a CPU-only machine the host and the "device" are the same memory. Code that keeps data
-on the host (see :class:`.placement.Placement`) allocates it, and does host-side preparation,
+on the host (the Inf-DiT ``Placement``) allocates it, and does host-side preparation,
 inside :meth:`host_work`; the meter then reports what a GPU would hold.
 """
 

@@ -1,0 +1,170 @@
+"""The plan of an upscale: its stages, the batch size of each, and what a budget allows.
+
+One *stage* is one 2x or 4x pass (8 = 4 then 2, 16 = 4 then 4); its output is padded to
+whole blocks. The batch size n of a stage is given, or the largest whose memory model
+(:mod:`.memory`) fits the budget, or, without a budget, one batch over the whole image.
+Offloading gives the same result, so a budget that only fits with it switches it on.
+
+Where a host manages device memory (ComfyUI), planning has two moments: before the model is
+loaded, :func:`working_memory` says how much to have freed for the request; once it is
+loaded, :func:`plan_budget` turns the request and the memory then free into the plan, with
+what is worth telling the user.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+import torch
+
+from .checkpoint import InfDiTWeights
+from .memory import GiB, BudgetTooSmall, MemoryEstimate, choose_batch_size, estimate_memory, offloaded_host_bytes
+from .schedule import ScanOrder
+
+CUDA_HEADROOM = 0.1
+"""Fraction added to the memory model on CUDA for the caching allocator's fragmentation."""
+
+STAGES: dict[int, tuple[int, ...]] = {2: (2,), 4: (4,), 8: (4, 2), 16: (4, 4)}
+
+
+@dataclass(frozen=True)
+class UpscaleOptions:
+    """What to upscale how: the sampling settings, and what the plan may use."""
+
+    scale: int = 4
+    steps: int = 20
+    seed: int = 0
+    init_noise: bool = True
+    """Start from the upsampled LR plus noise (the released setting) instead of pure noise."""
+    budget_bytes: float | None = None
+    """Device memory for the whole sample; ``None``: no limit (one batch if nothing is given)."""
+    batch_blocks: int | None = None
+    """Fixed n (blocks per batch side), overriding the budget."""
+    scan: ScanOrder = "auto"
+    offload: bool = False
+    margin: float = 0.0
+    """Headroom on top of the memory model when choosing n (fraction)."""
+
+
+def weight_bytes(weights: InfDiTWeights) -> int:
+    """Device bytes of the loaded model: parameters and buffers (the RoPE tables)."""
+    modules = [weights.net] + ([weights.clip] if weights.clip is not None else [])
+    return sum(t.numel() * t.element_size() for m in modules for t in (*m.parameters(), *m.buffers()))
+
+
+def allocator_headroom(device: torch.device | str) -> float:
+    """The :attr:`UpscaleOptions.margin` for ``device``: CUDA's caching allocator fragments."""
+    return CUDA_HEADROOM if torch.device(device).type == "cuda" else 0.0
+
+
+def stage_factors(scale: int) -> tuple[int, ...]:
+    """The 2x and 4x passes of an upscale by ``scale``."""
+    if scale not in STAGES:
+        raise ValueError(f"scale must be one of {sorted(STAGES)} (2x and 4x passes), got {scale}")
+    return STAGES[scale]
+
+
+def stage_sizes(weights: InfDiTWeights, size: tuple[int, int], factors: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Sampled (padded) output size of each stage: the input of a stage is padded to whole blocks."""
+    sizes, (height, width) = [], size
+    for factor in factors:
+        multiple = weights.net.cfg.block_px // factor
+        sizes.append((-(-height // multiple) * multiple * factor, -(-width // multiple) * multiple * factor))
+        height, width = height * factor, width * factor
+    return sizes
+
+
+def plan_stage(weights: InfDiTWeights, height: int, width: int, options: UpscaleOptions) -> MemoryEstimate:
+    """The batch size n for one stage's padded output, from the options and the memory model."""
+    cfg = weights.net.cfg
+    kwargs = dict(weight_bytes=weight_bytes(weights), dtype=weights.net.dtype, offload=options.offload,
+                  scan=options.scan)
+    if options.batch_blocks is not None:
+        return estimate_memory(cfg, height, width, options.batch_blocks, **kwargs)
+    if options.budget_bytes is None:
+        return estimate_memory(cfg, height, width, max(height, width) // cfg.block_px, **kwargs)
+    return choose_batch_size(cfg, height, width, options.budget_bytes, margin=options.margin, **kwargs)
+
+
+def stage_plans(weights: InfDiTWeights, size: tuple[int, int], options: UpscaleOptions) -> list[MemoryEstimate]:
+    """The memory plan of every stage for an input of ``size`` (raises :class:`BudgetTooSmall`)."""
+    return [plan_stage(weights, height, width, options)
+            for height, width in stage_sizes(weights, size, stage_factors(options.scale))]
+
+
+def fit_budget(weights: InfDiTWeights, size: tuple[int, int], options: UpscaleOptions) -> UpscaleOptions:
+    """``options``, with offloading switched on when the budget fits only that way.
+
+    Offloading gives the same result (more slowly, using host RAM), so a budget too small for
+    the neighbour cache and full-image buffers on the device is met with it rather than
+    refused. Raises :class:`BudgetTooSmall` when even one block per batch, offloaded, does not fit.
+    """
+    try:
+        stage_plans(weights, size, options)
+        return options
+    except BudgetTooSmall:
+        if options.offload:
+            raise
+    offloaded = replace(options, offload=True)
+    stage_plans(weights, size, offloaded)
+    return offloaded
+
+
+def working_memory(weights: InfDiTWeights, size: tuple[int, int], options: UpscaleOptions) -> int:
+    """Device bytes beyond the weights to have free before planning ``options``: what the plan
+    for the requested budget needs or, without one, the least that works (one offloaded block
+    per batch). Raises :class:`BudgetTooSmall`."""
+    need = fit_budget(weights, size, options) if options.budget_bytes is not None else \
+        replace(options, offload=True, batch_blocks=1)
+    return max(plan.total for plan in stage_plans(weights, size, need)) - weight_bytes(weights)
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """An upscale as it will run, and what the user should hear about it."""
+
+    options: UpscaleOptions
+    """The request with the budget planned for and the offloading decided."""
+    stages: tuple[MemoryEstimate, ...]
+    messages: tuple[tuple[int, str], ...]
+    """``(logging level, text)`` pairs, in order."""
+
+
+def plan_budget(weights: InfDiTWeights, size: tuple[int, int], options: UpscaleOptions, free_bytes: float,
+                host_free_bytes: float | None = None) -> BudgetPlan:
+    """The plan for ``options`` with the model loaded and ``free_bytes`` of device memory free.
+
+    The budget (weights included) is the requested one, lowered to what is available, or all
+    that is available without a request; offloading is switched on if only it fits. The
+    messages give the largest stage's batch size and memory, and say when the budget was
+    lowered, when offloading was switched on, when it would allow twice the batch size, and
+    when it needs more than ``host_free_bytes`` of host RAM. Raises :class:`BudgetTooSmall`.
+    """
+    requested, available = options.budget_bytes, free_bytes + weight_bytes(weights)
+    budget = available if requested is None else min(requested, available)
+    messages: list[tuple[int, str]] = []
+    if requested is not None and budget < requested:
+        messages.append((logging.WARNING, f"the VRAM budget of {requested / GiB:.2f} GiB is more than the "
+                                          f"{available / GiB:.2f} GiB available with the model loaded; planning for "
+                                          f"{budget / GiB:.2f} GiB"))
+    planned = fit_budget(weights, size, replace(options, budget_bytes=budget))
+    if planned.offload and not options.offload:
+        messages.append((logging.INFO, f"the neighbour cache and full-image buffers do not fit {budget / GiB:.2f} "
+                                       "GiB of device memory; offloading them to CPU RAM (same result, slower)"))
+    stages = stage_plans(weights, size, planned)
+    largest = stages[-1]
+    messages.append((logging.INFO, f"{largest.n} x {largest.n} blocks per batch: {largest.summary()}"))
+    if not planned.offload:
+        offloaded = stage_plans(weights, size, replace(planned, offload=True))[-1].n
+        if offloaded >= 2 * largest.n:
+            messages.append((logging.INFO, f"with offload_cache on, the same budget allows {offloaded} x {offloaded} "
+                                           "blocks per batch (fewer, larger batches; uses CPU RAM)"))
+    elif host_free_bytes is not None:
+        height, width = stage_sizes(weights, size, stage_factors(planned.scale))[-1]
+        host = offloaded_host_bytes(weights.net.cfg, height, width, largest.n, dtype=weights.net.dtype,
+                                    scan=planned.scan)
+        if host > host_free_bytes:
+            messages.append((logging.WARNING, f"offloading needs about {host / GiB:.1f} GiB of CPU RAM for a "
+                                              f"{width}x{height} output, {host_free_bytes / GiB:.1f} GiB is free"))
+    return BudgetPlan(planned, tuple(stages), tuple(messages))
