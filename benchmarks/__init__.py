@@ -1,8 +1,9 @@
 """Benchmarks that print speed and memory ratios measured side by side in one run.
 
 Each benchmark module has ``main(argv) -> None`` and is listed in :data:`BENCHMARKS`;
-``python -m ultrares.benchmarks`` runs them all (``--quick`` for the small sizes, which is
-the pack's download-free demo on built-in tiny models).
+``python -m ultrares.benchmarks`` runs the :data:`DEFAULT` ones (``--quick`` for the small
+sizes, which is the pack's download-free demo on built-in tiny models); ``gpu`` writes the
+prepared GPU report (``benchmarks/gpu.py``).
 """
 
 from __future__ import annotations
@@ -11,4 +12,7 @@ BENCHMARKS: dict[str, str] = {
     "clear": ".clear_attention",
     "gspn": ".gspn",
     "infdit": ".infdit_memory",
+    "gpu": ".gpu",
 }
+DEFAULT: tuple[str, ...] = ("clear", "gspn", "infdit")
+"""What runs without names: the CPU benchmarks (``gpu`` needs a GPU, or ``--dry``)."""

@@ -18,6 +18,7 @@ from ..kernels._clear_triton import DEFAULT_K_TILE, DEFAULT_Q_TILE, SIDE_BLOCK
 from ..models.clear.attention import ClearAttention, TokenLayout
 from ..models.clear.downsample import down_sampled_count
 from ..models.clear.pattern import ClearPattern
+from .machine import stamp
 from .timing import timed_call
 
 FLUX_HEADS, FLUX_HEAD_DIM, FLUX_TEXT = 24, 128, 512
@@ -77,10 +78,11 @@ def best_times(runners: dict[str, Callable[[], object]], repeats: int, device: t
     return best
 
 
-def flex_runner(grid: tuple[int, int], pattern: ClearPattern, q, k, v) -> Callable[[], object]:
+def flex_runner(grid: tuple[int, int], pattern: ClearPattern, q, k, v, compiled: bool = True) -> Callable[[], object]:
     """The reference's FlexAttention call for this pattern: a block mask on the raster order (built
-    once, as the reference caches it per resolution) and the compiled ``flex_attention``. The
-    layout constants are tensors so the compiled kernel is reused across windows."""
+    once, as the reference caches it per resolution) and the compiled ``flex_attention``
+    (``compiled=False``: eager, for plumbing checks). The layout constants are tensors so the
+    compiled kernel is reused across windows."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     h, w = grid
@@ -96,9 +98,13 @@ def flex_runner(grid: tuple[int, int], pattern: ClearPattern, q, k, v) -> Callab
     n_down = down_sampled_count(grid, pattern.down_factor) if pattern.down_factor > 1 else 0
     down = q.new_zeros(*q.shape[:2], n_down, q.shape[3])
     keys, values = torch.cat([k, down], dim=2), torch.cat([v, down], dim=2)
-    block_mask = create_block_mask(mask_mod, None, None, q.shape[2], keys.shape[2], device=q.device)
-    compiled = torch.compile(flex_attention, dynamic=False)
-    return lambda: compiled(q, keys, values, block_mask=block_mask)
+    sizes = (mask_mod, None, None, q.shape[2], keys.shape[2])
+    try:  # on a GPU the mask is built compiled, block by block (eager it materialises L x L booleans)
+        block_mask = create_block_mask(*sizes, device=q.device, _compile=compiled and q.is_cuda)
+    except TypeError:  # a torch without the keyword
+        block_mask = create_block_mask(*sizes, device=q.device)
+    attend = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+    return lambda: attend(q, keys, values, block_mask=block_mask)
 
 
 def timing_table(device: torch.device, dtype: torch.dtype, backend: str, sizes: list[str], windows: list[str],
@@ -142,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="work table + 2K CPU timings, no FlexAttention (~1 min)")
     parser.add_argument("--heads", type=int, default=4, help="heads in the CPU timings (FLUX has 24)")
     args = parser.parse_args(argv)
+    print(f"Measured {stamp()}\n")
     work_table(list(SIZES))
     cpu = torch.device("cpu")
     if args.quick:

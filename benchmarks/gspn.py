@@ -27,9 +27,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from ..kernels._gspn_plan import DEFAULT_SM_COUNT, bytes_per_step, plan_scan
 from ..kernels.gspn_scan import gspn_scan
 from ..models.gspn import GSPNAttention
-from .machine import describe_machine
+from .machine import stamp
 from .timing import timed_call
 
 CPU_SIDES = (64, 96, 128, 192, 256)
@@ -37,6 +38,35 @@ GPU_SIDES = (64, 128, 256, 512, 1024, 2048, 4096)
 QUICK_SIDES = {"cpu": (32, 64, 96), "cuda": (64, 256, 1024)}
 CHUNK = 4
 PROXY_RATIO = 8
+# SDXL's attn1 maps (side, channels) at 1024-px, 2K and 4K images: the sizes the plan table shows.
+SDXL_MAPS = ((64, 640), (32, 1280), (128, 640), (64, 1280), (256, 640), (128, 1280))
+
+
+def kernel_tables() -> None:
+    """What the Triton kernels move and how calls are cut into programs: exact counts, no timing."""
+    print("### GSPN Triton kernels: bytes per step and programs (exact counts, not timings)\n")
+    print("Bytes of global memory per pixel and channel of a step that propagates (inner row), as the kernels "
+          "are written (kernels/_gspn_plan.py; the tests check the count against every load and store of the "
+          "interpreted kernels). Training = the forward also stores the fp32 state for the backward.\n")
+    print("| dtype | path | forward (inference) | forward (training) | backward |")
+    print("|---|---|---:|---:|---:|")
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for resident in (True, False):
+            cells = [bytes_per_step(dtype, "forward", resident), bytes_per_step(dtype, "forward", resident, True),
+                     bytes_per_step(dtype, "backward", resident)]
+            print(f"| {str(dtype).removeprefix('torch.')} | {'resident' if resident else 'streamed'} | "
+                  + " | ".join(map(str, cells)) + " |")
+    print(f"\nLaunch plan at batch 1 for a GPU with {DEFAULT_SM_COUNT} SMs (H100/H200); one program owns a block of "
+          "channels of one chunk, rows are never split:\n")
+    print("| map | channels | chunk | path | channels per program | programs | programs / SMs |")
+    print("|---|---|---|---|---:|---:|---:|")
+    for side, channels in SDXL_MAPS:
+        for chunk in (CHUNK, None):
+            plan = plan_scan((1, side, side, channels), 0, chunk or side)
+            print(f"| {side}x{side} | {channels} | {chunk or f'global ({side})'} | "
+                  f"{'resident' if plan.resident else 'streamed'} | {plan.block_c} | {plan.programs} | "
+                  f"{plan.programs / DEFAULT_SM_COUNT:.1f} |")
+    print()
 
 
 def _time(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
@@ -103,8 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     repeats = 3 if args.quick else 5
     layer = GSPNAttention(args.channels, max(1, args.channels // PROXY_RATIO), CHUNK).to(device, dtype).eval()
     clock_name = "wall time" if device.type == "cuda" else "CPU time of the process"
-    if __name__ == "__main__":
-        print(f"# machine: {describe_machine()}")
+    print(f"Measured {stamp()}\n")
+    kernel_tables()
+    print("### GSPN vs SDPA, time per call\n")
     print(f"{args.channels} channels, SDPA with {args.heads} heads, batch 1, {dtype}, {device.type}, "
           f"{args.threads} CPU thread(s); GSPN op = 4 directions, GSPN layer = the whole attn1 replacement "
           f"(proxy {layer.proxy_dim}, chunk {CHUNK}, {fastest}); times in ms ({clock_name}); "

@@ -18,6 +18,7 @@ import torch
 from ..models.infdit import (RELEASED, GiB, BudgetTooSmall, ClipVisionConfig, ClipVisionEncoder, InfDiT, InfDiTWeights,
                              UpscaleOptions, allocator_headroom, choose_batch_size, estimate_memory,
                              offloaded_host_bytes, plan_stage, tiny_weights, upscale, weight_bytes)
+from .machine import stamp
 from .meter import LiveTensorMeter
 
 MB = 2 ** 20
@@ -152,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes only (about a minute on a CPU)")
     args = parser.parse_args(argv)
+    print(f"Measured {stamp()}\n")
     if torch.cuda.is_available():
         device = torch.device("cuda")
         weights = tiny_weights(cfg=RELEASED, clip_cfg=ClipVisionConfig(), dtype=torch.bfloat16)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import platform
 
@@ -23,3 +24,8 @@ def describe_machine() -> str:
     else:
         parts.append("no GPU")
     return ", ".join(parts)
+
+
+def stamp() -> str:
+    """Date and machine, the line every benchmark prints above its tables."""
+    return f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {describe_machine()}"

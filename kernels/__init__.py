@@ -6,6 +6,8 @@ Public API, by concept:
 - CLEAR attention (:mod:`.clear_attention`): :func:`circular_window_attention`, the op (a
   ``torch.library`` custom op underneath: differentiable, traceable by ``torch.compile``), and
   :data:`CLEAR_BACKENDS`, what each of its backends can run.
+- GSPN line scan (:mod:`.gspn_scan`): :func:`gspn_scan`, the op, :data:`GSPN_BACKENDS`, and
+  :data:`DIRECTIONS`, the four scan directions.
 - Dispatch (:mod:`.backend`): :class:`BackendSpec` (what one backend runs), :class:`OpBackends`
   (an op's backends in priority order), :func:`resolve_backend` (the backend a call gets),
   ``Backend`` (the ``backend=`` argument's values).
@@ -17,10 +19,13 @@ Public API, by concept:
 from . import compiled_table
 from .backend import Backend, BackendSpec, OpBackends, resolve_backend
 from .clear_attention import CLEAR_BACKENDS, circular_window_attention
+from .gspn_scan import DIRECTIONS, GSPN_BACKENDS, gspn_scan
 
 __all__ = [
     # CLEAR attention
     "CLEAR_BACKENDS", "circular_window_attention",
+    # GSPN line scan
+    "DIRECTIONS", "GSPN_BACKENDS", "gspn_scan",
     # dispatch
     "Backend", "BackendSpec", "OpBackends", "resolve_backend",
     # compiled kernels

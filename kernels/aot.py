@@ -51,11 +51,12 @@ import torch
 __all__ = ["ARCH_SHARED_MEMORY", "BUILD_MODULES", "KernelBuild", "all_builds", "build_report", "pointer"]
 
 # Modules (relative to this package) with an ``aot_builds()`` function.
-BUILD_MODULES: tuple[str, ...] = ("._clear_triton",)
+BUILD_MODULES: tuple[str, ...] = ("._clear_triton", "._gspn_triton")
 
 # Shared memory one program (thread block) may use on each architecture, opt-in maximum, bytes
 # (CUDA C++ Programming Guide, "Technical Specifications per Compute Capability").
-ARCH_SHARED_MEMORY: dict[int, int] = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+ARCH_SHARED_MEMORY: dict[int, int] = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024,
+                                      100: 227 * 1024, 120: 99 * 1024}
 
 _POINTER_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64",
                   torch.int32: "*i32", torch.int64: "*i64"}

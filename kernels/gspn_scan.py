@@ -16,34 +16,89 @@ direction, so the four directions can be merged pixel by pixel on any H x W map.
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from ._gspn_reference import DIRECTIONS, scan_reference
-from .backend import Backend, resolve_backend
+from . import compiled_table
+from ._gspn_reference import DIRECTIONS, accumulation_dtype, scan_reference
+from .backend import TORCH, Backend, BackendSpec, OpBackends, resolve_backend
 
-__all__ = ["DIRECTIONS", "gspn_scan"]
+__all__ = ["DIRECTIONS", "GSPN_BACKENDS", "gspn_scan"]
 
 
-class _TritonScan(torch.autograd.Function):
-    """Triton forward and backward; the fp32 state is saved for the backward pass."""
+def _triton_shared_memory(dtype: torch.dtype, arch: int) -> tuple[int, ...]:
+    """The most shared memory any GSPN build (forward or backward) takes on ``sm_<arch>``: the
+    plan picks the tile by map shape, so every build must fit. Empty where none was checked."""
+    sizes = [v for kernel in ("gspn_scan_fwd", "gspn_scan_bwd")
+             for v in compiled_table.shared_memory(kernel, dtype, arch).values()]
+    return (max(sizes),) if sizes else ()
 
-    @staticmethod
-    def forward(ctx, x, lam, logits, direction: int, chunk: int):
-        from ._gspn_triton import scan_forward
 
-        h = scan_forward(x, lam, logits, direction, chunk)
-        ctx.save_for_backward(x, lam, logits, h)
-        ctx.direction, ctx.chunk = direction, chunk
-        return h.to(x.dtype)
+# No dots (no tensor cores needed), no spills in any forward build: the kernels run from Turing on,
+# in every GPU dtype, on architectures whose builds the compiled-kernel table checked. fp64 runs
+# through the interpreter only (gradchecks); on a GPU it takes the PyTorch path.
+GSPN_BACKENDS = OpBackends("GSPN scan", (
+    BackendSpec("triton", devices=frozenset({"cuda"}), dtypes=frozenset({torch.bfloat16, torch.float16, torch.float32}),
+                min_capability=(7, 5), shared_memory=_triton_shared_memory,
+                interpreted_dtypes=frozenset({torch.bfloat16, torch.float16, torch.float32, torch.float64})),
+    TORCH,
+))
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_h):
-        from ._gspn_triton import scan_backward
 
-        x, lam, logits, h = ctx.saved_tensors
-        dx, dlam, dlogits = scan_backward(grad_h, x, lam, logits, h, ctx.direction, ctx.chunk)
-        return dx, dlam, dlogits, None, None
+def _op_name(name: str) -> str:
+    """``ultrares::<name>``, or a numbered variant when another copy of the pack (imported under
+    another module name in the same process) registered that name first."""
+    candidate, number = name, 1
+    while hasattr(torch.ops.ultrares, candidate):
+        number += 1
+        candidate = f"{name}_{number}"
+    return f"ultrares::{candidate}"
+
+
+# The Triton kernels as PyTorch operators: torch.compile sees them as opaque nodes (shapes from the
+# fake implementations) and autograd through them uses the Triton backward.
+@torch.library.custom_op(_op_name("gspn_scan"), mutates_args=())
+def _scan_op(x: torch.Tensor, lam: torch.Tensor, logits: torch.Tensor, direction: int, chunk: int,
+             save_state: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h, state)``; ``state`` is the fp32 state for the backward pass when ``save_state`` and
+    ``h`` is of lower precision, else empty (the backward pass then reads ``h``)."""
+    from ._gspn_triton import scan_forward
+
+    h, state = scan_forward(x, lam, logits, direction, chunk, save_state)
+    return h, (state if state.dtype != h.dtype else state.new_empty(0))
+
+
+@_scan_op.register_fake
+def _scan_op_fake(x, lam, logits, direction, chunk, save_state):
+    acc = accumulation_dtype(x.dtype)
+    return torch.empty_like(x), x.new_empty(x.shape if save_state and acc != x.dtype else (0,), dtype=acc)
+
+
+@torch.library.custom_op(_op_name("gspn_scan_backward"), mutates_args=())
+def _scan_backward_op(grad_h: torch.Tensor, x: torch.Tensor, lam: torch.Tensor, logits: torch.Tensor,
+                      state: torch.Tensor, direction: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ._gspn_triton import scan_backward
+
+    return scan_backward(grad_h, x, lam, logits, state, direction, chunk)
+
+
+@_scan_backward_op.register_fake
+def _scan_backward_op_fake(grad_h, x, lam, logits, state, direction, chunk):
+    return torch.empty_like(x), torch.empty_like(lam), torch.empty_like(logits)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, lam, logits, direction, chunk, _ = inputs
+    h, state = output
+    ctx.save_for_backward(x, lam, logits, state if state.numel() else h)
+    ctx.direction, ctx.chunk = direction, chunk
+
+
+def _backward(ctx, grad_h, _grad_state):
+    x, lam, logits, state = ctx.saved_tensors
+    dx, dlam, dlogits = _scan_backward_op(grad_h, x, lam, logits, state, ctx.direction, ctx.chunk)
+    return dx, dlam, dlogits, None, None, None
+
+
+_scan_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check(x: torch.Tensor, lam: torch.Tensor, logits: torch.Tensor, direction: int, chunk: int | None) -> None:
@@ -75,6 +130,11 @@ def gspn_scan(x: torch.Tensor, lam: torch.Tensor, logits: torch.Tensor, directio
     _check(x, lam, logits, direction, chunk)
     steps = x.shape[2] if direction in (0, 2) else x.shape[1]
     chunk = max(1, steps if chunk is None else min(chunk, steps))
-    if resolve_backend(backend, x, lam, logits) == "triton":
-        return _TritonScan.apply(x, lam, logits, direction, chunk)
+    if resolve_backend(backend, x, lam, logits, op=GSPN_BACKENDS) == "triton":
+        from ._gspn_triton import check_map_size
+
+        check_map_size(x.shape[1], x.shape[2])
+        # The fp32 state is kept only when a backward pass will read it (training).
+        save_state = torch.is_grad_enabled() and any(t.requires_grad for t in (x, lam, logits))
+        return _scan_op(x, lam, logits, direction, chunk, save_state)[0]
     return scan_reference(x, lam, logits, direction, chunk)

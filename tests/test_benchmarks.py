@@ -11,7 +11,8 @@ from ultrares.benchmarks.__main__ import main
 
 
 def test_every_registered_benchmark_imports_and_has_a_main():
-    assert set(benchmarks.BENCHMARKS) == {"clear", "gspn", "infdit"}
+    assert set(benchmarks.BENCHMARKS) == {"clear", "gspn", "infdit", "gpu"}
+    assert "gpu" not in benchmarks.DEFAULT  # needs a GPU (or --dry): never part of the CPU run
     for module_name in benchmarks.BENCHMARKS.values():
         module = importlib.import_module(module_name, "ultrares.benchmarks")
         assert callable(module.main)
