@@ -5,10 +5,13 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import json
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+
+import pytest
 
 import ultrares
 
@@ -43,22 +46,47 @@ def test_core_source_never_imports_the_host():
     assert not offenders, "kernels/ and models/ must stay free of ComfyUI imports:\n" + "\n".join(offenders)
 
 
-def test_importing_the_core_loads_nothing_from_comfyui():
+@pytest.fixture(scope="module")
+def two_copies_of_the_core() -> dict:
+    """In a fresh process: the core imported as ``ultrares``, then again under the path-like name
+    ComfyUI's loader gives a custom node's module; what that process saw, as JSON."""
     script = (
-        "import importlib, importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('ultrares', {str(REPO_ROOT / '__init__.py')!r},"
+        "import importlib, importlib.util, json, sys, pkgutil, torch\n"
+        "def load(name):\n"
+        f"    spec = importlib.util.spec_from_file_location(name, {str(REPO_ROOT / '__init__.py')!r},"
         f" submodule_search_locations=[{str(REPO_ROOT)!r}])\n"
-        "m = importlib.util.module_from_spec(spec); sys.modules['ultrares'] = m; spec.loader.exec_module(m)\n"
-        "import pkgutil\n"
-        "for pkg in ('ultrares.kernels', 'ultrares.models'):\n"
-        "    p = importlib.import_module(pkg)\n"
-        "    for info in pkgutil.walk_packages(p.__path__, pkg + '.'):\n"
-        "        importlib.import_module(info.name)\n"
+        "    m = importlib.util.module_from_spec(spec); sys.modules[name] = m; spec.loader.exec_module(m)\n"
+        "    for pkg in (name + '.kernels', name + '.models'):\n"
+        "        p = importlib.import_module(pkg)\n"
+        "        for info in pkgutil.walk_packages(p.__path__, pkg + '.'):\n"
+        "            importlib.import_module(info.name)\n"
+        "load('ultrares')\n"
         f"host = {HOST_MODULES!r}\n"
-        "print(sorted(n for n in sys.modules if n.split('.')[0] in host))\n"
+        "loaded = sorted(n for n in sys.modules if n.split('.')[0] in host)\n"
+        "load('/custom_nodes/ComfyUI-UltraRes')\n"
+        "from ultrares.kernels import circular_window_attention\n"
+        "q = torch.randn(1, 2, 4 + 12, 8)\n"
+        "first = circular_window_attention(q, q, q, grid=(3, 4), n_txt=4, radius=2)\n"
+        "second = importlib.import_module('/custom_nodes/ComfyUI-UltraRes.kernels').circular_window_attention(\n"
+        "    q, q, q, grid=(3, 4), n_txt=4, radius=2)\n"
+        "ops = sorted(name for name in dir(torch.ops.ultrares) if not name.startswith('_'))\n"
+        "print(json.dumps({'host_modules': loaded, 'ops': ops, 'same': bool(torch.equal(first, second))}))\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "[]", result.stdout + result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_importing_the_core_loads_nothing_from_comfyui(two_copies_of_the_core):
+    assert two_copies_of_the_core["host_modules"] == []
+
+
+def test_a_second_copy_of_the_pack_registers_its_own_ops_and_leaves_the_first_copys_working(two_copies_of_the_core):
+    # ComfyUI imports the pack by path while tests (and command lines) import it as ultrares: a
+    # custom op registered again under the same name would destroy the first copy's operator.
+    ops = set(two_copies_of_the_core["ops"])
+    for op in ("clear_window_attention", "clear_window_attention_backward", "gspn_scan", "gspn_scan_backward"):
+        assert {op, f"{op}_2"} <= ops, op
+    assert two_copies_of_the_core["same"]
 
 
 def _packages_with_a_public_api() -> dict[str, object]:
