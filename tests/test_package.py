@@ -118,9 +118,11 @@ def test_a_public_api_names_objects_that_say_what_they_are():
 
 
 IMPORTED_THROUGH_THEIR_API = ("ultrares.kernels", "ultrares.models", "ultrares.models.clear", "ultrares.models.gspn",
-                              "ultrares.models.infdit")
-"""Host-free packages that the ComfyUI glue and the command lines import only through ``__all__``."""
-GLUE = ("nodes", "cli")
+                              "ultrares.models.infdit", "ultrares.benchmarks")
+"""Host-free packages that the rest of the pack imports only through their ``__all__``."""
+CALLERS = {"nodes": IMPORTED_THROUGH_THEIR_API, "cli": IMPORTED_THROUGH_THEIR_API, "models": ("ultrares.kernels",)}
+"""Folder -> the packages it may import only through their public API (the ComfyUI glue and the
+command lines: all of them; the networks: the ops)."""
 
 
 def _imports(path: Path) -> list[tuple[str, list[str]]]:
@@ -137,11 +139,12 @@ def _imports(path: Path) -> list[tuple[str, list[str]]]:
     return found
 
 
-def test_the_glue_imports_the_core_packages_only_through_their_public_api():
-    packages = {name: importlib.import_module(name) for name in IMPORTED_THROUGH_THEIR_API}
+@pytest.mark.parametrize("folder", list(CALLERS))
+def test_packages_are_imported_only_through_their_public_api(folder):
+    packages = {name: importlib.import_module(name) for name in CALLERS[folder]}
     assert all(hasattr(package, "__all__") for package in packages.values())
     offenders = []
-    for path in sorted(path for folder in GLUE for path in (REPO_ROOT / folder).rglob("*.py")):
+    for path in sorted((REPO_ROOT / folder).rglob("*.py")):
         where = path.relative_to(REPO_ROOT)
         for module, names in _imports(path):
             owners = [name for name in packages if module == name or module.startswith(name + ".")]

@@ -7,7 +7,7 @@ model with :func:`plan_weights`, picks the window with :func:`resolve_pattern` a
 :class:`ClearAttention` from its attention override.
 """
 
-from ...kernels.backend import BACKENDS, Backend
+from ...kernels import BACKENDS, Backend
 from .attention import ClearAttention, TokenLayout
 from .pattern import ClearPattern, ntk_theta, resolve_pattern, softmax_scale
 from .weights import (CLEAR_WEIGHTS, Block, ClearWeights, ClearWeightsError, WeightPatch, plan_weights, read_clear_file,

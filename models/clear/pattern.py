@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ...kernels.clear_attention import covering_radius
+from ...kernels import covering_radius
 
 RELEASED_NAME = re.compile(r"clear_local_(\d+)(?:_down_(\d+))?", re.IGNORECASE)
 METADATA_RADIUS = "window_size"

@@ -26,8 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...kernels.backend import Backend
-from ...kernels.gspn_scan import DIRECTIONS, gspn_scan
+from ...kernels import DIRECTIONS, Backend, gspn_scan
 
 Operations = ModuleType | type
 """A namespace with a ``Linear`` class: ``torch.nn``, or one of ``comfy.ops`` (``manual_cast`` ...)."""
