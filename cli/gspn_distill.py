@@ -14,15 +14,17 @@ loaders, so any SD1.5/SDXL checkpoint ComfyUI reads works. Run it with ComfyUI's
 
 from __future__ import annotations
 
-if not __package__:  # run by path: load this checkout as 'ultrares' (cli/_pack.py)
-    import _pack  # noqa: F401
+if __name__ == "__main__" and not __package__:  # run by path: run as ultrares.cli.gspn_distill
+    import _pack
+
+    _pack.run(__file__)
 
 import argparse
 import os
 import sys
 from pathlib import Path
 
-from ultrares.models.gspn import DistillSettings, GSPNConfig
+from ..models.gspn import DistillSettings, GSPNConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     """Load the teacher with ComfyUI and distil; returns the process exit status."""
     import comfy.sd
 
-    from ultrares.nodes.gspn.distillation import TrajectorySettings, run_distillation
+    from ..nodes.gspn.distillation import TrajectorySettings, run_distillation
 
     model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=False, output_clip=True)
     if clip is None:

@@ -13,13 +13,15 @@ are kept as stored; the CLIP tower is taken from the checkpoint, or from
 
 from __future__ import annotations
 
-if not __package__:  # run by path: load this checkout as 'ultrares' (cli/_pack.py)
-    import _pack  # noqa: F401
+if __name__ == "__main__" and not __package__:  # run by path: run as ultrares.cli.infdit_convert
+    import _pack
+
+    _pack.run(__file__)
 
 import argparse
 import sys
 
-from ultrares.models.infdit import DTYPES, InfDiTCheckpointError, convert_checkpoint
+from ..models.infdit import DTYPES, InfDiTCheckpointError, convert_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
