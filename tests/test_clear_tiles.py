@@ -91,7 +91,7 @@ def brute_force_tiled_work(grid, radius, n_txt, n_ref, n_down, q_tile, k_tile, s
 
 
 @pytest.mark.parametrize("grid, radius, n_txt, n_ref, n_down, side_block, block", [
-    ((40, 56), 6, 20, 0, 140, 32, 16), ((13, 9), 3, 7, 5, 12, 4, 8), ((8, 24), 30, 3, 0, 0, 8, 16)])
+    ((24, 40), 6, 20, 0, 60, 32, 16), ((13, 9), 3, 7, 5, 12, 4, 8), ((8, 24), 30, 3, 0, 0, 8, 16)])
 def test_the_2d_kernel_counts_equal_a_brute_force_over_the_dense_mask(grid, radius, n_txt, n_ref, n_down, side_block,
                                                                       block):
     work = tiled_work(grid, radius, n_txt, n_ref, n_down, Tile(8, 16), Tile(8, 8), side_block, block)
