@@ -428,3 +428,37 @@ def test_the_converter_runs_by_path_as_from_a_comfyui_install(released_file, tmp
         runpy.run_path(str(script), run_name="__main__")
     assert exited.value.code == 0 and "wrote" in capsys.readouterr().out
     assert load_infdit(tmp_path / "by_path.safetensors").net.cfg == TINY
+
+
+@pytest.mark.parametrize("case", list(PICKLE_CASES))
+def test_a_broken_released_file_is_refused_naming_it_and_where_to_get_it(released_file, case):
+    with pytest.raises(InfDiTCheckpointError, match=rf"^{released_file.name} {PICKLE_CASES[case]}.*"
+                                                    r"mp_rank_00_model_states\.pt, linked from the THUDM/Inf-DiT README"):
+        load_infdit(break_file(released_file, case))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_broken_converted_file_is_refused_the_same_way(released, tmp_path, case):
+    converted = convert_checkpoint_to(tmp_path, released)
+    with pytest.raises(InfDiTCheckpointError, match=rf"^converted\.safetensors {CASES[case]}.*cli/infdit_convert\.py"):
+        load_infdit(break_file(converted, case))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_broken_clip_file_is_refused_naming_it_not_the_checkpoint(weights, tmp_path, case):
+    save_released_layout(released_state_dict(weights), tmp_path / "dit.pt")
+    clip = tmp_path / "open_clip.safetensors"
+    save_file({f"visual.{k}": v.contiguous() for k, v in weights.clip.state_dict().items()}, str(clip))
+    with pytest.raises(InfDiTCheckpointError, match=rf"^open_clip\.safetensors {CASES[case]}.*"
+                                                    r"laion/CLIP-ViT-L-14-DataComp\.XL-s13B-b90K"):
+        load_infdit(tmp_path / "dit.pt", clip_path=break_file(clip, case))
+
+
+def test_a_clip_tower_of_another_size_is_named_in_the_same_words(weights, tmp_path):
+    save_released_layout(released_state_dict(weights), tmp_path / "dit.pt")
+    state = {f"visual.{k}": v for k, v in weights.clip.state_dict().items()}
+    state["visual.ln_post.weight"] = torch.ones(3)
+    save_file(state, str(tmp_path / "clip.safetensors"))
+    with pytest.raises(InfDiTCheckpointError, match=r"^clip\.safetensors: CLIP image tower keys of another shape: "
+                                                    r"ln_post\.weight \(3,\) \(expected \(\d+,\)\)"):
+        load_infdit(tmp_path / "dit.pt", clip_path=tmp_path / "clip.safetensors")

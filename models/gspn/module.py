@@ -23,7 +23,6 @@ from collections.abc import Mapping
 from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...kernels import DIRECTIONS, Backend, gspn_scan
