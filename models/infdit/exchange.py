@@ -30,14 +30,15 @@ streams see the messages in the same order on both sides, so NCCL's in-order str
 them one by one.
 
 **Control.** The rendezvous store carries a stop flag (set by whoever started the ranks;
-every rank checks it before each batch) and a counter of finished batches over all ranks
-(the progress bar).
+every rank checks it before each batch), a counter of finished batches over all ranks (the
+progress bar) and the plan rank 0 made (its progress total and what to tell the user).
 """
 
 from __future__ import annotations
 
+import json
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 
 import torch
@@ -49,6 +50,7 @@ from .shard import ImageShard
 
 STOP_KEY = "stop"
 PROGRESS_KEY = "batches done"
+PLAN_KEY = "plan"
 
 
 class Stopped(Exception):
@@ -69,6 +71,9 @@ class RankGroup:
         self.comm_device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
         self.control = control
         self.bytes_sent = 0
+        self.total = 0
+        self.on_progress: Callable[[int, int], None] | None = None
+        """Told ``(batches done over all ranks, total)`` after each of this rank's batches."""
         self.links = {sender: dist.new_group([sender, sender + 1]) for sender in range(self.ranks - 1)}
         self._warm_up()
 
@@ -89,11 +94,21 @@ class RankGroup:
     def report_batch(self) -> None:
         """Count one finished block batch in the run's progress."""
         if self.control is not None:
-            self.control.add(PROGRESS_KEY, 1)
+            done = self.control.add(PROGRESS_KEY, 1)
+            if self.on_progress is not None:
+                self.on_progress(done, self.total)
 
-    def batches_done(self) -> int:
-        """Block batches finished so far, over all ranks."""
-        return self.control.add(PROGRESS_KEY, 0) if self.control is not None else 0
+    def agree_on_least(self, *values: float) -> list[float]:
+        """The smallest of each value over all ranks (a collective: every rank calls it)."""
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.comm_device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return tensor.tolist()
+
+    def publish_plan(self, total: int, messages: list[tuple[int, str]]) -> None:
+        """Rank 0: the run's progress total and what to tell the user, for whoever watches it."""
+        self.total = total
+        if self.control is not None:
+            self.control.set(PLAN_KEY, json.dumps({"total": total, "messages": messages}))
 
     def assemble(self, local: torch.Tensor, shards: list[ImageShard], image_shape: tuple[int, ...],
                  everywhere: bool) -> torch.Tensor | None:

@@ -5,7 +5,8 @@ fresh Python process per device, each binding this pack by its path (no installa
 needed, ComfyUI's Python serves) and entering :func:`.worker.main`. The processes meet in a
 ``torch.distributed`` TCP store this process serves on the loopback interface; a CUDA rank
 sees only its own GPU. While they run, the host's progress callback gets the batches done
-over all ranks, and its interrupt check runs every :data:`POLL_SECONDS`.
+over all ranks (its total from the plan rank 0 publishes, whose messages are logged here),
+and its interrupt check runs every :data:`POLL_SECONDS`.
 
 **Stopping.** If the interrupt check raises, a rank fails, or the time limit passes, the stop
 flag is set (every rank checks it before each batch), the ranks get :data:`GRACE_SECONDS` to
@@ -16,6 +17,8 @@ rank's error (ranks losing a peer fail too, afterwards).
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 import subprocess
@@ -32,7 +35,7 @@ import torch.distributed as dist
 
 from .budget import UpscaleOptions
 from .checkpoint import WeightSource
-from .exchange import PROGRESS_KEY, STOP_KEY
+from .exchange import PLAN_KEY, PROGRESS_KEY, STOP_KEY
 from .worker import DEVICE_ENV, JOB_FILE, RESULT_FILE, THREADS_ENV, failure_key, upscale_job_arguments
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
@@ -134,7 +137,8 @@ def run_ranks(target: str, job: dict[str, Any], devices: Sequence[str | torch.de
     """Run ``target(group, **job)`` (``"module:function"``, importable in a rank once the pack is
     bound as ``ultrares``) on one process per device; return rank 0's result.
 
-    ``on_progress(done, total)`` gets the block batches finished over all ranks; ``check_interrupt``
+    ``on_progress(done, total)`` gets the block batches finished over all ranks (``total``: given,
+    or the one rank 0 publishes with its plan, whose messages go to the log); ``check_interrupt``
     may raise to stop the run (re-raised here once every rank is gone); ``timeout`` (seconds)
     raises :class:`TimeoutError` the same way; ``threads``: CPU threads per CPU rank (default:
     the cores shared out); ``env``: extra environment of the ranks.
@@ -151,9 +155,14 @@ def run_ranks(target: str, job: dict[str, Any], devices: Sequence[str | torch.de
                                                                           threads)}
             processes.append(subprocess.Popen([sys.executable, "-c", BOOTSTRAP, str(PACK_ROOT), target, str(folder)],
                                               env=rank_env))
-        started, reported = time.monotonic(), -1
+        started, reported, planned = time.monotonic(), -1, False
         while True:
             codes = [process.poll() for process in processes]
+            if not planned and control.check([PLAN_KEY]):
+                plan, planned = json.loads(control.get(PLAN_KEY)), True
+                for level, message in plan["messages"]:
+                    logging.log(level, "Inf-DiT: %s", message)
+                total = plan["total"] if total is None else total
             if on_progress is not None and total is not None:
                 done = min(control.add(PROGRESS_KEY, 0), total)
                 if done != reported:
@@ -178,6 +187,7 @@ def run_ranks(target: str, job: dict[str, Any], devices: Sequence[str | torch.de
 def upscale_on_ranks(source: WeightSource, images: torch.Tensor, options: UpscaleOptions,
                      devices: Sequence[str | torch.device], **run_options: Any) -> torch.Tensor:
     """:func:`.upscale.upscale` shared by one local process per device, each loading the weights
-    from ``source``; ``options`` as planned per rank (:func:`.budget.plan_budget` with ``ranks``).
-    ``run_options``: those of :func:`run_ranks` (progress, interruption, time limit, threads)."""
+    from ``source``; the ranks plan the request ``options`` with the memory their devices have
+    free (:func:`.worker.plan_on_ranks`; the budget is per rank). ``run_options``: those of
+    :func:`run_ranks` (progress, interruption, time limit, threads)."""
     return run_ranks(UPSCALE_JOB, upscale_job_arguments(source, images, options), devices, **run_options)

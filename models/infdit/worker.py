@@ -2,7 +2,10 @@
 
 A rank joins the run's process group from a rendezvous store (:func:`.exchange.join`), loads
 the weights itself (:class:`.checkpoint.WeightSource`) onto its device and runs
-:func:`upscale_job`: the pipeline of :func:`.upscale.upscale` on its part of every sweep.
+:func:`upscale_job`: the ranks plan together (:func:`plan_on_ranks`: every rank measures the
+memory free on its own device, and all plan from the least of them, so they agree on the
+batch size), rank 0 publishes the plan, and every rank runs the pipeline of
+:func:`.upscale.upscale` on its part of every sweep.
 ``torchrun`` starts ranks for the command line (``cli/infdit_upscale.py``); :mod:`.launch`
 starts them as local processes, for a host such as ComfyUI, with :func:`main` as their entry:
 the job comes from a folder, the result of rank 0 goes back into it, a failure is written to
@@ -23,8 +26,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .budget import UpscaleOptions
-from .checkpoint import WeightSource
+from .budget import BudgetPlan, UpscaleOptions, plan_budget, total_batches
+from .checkpoint import InfDiTWeights, WeightSource
 from .exchange import RankGroup, Stopped, join
 from .upscale import upscale
 
@@ -41,14 +44,51 @@ def failure_key(sequence: int) -> str:
     return f"failure/{sequence}"
 
 
+def host_free_bytes() -> float:
+    """Host RAM available (``inf`` where it cannot be read)."""
+    try:
+        import psutil
+
+        return float(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as info:
+            return next(float(line.split()[1]) * 1024 for line in info if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return float("inf")
+
+
+def ranks_per_host(group: RankGroup) -> int:
+    """Ranks sharing this machine's RAM (``torchrun`` and :mod:`.launch` say; else all)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", group.ranks))
+
+
+def plan_on_ranks(group: RankGroup, weights: InfDiTWeights, size: tuple[int, int], options: UpscaleOptions) -> BudgetPlan:
+    """The plan of every rank, the same on all: from the least device memory free on any rank
+    once its weights are loaded (a CPU rank counts its share of the host's RAM) and the least
+    host RAM free."""
+    host = host_free_bytes()
+    free = torch.cuda.mem_get_info(group.device)[0] if group.device.type == "cuda" else host / ranks_per_host(group)
+    free, host = group.agree_on_least(free, host)
+    return plan_budget(weights, size, options, free, host if host != float("inf") else None, group.ranks,
+                       ranks_per_host(group))
+
+
 def upscale_job(group: RankGroup, *, weights: dict, images: torch.Tensor, options: dict) -> torch.Tensor | None:
     """One rank's part of :func:`.upscale.upscale` (``weights``: a :class:`WeightSource` as a
-    dict, ``options``: :class:`UpscaleOptions` as a dict); rank 0 returns the images."""
+    dict, ``options``: the request, :class:`UpscaleOptions` as a dict), planned on the ranks;
+    rank 0 publishes the plan and returns the images."""
     loaded = WeightSource(**weights).load()
     loaded.net.to(group.device)
     if loaded.clip is not None:
         loaded.clip.to(group.device)
-    return upscale(loaded, images, UpscaleOptions(**options), group.device,
+    size = (images.shape[-2], images.shape[-1])
+    plan = plan_on_ranks(group, loaded, size, UpscaleOptions(**options))
+    if group.rank == 0:
+        group.publish_plan(total_batches(loaded, size, images.shape[0], plan.options, group.ranks),
+                           list(plan.messages))
+    return upscale(loaded, images, plan.options, group.device,
                    on_progress=lambda done, total: group.report_batch(), check_interrupt=group.check_interrupt,
                    group=group)
 
