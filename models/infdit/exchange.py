@@ -74,6 +74,8 @@ class RankGroup:
         self.total = 0
         self.on_progress: Callable[[int, int], None] | None = None
         """Told ``(batches done over all ranks, total)`` after each of this rank's batches."""
+        self.on_plan: Callable[[list[tuple[int, str]]], None] | None = None
+        """Rank 0: told the plan's ``(logging level, message)`` pairs when it publishes them."""
         self.links = {sender: dist.new_group([sender, sender + 1]) for sender in range(self.ranks - 1)}
         self._warm_up()
 
@@ -109,6 +111,8 @@ class RankGroup:
         self.total = total
         if self.control is not None:
             self.control.set(PLAN_KEY, json.dumps({"total": total, "messages": messages}))
+        if self.on_plan is not None:
+            self.on_plan(messages)
 
     def assemble(self, local: torch.Tensor, shards: list[ImageShard], image_shape: tuple[int, ...],
                  everywhere: bool) -> torch.Tensor | None:
