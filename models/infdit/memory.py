@@ -156,7 +156,13 @@ def choose_batch_size(cfg: InfDiTConfig, height: int, width: int, budget_bytes: 
     Raises :class:`BudgetTooSmall` with the n = 1 breakdown when nothing fits.
     """
     largest = max(height, width) // cfg.block_px
+    grid = (height // cfg.block_px, width // cfg.block_px)
     for n in range(max(largest, 1), 0, -1):
+        # Weights and activations need no schedule: skip the n they alone rule out.
+        floor = kwargs["weight_bytes"] + activation_bytes(cfg, min(n, grid[0]), min(n, grid[1]), kwargs["dtype"],
+                                                          kwargs.get("images", 1))
+        if floor * (1 + margin) > budget_bytes:
+            continue
         estimate = estimate_memory(cfg, height, width, n, **kwargs)
         if estimate.total * (1 + margin) <= budget_bytes:
             return estimate

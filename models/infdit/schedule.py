@@ -40,6 +40,7 @@ meter (the benchmarks' ``LiveTensorMeter``) uses it to tell the two apart.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import ContextManager, Literal, Protocol
 
@@ -63,9 +64,9 @@ class BlockBatch:
     rows: range
     cols: range
 
-    @property
-    def blocks(self) -> list[Block]:
-        return [(i, j) for i in self.rows for j in self.cols]
+    @functools.cached_property
+    def blocks(self) -> tuple[Block, ...]:
+        return tuple((i, j) for i in self.rows for j in self.cols)
 
     def __contains__(self, block: Block) -> bool:
         return block[0] in self.rows and block[1] in self.cols
@@ -193,6 +194,19 @@ class Schedule:
         return max((steps.host_blocks for steps in self.steps), default=0)
 
 
+def _sweep(batches: list[BlockBatch]) -> tuple[dict[Block, int], list[tuple[Block, ...]]]:
+    """Which batch computes each block, and the outside blocks each batch reads; refuses an
+    order that reads a block before it exists."""
+    owner = {block: index for index, batch in enumerate(batches) for block in batch.blocks}
+    reads = [tuple(sorted({src for _, _, src in batch.outside_sources()})) for batch in batches]
+    for index, read in enumerate(reads):
+        for block in read:
+            if owner.get(block, len(batches)) >= index:
+                raise ValueError(f"batch {index} reads block {block} before it is computed: "
+                                 "the batch order is not a valid UniBA order")
+    return owner, reads
+
+
 def plan_schedule(batches: list[BlockBatch], offload: bool = False, owners: tuple[int, ...] | None = None,
                   rank: int = 0) -> Schedule:
     """The cache policy, for the batches of ``rank`` (``owners[i]``: the rank of batch ``i``;
@@ -202,16 +216,28 @@ def plan_schedule(batches: list[BlockBatch], offload: bool = False, owners: tupl
     stores its own blocks that later batches of this rank read (on the host if the next batch
     does not read them) and sends those that other ranks read. Refuses an order that reads a
     block before it exists."""
+    return _plan_rank(batches, _sweep(batches), offload, owners, rank)
+
+
+def _crossing(sweep: tuple[dict[Block, int], list[tuple[Block, ...]]],
+              owners: tuple[int, ...]) -> dict[int, dict[int, set[Block]]]:
+    """Per producing batch, per other rank: the blocks of that batch the rank reads."""
+    owner, reads = sweep
+    crossing: dict[int, dict[int, set[Block]]] = {}
+    for index, read in enumerate(reads):
+        for block in read:
+            if owners[owner[block]] != owners[index]:
+                crossing.setdefault(owner[block], {}).setdefault(owners[index], set()).add(block)
+    return crossing
+
+
+def _plan_rank(batches: list[BlockBatch], sweep: tuple[dict[Block, int], list[tuple[Block, ...]]], offload: bool,
+               owners: tuple[int, ...] | None, rank: int,
+               crossing: dict[int, dict[int, set[Block]]] | None = None) -> Schedule:
     owners = tuple(owners) if owners is not None else (0,) * len(batches)
     if len(owners) != len(batches):
         raise ValueError(f"{len(owners)} owners for {len(batches)} batches")
-    owner = {block: index for index, batch in enumerate(batches) for block in batch.blocks}
-    reads = [tuple(sorted({src for _, _, src in batch.outside_sources()})) for batch in batches]
-    for index, read in enumerate(reads):
-        for block in read:
-            if owner.get(block, len(batches)) >= index:
-                raise ValueError(f"batch {index} reads block {block} before it is computed: "
-                                 "the batch order is not a valid UniBA order")
+    owner, reads = sweep
     mine = [index for index, batch_rank in enumerate(owners) if batch_rank == rank]
     first_reader: dict[Block, int] = {}
     last_reader: dict[Block, int] = {}
@@ -219,12 +245,7 @@ def plan_schedule(batches: list[BlockBatch], offload: bool = False, owners: tupl
         for block in reads[index]:
             first_reader.setdefault(block, index)
             last_reader[block] = index
-    # Per producing batch, per other rank: the blocks that rank reads.
-    crossing: dict[int, dict[int, set[Block]]] = {}
-    for index, read in enumerate(reads):
-        for block in read:
-            if owners[owner[block]] != owners[index]:
-                crossing.setdefault(owner[block], {}).setdefault(owners[index], set()).add(block)
+    crossing = _crossing(sweep, owners) if crossing is None else crossing
     arrivals: dict[int, list[Transfer]] = {}
     for producer in sorted(crossing):
         if rank in crossing[producer]:
@@ -280,15 +301,19 @@ def assign_stripes(batches: list[BlockBatch], scan: Literal["row", "column"], ra
     return tuple(owner_of_line[line] for line in lines)
 
 
+@functools.lru_cache(maxsize=64)
 def plan_ranks(grid_rows: int, grid_cols: int, n: int, scan: ScanOrder = "auto", offload: bool = False,
                ranks: int = 1) -> tuple[Schedule, ...]:
     """Every rank's schedule of one evaluation of a ``grid_rows x grid_cols``-block image in n x n
     batches, the lines dealt in stripes (:func:`assign_stripes`). Checks that what one rank
-    sends to another is listed in the order the other receives it."""
+    sends to another is listed in the order the other receives it. (Plans are immutable, so
+    recent ones are kept: planning asks for the same ones repeatedly.)"""
     resolved = resolve_scan(grid_rows, grid_cols, scan)
     batches = plan_batches(grid_rows, grid_cols, n, resolved)
     owners = assign_stripes(batches, resolved, ranks)
-    schedules = tuple(plan_schedule(batches, offload, owners, rank) for rank in range(ranks))
+    sweep = _sweep(batches)
+    crossing = _crossing(sweep, owners)
+    schedules = tuple(_plan_rank(batches, sweep, offload, owners, rank, crossing) for rank in range(ranks))
     for sender in schedules:
         for receiver in schedules:
             sent = [t.blocks for steps in sender.steps for t in steps.send if t.peer == receiver.rank]

@@ -33,15 +33,14 @@ class ImageShard:
     def of(cls, schedule: Schedule, block_px: int) -> ImageShard:
         """The band that a rank's batches cover (the whole image for one rank)."""
         rows, cols = schedule.grid
-        covered = {block for batch in schedule.batches for block in batch.blocks}
-        row_set = sorted({i for i, _ in covered})
-        col_set = sorted({j for _, j in covered})
-        if not covered:
+        if not schedule.batches:
             return cls(ROWS, range(0, 0), schedule.grid, block_px)
-        if len(covered) == len(row_set) * cols and row_set == list(range(row_set[0], row_set[-1] + 1)):
-            return cls(ROWS, range(row_set[0], row_set[-1] + 1), schedule.grid, block_px)
-        if len(covered) == len(col_set) * rows and col_set == list(range(col_set[0], col_set[-1] + 1)):
-            return cls(COLUMNS, range(col_set[0], col_set[-1] + 1), schedule.grid, block_px)
+        covered = sum(len(batch.rows) * len(batch.cols) for batch in schedule.batches)  # batches never overlap
+        for axis, spans, across in ((ROWS, [b.rows for b in schedule.batches], cols),
+                                    (COLUMNS, [b.cols for b in schedule.batches], rows)):
+            band = range(min(span.start for span in spans), max(span.stop for span in spans))
+            if covered == len(band) * across and len({i for span in spans for i in span}) == len(band):
+                return cls(axis, band, schedule.grid, block_px)
         raise ValueError("the rank's batches do not cover one band of whole block rows or columns")
 
     @property
