@@ -11,4 +11,5 @@ BENCHMARKS: dict[str, str] = {
     "clear": ".clear_attention",
     "gspn": ".gspn",
     "infdit": ".infdit_memory",
+    "infdit-distributed": ".infdit_distributed",
 }

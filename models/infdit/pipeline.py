@@ -13,15 +13,23 @@ rank below it.
 
 Per evaluation, the finish times of a line follow from the line above by a max-plus scan:
 ``f[j] = max(f[j-1], above[j]) + cost[j]``, with ``f[-1]`` the time its rank becomes free.
+
+For comparison (the benchmark) the model also knows the assignment the executor does not
+use, lines dealt round-robin (line k to rank k mod P): every line boundary then crosses
+between ranks, and rank P - 1's keys wait for rank 0 to finish its whole line before they
+are read (:func:`model_pipeline` with ``assignment="round-robin"``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
 from .schedule import ScanOrder, assign_stripes, plan_batches, plan_ranks, resolve_scan
+
+Assignment = Literal["stripes", "round-robin"]
 
 SPEEDUP_TOLERANCE = 0.05
 """:func:`ranks_batch_size` takes the largest n within this fraction of the best modelled speed-up."""
@@ -54,9 +62,9 @@ class PipelineModel:
         return self.work / self.makespan if self.makespan else 1.0
 
 
-def _timeline(grid_rows: int, grid_cols: int, n: int, scan: ScanOrder, ranks: int,
-              evaluations: int) -> tuple[list[int], float]:
-    """Block evaluations per rank and the makespan."""
+def _lines(grid_rows: int, grid_cols: int, n: int, scan: ScanOrder, ranks: int,
+           assignment: Assignment) -> list[tuple[int, np.ndarray]]:
+    """The sweep's lines in order: their rank and their batches' costs."""
     resolved = resolve_scan(grid_rows, grid_cols, scan)
     batches = plan_batches(grid_rows, grid_cols, n, resolved)
     owners = assign_stripes(batches, resolved, ranks)
@@ -64,7 +72,17 @@ def _timeline(grid_rows: int, grid_cols: int, n: int, scan: ScanOrder, ranks: in
     lines: dict[int, tuple[int, list[int]]] = {}
     for batch, owner in zip(batches, owners):
         lines.setdefault(key(batch), (owner, []))[1].append(len(batch.rows) * len(batch.cols))
-    line_list = [(owner, np.array(costs, dtype=np.float64)) for owner, costs in lines.values()]
+    if assignment == "round-robin":
+        return [(index % ranks, np.array(costs, dtype=np.float64)) for index, (_, costs) in enumerate(lines.values())]
+    if assignment != "stripes":
+        raise ValueError(f"unknown assignment {assignment!r}")
+    return [(owner, np.array(costs, dtype=np.float64)) for owner, costs in lines.values()]
+
+
+def _timeline(grid_rows: int, grid_cols: int, n: int, scan: ScanOrder, ranks: int, evaluations: int,
+              assignment: Assignment = "stripes") -> tuple[list[int], float]:
+    """Block evaluations per rank and the makespan."""
+    line_list = _lines(grid_rows, grid_cols, n, scan, ranks, assignment)
     free = np.zeros(ranks)
     for _ in range(evaluations):
         above = None
@@ -81,10 +99,18 @@ def _timeline(grid_rows: int, grid_cols: int, n: int, scan: ScanOrder, ranks: in
 
 
 def model_pipeline(grid_rows: int, grid_cols: int, n: int, scan: ScanOrder = "auto", ranks: int = 1,
-                   evaluations: int = 39) -> PipelineModel:
+                   evaluations: int = 39, assignment: Assignment = "stripes") -> PipelineModel:
     """The modelled timeline of ``evaluations`` sweeps of a ``grid_rows x grid_cols``-block image."""
-    busy, makespan = _timeline(grid_rows, grid_cols, n, scan, ranks, evaluations)
-    sent = tuple(schedule.sent_blocks for schedule in plan_ranks(grid_rows, grid_cols, n, scan, False, ranks))
+    busy, makespan = _timeline(grid_rows, grid_cols, n, scan, ranks, evaluations, assignment)
+    if assignment == "stripes":
+        sent = tuple(schedule.sent_blocks for schedule in plan_ranks(grid_rows, grid_cols, n, scan, False, ranks))
+    else:
+        # Each line's bottom block row (as wide as the strip) goes to the next line's rank.
+        width = grid_cols if resolve_scan(grid_rows, grid_cols, scan) == "row" else grid_rows
+        counts = [0] * ranks
+        for owner, _ in _lines(grid_rows, grid_cols, n, scan, ranks, assignment)[:-1]:
+            counts[owner] += width if ranks > 1 else 0
+        sent = tuple(counts)
     return PipelineModel(ranks, n, evaluations, sum(busy), makespan, tuple(busy), sent)
 
 
