@@ -26,7 +26,7 @@ from ultrares.models.infdit.pipeline import model_pipeline
 from ultrares.models.infdit.sampler import initial_state
 from ultrares.models.infdit.schedule import assign_stripes, plan_batches, plan_ranks, resolve_scan
 from ultrares.models.infdit.shard import ImageShard
-from ultrares.models.infdit.launch import RankFailed, run_ranks
+from ultrares.models.infdit.launch import GRACE_SECONDS, RankFailed, run_ranks
 from ultrares.models.infdit.tiny import TINY
 from ultrares.models.infdit.upscale import upscale
 from ultrares.models.infdit.worker import upscale_job_arguments
@@ -40,7 +40,8 @@ TIME_LIMIT = 120.0
 
 EVALUATIONS = [dict(grid=(5, 7), n=1, scan="row", offload=False),    # lines of 7 batches: > 2 per rank
                dict(grid=(5, 7), n=2, scan="column", offload=True),  # ragged, column-major
-               dict(grid=(7, 4), n=3, scan="auto", offload=False)]   # ragged, one line per rank with 3
+               dict(grid=(7, 4), n=3, scan="auto", offload=False),   # ragged, one line per rank with 3
+               dict(grid=(4, 3), n=2, scan="column", offload=True)]  # two lines: with 3 ranks one is idle
 IMAGE = torch.rand(1, 3, 20, 28, generator=torch.Generator().manual_seed(3))
 SAMPLES = [UpscaleOptions(scale=4, steps=2, seed=11, batch_blocks=2, scan="row", offload=True),
            UpscaleOptions(scale=8, steps=1, seed=5, batch_blocks=1, scan="column")]
@@ -183,24 +184,23 @@ class Cancelled(Exception):
     pass
 
 
-def test_cancelling_mid_sweep_stops_every_rank(tmp_path):
+def test_cancelling_mid_sweep_stops_every_rank_promptly(tmp_path):
     options = UpscaleOptions(scale=4, steps=20, seed=1, batch_blocks=1)
     total = 35 * 39  # far more than gets done
-    reports = []
-
-    def cancel_after_some(done, _total):
-        reports.append(done)
+    reports, cancelled_at = [], []
 
     def check_interrupt():
         if reports and reports[-1] >= 10:
+            cancelled_at.append(time.monotonic())
             raise Cancelled
 
     job = dict(upscale_job_arguments(SOURCE, IMAGE, options), pid_folder=str(tmp_path))
     with pytest.raises(Cancelled):
         run_ranks("infdit_rank_checks:upscale_noting_pids", job, ["cpu"] * 2, total=total,
-                  on_progress=cancel_after_some, check_interrupt=check_interrupt, threads=1, timeout=TIME_LIMIT,
-                  env=RANK_ENV)
-    cancelled_at = time.monotonic()
+                  on_progress=lambda done, _: reports.append(done), check_interrupt=check_interrupt, threads=1,
+                  timeout=TIME_LIMIT, env=RANK_ENV)
+    # The ranks saw the stop flag and left by themselves, well before they would have been killed.
+    assert time.monotonic() - cancelled_at[0] < GRACE_SECONDS / 2
     pids = _pids(tmp_path)
     assert len(pids) == 2 and not any(_alive(pid) for pid in pids)
-    assert time.monotonic() - cancelled_at < 1 and 10 <= reports[-1] < total
+    assert 10 <= reports[-1] < total

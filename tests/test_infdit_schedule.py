@@ -131,8 +131,10 @@ class FakeExchange:
 
     def arrivals(self, position, layer):
         for transfer in self.schedule.steps[position].receive:
-            for block in transfer.blocks:
-                yield block, self.block_kv[0, 0, 0], self.block_kv[0, 0, 0]
+            # Views into one message per transfer, as the real exchange hands them out.
+            message = self.block_kv[0, 0, 0].expand(2, len(transfer.blocks), *self.block_kv.shape[3:]).clone()
+            for index, block in enumerate(transfer.blocks):
+                yield block, message[0, index], message[1, index]
         self.observe()
 
     def send(self, position, layer, k, v):
@@ -163,6 +165,9 @@ def test_a_ranks_cache_holds_what_its_steps_say_and_its_received_blocks_count_in
                     observe()
                 assert (cache.device_entries(), cache.host_entries()) == (steps.device_blocks * layers,
                                                                           steps.host_blocks * layers)
+                # A block kept for later batches owns its memory: it never pins a whole message.
+                assert all(t.untyped_storage().nbytes() == t.nbytes for entries in cache._entries
+                           for k, v, _ in entries.values() for t in (k, v))
             assert cache.device_entries() == cache.host_entries() == 0
             assert len(exchange.sent) == schedule.sent_blocks * layers
             # Received blocks' buffers exist for all layers from the batch's start: the plan's

@@ -163,6 +163,11 @@ class BlockExchange:
     of :func:`.evaluate.evaluate`), evaluation after evaluation of one stage."""
 
     def __init__(self, group: RankGroup, schedule: Schedule, cfg: InfDiTConfig, dtype: torch.dtype, images: int = 1):
+        peers = {(t.peer, "receive") for steps in schedule.steps for t in steps.receive}
+        peers |= {(t.peer, "send") for steps in schedule.steps for t in steps.send}
+        if peers - {(group.rank - 1, "receive"), (group.rank + 1, "send")}:
+            raise ValueError(f"rank {group.rank}'s schedule exchanges blocks with {sorted(peers)}: the links carry "
+                             "blocks from a rank to the next one only (stripes of lines)")
         self.group, self.schedule, self.layers = group, schedule, cfg.layers
         self.message_block = (images, cfg.block_tokens, cfg.heads, cfg.head_dim)
         self.dtype = dtype
