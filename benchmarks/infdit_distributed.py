@@ -9,8 +9,9 @@ assignment the executor does not use (lines round-robin) for comparison.
 
 Measured: real ranks (gloo, one thread each, the built-in tiny model) through the pack's
 launcher, each timed from a barrier before the upscale to a barrier after it (process
-start-up and weight loading excluded); bytes sent counted by the ranks; the image compared
-bit for bit with one process.
+start-up and weight loading excluded), with the CPU time each rank used in between (on a
+machine whose cores are shared, it shows how the work splits when wall time cannot); bytes
+sent counted by the ranks; the image compared bit for bit with one process.
 
 ``python -m ultrares.benchmarks infdit-distributed [--quick]``
 """
@@ -102,16 +103,18 @@ def modelled(sizes=SIZES, ranks_list=RANKS, budget_gib: float = BUDGET_GIB) -> N
 
 def timed_upscale(group: RankGroup, *, weights: dict, images: torch.Tensor, options: dict) -> dict | None:
     """A rank of the measured run: the upscale between two barriers; rank 0 returns the image,
-    the seconds and the bytes every rank sent."""
+    the seconds, and the CPU seconds and bytes sent of every rank."""
     loaded = WeightSource(**weights).load()
     dist.barrier()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     out = upscale(loaded, images, UpscaleOptions(**options), group.device, group=group)
+    cpu = time.process_time() - cpu_started
     dist.barrier()
     seconds = time.perf_counter() - started
-    sent: list = [None] * group.ranks
-    dist.all_gather_object(sent, group.bytes_sent)
-    return {"image": out, "seconds": seconds, "sent": sent} if group.rank == 0 else None
+    ranks: list = [None] * group.ranks
+    dist.all_gather_object(ranks, (cpu, group.bytes_sent))
+    return ({"image": out, "seconds": seconds, "cpu": [c for c, _ in ranks], "sent": [b for _, b in ranks]}
+            if group.rank == 0 else None)
 
 
 def measured(ranks_list=RANKS, side: int = MEASURED_SIDE) -> None:
@@ -128,14 +131,17 @@ def measured(ranks_list=RANKS, side: int = MEASURED_SIDE) -> None:
     finally:
         torch.set_num_threads(before)
     cores = os.cpu_count() or 1
-    print(f"\n### Measured: tiny model (2 layers, width 64, 16-px blocks, fp32) on CPU ranks (gloo, one thread each)\n")
+    load = f", load average {os.getloadavg()[0]:.1f} when it started" if hasattr(os, "getloadavg") else ""
+    print("\n### Measured: tiny model (2 layers, width 64, 16-px blocks, fp32) on CPU ranks (gloo, one thread each)\n")
     print(f"{4 * side}x{4 * side} output = {grid} x {grid} blocks, {MEASURED_N} x {MEASURED_N}-block batches, "
           f"{evals} evaluations; time per sweep = time between barriers / evaluations. This machine has {cores} "
-          f"cores{f', so P > {cores} ranks share them' if max(ranks_list) > cores else ''}: times are noisy, and "
-          "the interpreter-sized tiny model says nothing about GPU speed.\n")
-    print(_row(["P", "time per sweep s", "speed-up vs P = 1", "modelled speed-up", "sent per sweep KiB (all ranks)",
-                "planned KiB", "equal to one process"]))
-    print(_row(["---"] * 7))
+          f"cores{load}{f', so P > {cores} ranks share them' if max(ranks_list) > cores else ''}: wall times are "
+          "noisy; CPU time per rank shows the split. Every rank also prepares the whole image (resizing, CLIP, the "
+          "whole noise draw), which is large next to this tiny model's sweeps and small next to the released "
+          "model's. Nothing here says anything about GPU speed.\n")
+    print(_row(["P", "time per sweep s", "speed-up vs P = 1", "modelled speed-up", "CPU s per sweep, busiest rank",
+                "CPU s per sweep, all ranks", "sent per sweep KiB (all ranks)", "planned KiB", "equal to one process"]))
+    print(_row(["---"] * 9))
     base = None
     for ranks in ranks_list:
         result = run_ranks("ultrares.benchmarks.infdit_distributed:timed_upscale",
@@ -146,6 +152,7 @@ def measured(ranks_list=RANKS, side: int = MEASURED_SIDE) -> None:
         planned *= block_bytes(TINY, torch.float32)
         model = model_pipeline(grid, grid, MEASURED_N, "auto", ranks, evals)
         print(_row([ranks, f"{per_sweep:.3f}", f"{base / per_sweep:.2f}x", f"{model.speedup:.2f}x",
+                    f"{max(result['cpu']) / evals:.3f}", f"{sum(result['cpu']) / evals:.3f}",
                     f"{sum(result['sent']) / evals / 1024:.0f}", f"{planned / 1024:.0f}",
                     "bit-identical" if torch.equal(result["image"], single) else "DIFFERENT"]))
 
