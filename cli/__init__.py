@@ -1,5 +1,5 @@
 """Command-line tools: the pack's long jobs outside the ComfyUI frontend, one module per tool,
-named ``<method>_<job>.py`` (``gspn_distill``, ``infdit_convert``).
+named ``<method>_<job>.py`` (``gspn_distill``, ``infdit_convert``, ``infdit_upscale``).
 
 Each tool runs two ways: by path from a ComfyUI install, with ComfyUI's Python
 (``python custom_nodes/ComfyUI-UltraRes/cli/<tool>.py ...``), and as ``python -m
