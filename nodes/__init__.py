@@ -1,7 +1,10 @@
 """ComfyUI glue: the V3 node classes of the pack and the extension that lists them.
 
-Each method has one module here (``clear``, ``gspn``, ``infdit``) that only converts
-between ComfyUI objects and the host-free core in ``kernels/`` and ``models/``.
+One subpackage per method (``clear/``, ``gspn/``, ``infdit/``): ``nodes.py`` holds its node
+classes (inputs, tooltips, ``execute``), the modules beside it the ComfyUI hooks they install;
+all of them only convert between ComfyUI objects and the host-free core in ``kernels/`` and
+``models/``. Shared by all: ``category`` (the menu), ``model_folders`` (``models/clear`` ...),
+``patchers`` (the pack's ModelPatchers and free memory) and ``runtime`` (progress and cancel).
 """
 
 from __future__ import annotations

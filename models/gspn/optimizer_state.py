@@ -12,18 +12,23 @@ and only restored onto weights with that count.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from ..weight_files import SAFETENSORS, FileKind, read_weights, save_safetensors
 from .layers import GSPNLayers
+from .module import file_layout, module_layout
+from .weights import GSPNWeightsError
 
 FORMAT = "ultrares.gspn.optimizer"
 SUFFIX = ".optimizer"  # not a model-file extension, so ComfyUI's file lists do not show it
+OPTIMIZER_STATE = FileKind(
+    name="the optimizer state of a GSPN distillation", error=GSPNWeightsError, formats=(SAFETENSORS,),
+    remedy=("Delete it to resume with a fresh optimizer (its first steps then move every weight by about the "
+            "learning rate), or put back an intact copy."),
+    holds=f"an optimizer state file carries '{FORMAT}' metadata")
 
 
 def optimizer_path(weights: str | os.PathLike) -> Path:
@@ -37,48 +42,49 @@ def make_optimizer(student: GSPNLayers, learning_rate: float) -> torch.optim.Opt
     return torch.optim.AdamW(student.parameters(), lr=learning_rate, weight_decay=0.0)
 
 
-def _named_parameters(layers: GSPNLayers) -> Iterator[tuple[str, nn.Parameter]]:
-    """Parameters named like the weight file's keys (``<layer path>.<parameter>``)."""
-    for spec, module in layers.items():
-        for key, parameter in module.named_parameters():
-            yield f"{spec.name}.{key}", parameter
+def _entries(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
+    """The optimiser's state of one GSPN module by entry (``exp_avg`` ...), in the weight file's layout."""
+    by_entry: dict[str, dict[str, torch.Tensor]] = {}
+    for name, parameter in module.named_parameters():
+        for entry, value in optimizer.state.get(parameter, {}).items():
+            by_entry.setdefault(entry, {})[name] = torch.as_tensor(value)
+    return {entry: file_layout(named) for entry, named in by_entry.items()}
 
 
 def save_optimizer_state(path: str | os.PathLike, layers: GSPNLayers, optimizer: torch.optim.Optimizer,
                          steps: int) -> None:
-    """Write the per-parameter state of ``optimizer`` for ``layers`` after ``steps`` training steps."""
-    tensors = {}
-    for name, parameter in _named_parameters(layers):
-        for key, value in optimizer.state.get(parameter, {}).items():
-            tensors[f"{name}.{key}"] = torch.as_tensor(value).detach().to("cpu").contiguous()
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    save_file(tensors, str(partial), metadata={"format": FORMAT, "steps": str(steps)})
-    os.replace(partial, path)
+    """Write the per-parameter state of ``optimizer`` for ``layers`` after ``steps`` training steps,
+    keyed ``<weight file key>.<entry>``."""
+    tensors = {f"{spec.name}.{key}.{entry}": value.detach().to("cpu").contiguous()
+               for spec, module in layers.items() for entry, named in _entries(module, optimizer).items()
+               for key, value in named.items()}
+    save_safetensors(tensors, path, {"format": FORMAT, "steps": str(steps)})
 
 
 def load_optimizer_state(path: str | os.PathLike, layers: GSPNLayers, optimizer: torch.optim.Optimizer,
                          steps: int) -> bool:
     """Put the saved state into ``optimizer`` if ``path`` holds it for these layers after ``steps``
     steps; returns whether it did (nothing is changed otherwise). Hyperparameters such as the
-    learning rate stay those of ``optimizer``."""
+    learning rate stay those of ``optimizer``. A broken file is refused (:class:`GSPNWeightsError`)."""
     path = Path(path)
     if not path.is_file():
         return False
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT or meta.get("steps") != str(steps):
-            return False
-        saved: dict[str, dict[str, torch.Tensor]] = {}
-        for key in f.keys():
-            name, _, entry = key.rpartition(".")
-            saved.setdefault(name, {})[entry] = f.get_tensor(key)
+    tensors, meta = read_weights(path, OPTIMIZER_STATE)
+    if meta.get("steps") != str(steps):
+        return False
     states = {}
-    for name, parameter in _named_parameters(layers):
-        state = saved.get(name)
-        if not state or any(v.dim() and v.shape != parameter.shape for v in state.values()):
-            return False
-        # Moments live with their parameter; AdamW keeps its step count on the CPU.
-        states[parameter] = {k: v.to(parameter.device) if v.dim() else v for k, v in state.items()}
+    for spec, module in layers.items():
+        by_entry: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            stem, _, entry = key.rpartition(".")
+            if stem.startswith(spec.name + "."):
+                by_entry.setdefault(entry, {})[stem[len(spec.name) + 1:]] = value
+        per_entry = {entry: module_layout(stored) for entry, stored in by_entry.items()}
+        for name, parameter in module.named_parameters():
+            state = {entry: named[name] for entry, named in per_entry.items() if name in named}
+            if not state or any(v.dim() and v.shape != parameter.shape for v in state.values()):
+                return False
+            # Moments live with their parameter; AdamW keeps its step count on the CPU.
+            states[parameter] = {k: v.to(parameter.device) if v.dim() else v for k, v in state.items()}
     optimizer.state.update(states)
     return True

@@ -21,10 +21,10 @@ import comfy.model_patcher
 import comfy.samplers
 import torch
 
-from ..models.gspn import GSPNConfig, GSPNLayers, LayerSpec, TrainingRecord, load_gspn_weights, save_gspn_weights
-from ..models.gspn.distill import Capture, DistillSettings, distill, evaluate
-from ..models.gspn.optimizer_state import load_optimizer_state, make_optimizer, optimizer_path, save_optimizer_state
-from .gspn_patch import comfy_attention_call, gspn_call, model_family, unet_layers
+from ...models.gspn import (Capture, DistillSettings, GSPNConfig, GSPNLayers, LayerSpec, TrainingRecord, distill,
+                           load_gspn_weights, load_optimizer_state, make_optimizer, optimizer_path, save_gspn_weights,
+                           save_optimizer_state)
+from .patch import comfy_attention_call, gspn_call, model_family, unet_layers
 
 
 T = TypeVar("T")
@@ -204,9 +204,3 @@ def run_distillation(model: comfy.model_patcher.ModelPatcher, positive: list, ne
     student.to(comfy.model_management.intermediate_device())
     return student, record
 
-
-def evaluate_gspn(model: comfy.model_patcher.ModelPatcher, positive: list, negative: list | None, gspn: GSPNLayers,
-                  trajectory: TrajectorySettings, points: int, seed: int) -> float:
-    """Mean attn1-matching loss of ``gspn`` on ``points`` points of the model's own trajectories."""
-    with torch.inference_mode(False):
-        return with_host(model, positive, negative, trajectory, seed, lambda host: evaluate(gspn, host, points, seed))
