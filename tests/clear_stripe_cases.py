@@ -10,6 +10,7 @@ import threading
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from ultrares.models.clear.attention import ClearAttention, TokenLayout
 from ultrares.models.clear.communicator import Communicator, MeteredCommunicator, ProcessGroupCommunicator, ThreadGroup
@@ -105,12 +106,18 @@ def on_threads(case: Case, devices: int, metered: bool = False) -> tuple[list[to
     return outputs, comms
 
 
-def gloo_rank_errors(rank: int, world_size: int) -> list[float]:
-    """Run in each gloo rank: every case's error of this rank's tokens against one device."""
-    comm = ProcessGroupCommunicator()
-    errors = []
-    for case in CASES:
-        plan = case.plan(world_size)
-        expected = case.local(one_device(case), plan, rank)
-        errors.append(relative_error(stripe_output(case, plan, rank, comm), expected))
+def gloo_rank_errors(rank: int, world_size: int) -> dict[int, list[float]]:
+    """Run in each gloo rank: for groups of 2 ranks (a subgroup) and of all of them, every case's
+    error of this rank's tokens against one device."""
+    errors = {}
+    for size in (2, world_size):
+        group = dist.new_group(list(range(size)))  # every rank takes part in creating every group
+        if rank >= size:
+            continue
+        comm = ProcessGroupCommunicator(group)
+        errors[size] = []
+        for case in CASES:
+            plan = case.plan(size)
+            expected = case.local(one_device(case), plan, rank)
+            errors[size].append(relative_error(stripe_output(case, plan, rank, comm), expected))
     return errors
