@@ -10,9 +10,11 @@ from __future__ import annotations
 
 BENCHMARKS: dict[str, str] = {
     "clear": ".clear_attention",
+    "clear-parallel": ".clear_parallel",
     "gspn": ".gspn",
     "infdit": ".infdit_memory",
     "gpu": ".gpu",
 }
 DEFAULT: tuple[str, ...] = ("clear", "gspn", "infdit")
-"""What runs without names: the CPU benchmarks (``gpu`` needs a GPU, or ``--dry``)."""
+"""What runs without names: the CPU benchmarks (``gpu`` needs a GPU, or ``--dry``;
+``clear-parallel`` starts gloo rank processes, so it runs when named)."""
