@@ -8,6 +8,7 @@ exactly the bytes the plan says."""
 from __future__ import annotations
 
 import dataclasses
+import sys
 import threading
 
 import pytest
@@ -65,7 +66,8 @@ def test_partial_softmaxes_of_the_key_parts_combine_into_attention_over_all_keys
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 5, 8, generator=g) * 3 for _ in range(3))
     expected = F.scaled_dot_product_attention(q, k, v, scale=0.7)
-    monkeypatch.setattr("ultrares.kernels.softmax_partials.SCORE_BYTES", 2 * 3 * 5 * 4 * 3)  # 3 keys a chunk
+    module = sys.modules[softmax_partials.__module__]  # the package's name is the function's
+    monkeypatch.setattr(module, "SCORE_BYTES", 2 * 3 * 5 * 4 * 3)  # 3 keys a chunk
     parts = [softmax_partials(q, k[:, :, a:b], v[:, :, a:b], 0.7) for a, b in ((0, 7), (7, 8), (8, 8), (8, 20))]
     assert torch.isinf(parts[2].max).all() and not parts[2].sum.any()  # a part without keys
     merged = parts[0].merge(parts[1]).merge(parts[2]).merge(parts[3])
