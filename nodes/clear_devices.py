@@ -37,8 +37,6 @@ import inspect
 import logging
 import threading
 import weakref
-from collections.abc import Callable
-
 import comfy.ldm.flux.model
 import comfy.model_management
 import comfy.model_patcher
@@ -124,11 +122,13 @@ class DeviceCopies:
 
     def _make(self, model: comfy.model_patcher.ModelPatcher, device: torch.device) -> comfy.model_patcher.ModelPatcher:
         if hasattr(model, "deepclone_multigpu"):
-            copy_ = model.deepclone_multigpu(new_load_device=device)
-            copy_.parent = None
-            copy_.additional_models = {}
-            copy_.model_options = {"transformer_options": {}}
-            return copy_
+            # A standalone patcher: no parent for model management to fall back to when it is
+            # dropped, none of the sampled model's options, wrappers' models or copies.
+            replica = model.deepclone_multigpu(new_load_device=device)
+            replica.parent = None
+            replica.additional_models = {}
+            replica.model_options = {"transformer_options": {}}
+            return replica
         _unload_model_and_clones(model)
         network = _module_sharing_weights(model.model)
         # An object patch ComfyUI restored or left on the module: the copy runs its class's method.
@@ -143,7 +143,8 @@ class DeviceCopies:
         for patcher in self.patchers:
             patcher.patches = {key: patches[:] for key, patches in model.patches.items()}
             patcher.patches_uuid = model.patches_uuid
-            patcher.object_patches = model.object_patches.copy()
+            patcher.object_patches = {name: value for name, value in model.object_patches.items()
+                                      if name != FORWARD_ATTRIBUTE}  # copies run the class's forward_orig
             patcher.weight_wrapper_patches = model.weight_wrapper_patches.copy()
             patcher.force_cast_weights = model.force_cast_weights
         return self.patchers
@@ -160,13 +161,13 @@ class DeviceCopies:
         return [patcher.model.diffusion_model for patcher in self.patchers]
 
 
-def _rank_arguments(bound: inspect.BoundArguments, module: torch.nn.Module, plan: StripePlan, rank: int,
-                    layout: StripeLayout, device: torch.device) -> inspect.BoundArguments:
-    """``forward_orig``'s arguments for ``rank``: its stripe of the image tokens and ids, the
-    reference tokens, everything else as it is, on ``device``."""
+def _rank_arguments(bound: inspect.BoundArguments, module: torch.nn.Module, layout: StripeLayout,
+                    device: torch.device) -> inspect.BoundArguments:
+    """``forward_orig``'s arguments for the layout's rank: its stripe of the image tokens and ids,
+    the reference tokens, everything else as it is, on ``device``."""
     arguments = dict(bound.arguments)
-    n_img = plan.grid[0] * plan.grid[1]
-    tokens = plan.tokens(rank)
+    n_img = layout.grid[0] * layout.grid[1]
+    tokens = layout.plan.tokens(layout.rank)
 
     def stripe(x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x[:, tokens.start:tokens.stop], x[:, n_img:]], dim=1).to(device)
@@ -197,12 +198,12 @@ def _control_stripe(add: torch.Tensor | None, n_img: int, tokens: range, device:
     return add[:, tokens.start:tokens.stop].to(device)
 
 
-def run_stripe(bound: inspect.BoundArguments, module: torch.nn.Module, plan: StripePlan, rank: int,
-               layout_of: Callable[[int], StripeLayout], device: torch.device) -> torch.Tensor:
-    """``rank``'s stripe through ``module``'s Flux blocks: ``[B, stripe tokens, C]`` on ``device``."""
-    rank_bound = _rank_arguments(bound, module, plan, rank, layout_of(rank), device)
+def run_stripe(bound: inspect.BoundArguments, module: torch.nn.Module, layout: StripeLayout,
+               device: torch.device) -> torch.Tensor:
+    """The layout's stripe through ``module``'s Flux blocks: ``[B, stripe tokens, C]`` on ``device``."""
+    rank_bound = _rank_arguments(bound, module, layout, device)
     out = type(module).forward_orig(*rank_bound.args, **rank_bound.kwargs)
-    return out[:, :len(plan.tokens(rank))]
+    return out[:, :layout.n_img]
 
 
 class ThreadDriver:
@@ -221,11 +222,8 @@ class ThreadDriver:
             ) -> torch.Tensor:
         networks = [main, *self.copies.networks()]
         group = ThreadGroup(len(self.devices))
-        comms = [group.communicator(rank, device) for rank, device in enumerate(self.devices)]
-
-        def layout_of(rank: int) -> StripeLayout:
-            return StripeLayout(layout.grid, layout.n_ref, plan, rank, comms[rank])
-
+        layouts = [StripeLayout(layout.grid, layout.n_ref, plan, rank, group.communicator(rank, device))
+                   for rank, device in enumerate(self.devices)]
         outputs: list[torch.Tensor | None] = [None] * len(self.devices)
         errors: dict[int, BaseException] = {}
         grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
@@ -235,7 +233,7 @@ class ThreadDriver:
             on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
             try:
                 with on_device, torch.inference_mode(inference), torch.set_grad_enabled(grad):
-                    out = run_stripe(bound, networks[rank], plan, rank, layout_of, device)
+                    out = run_stripe(bound, networks[rank], layouts[rank], device)
                 outputs[rank] = out.to(self.devices[0])
             except BaseException as error:  # a cancel (ComfyUI's interrupt) too: every thread must stop
                 errors[rank] = error
@@ -267,13 +265,8 @@ class ProcessGroupDriver:
 
     def run(self, bound: inspect.BoundArguments, main: torch.nn.Module, plan: StripePlan, layout: TokenLayout,
             ) -> torch.Tensor:
-        device = bound.arguments["img"].device
-        rank = self.comm.rank
-
-        def layout_of(rank: int) -> StripeLayout:
-            return StripeLayout(layout.grid, layout.n_ref, plan, rank, self.comm)
-
-        out = run_stripe(bound, main, plan, rank, layout_of, device)
+        stripe = StripeLayout(layout.grid, layout.n_ref, plan, self.comm.rank, self.comm)
+        out = run_stripe(bound, main, stripe, bound.arguments["img"].device)
         return self.comm.all_gather(out, [len(plan.tokens(p)) for p in range(plan.devices)], dim=1)
 
 

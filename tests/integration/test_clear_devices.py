@@ -154,6 +154,12 @@ def test_the_copies_get_patches_added_after_the_node_and_the_input_model_is_left
     assert relative(out, run(reference)) <= 1e-5 and relative(out, before) > 1e-3
     copies = lora.get_additional_models_with_key(DEVICES_KEY)
     assert len(copies) == 2 and all(c.model is not model.model for c in copies)
+    # on 0.3.64 a copy's unpatched weights are the original's CPU tensors, in parameters of its own
+    original = model.model.diffusion_model.img_in.weight
+    for c in copies:
+        own = c.model.diffusion_model.img_in.weight
+        assert own is not original and own.data_ptr() == original.data_ptr()
+        assert "forward_orig" not in c.model.diffusion_model.__dict__  # copies run the class's method
     # the input model samples as before, with its weights, options and module as they were
     torch.testing.assert_close(run(model), before, rtol=0, atol=0)
     assert all(torch.equal(v, weights[k]) for k, v in model.model.state_dict().items())
