@@ -13,8 +13,8 @@ BENCHMARKS: dict[str, str] = {
     "clear-parallel": ".clear_parallel",
     "gspn": ".gspn",
     "infdit": ".infdit_memory",
+    "infdit-distributed": ".infdit_distributed",
     "gpu": ".gpu",
 }
-DEFAULT: tuple[str, ...] = ("clear", "gspn", "infdit")
-"""What runs without names: the CPU benchmarks (``gpu`` needs a GPU, or ``--dry``;
-``clear-parallel`` starts gloo rank processes, so it runs when named)."""
+DEFAULT: tuple[str, ...] = ("clear", "clear-parallel", "gspn", "infdit", "infdit-distributed")
+"""What runs without names: the CPU benchmarks (``gpu`` needs a GPU, or ``--dry``)."""

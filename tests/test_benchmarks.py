@@ -11,9 +11,8 @@ from ultrares.benchmarks.__main__ import main
 
 
 def test_every_registered_benchmark_imports_and_has_a_main():
-    assert set(benchmarks.BENCHMARKS) == {"clear", "clear-parallel", "gspn", "infdit", "gpu"}
+    assert set(benchmarks.BENCHMARKS) == {"clear", "clear-parallel", "gspn", "infdit", "infdit-distributed", "gpu"}
     assert "gpu" not in benchmarks.DEFAULT  # needs a GPU (or --dry): never part of the CPU run
-    assert "clear-parallel" not in benchmarks.DEFAULT  # starts rank processes: runs when named
     for module_name in benchmarks.BENCHMARKS.values():
         module = importlib.import_module(module_name, "ultrares.benchmarks")
         assert callable(module.main)
@@ -41,3 +40,12 @@ def test_the_traffic_table_counts_the_stated_formulas(capsys):
     cp.traffic_table()
     table = capsys.readouterr().out
     assert "| 8K | 8 |" in table and "Ulysses / CLEAR r16" in table
+
+
+def test_the_distributed_benchmark_models_the_released_configuration(capsys):
+    from ultrares.benchmarks.infdit_distributed import modelled
+
+    modelled(sizes=(4096,), ranks_list=(1, 2))
+    out = capsys.readouterr().out
+    assert "| 4096x4096 | 1 | 16 | 100.0% | 1.00 |" in out
+    assert "| 4096x4096 | 2 |" in out and "round-robin" in out
