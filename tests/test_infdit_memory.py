@@ -169,7 +169,7 @@ def test_the_plan_reads_as_a_few_lines_saying_what_it_chose_and_why(weights):
     squeezed = plan_budget(weights, SIZE, UpscaleOptions(budget_bytes=sum(floor(weights).values()) / 2),
                            free_bytes=GiB, host_free_bytes=GiB)
     assert squeezed.describe(SIZE).split("\n")[-1] == (
-        f"CPU RAM for the offloaded buffers: about {memory_text(squeezed.host_bytes)} (needed to fit the budget; "
+        f"offloaded to CPU RAM: about {memory_text(squeezed.host_bytes)} (needed to fit the budget; "
         "same result, slower)")
 
 

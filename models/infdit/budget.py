@@ -168,9 +168,10 @@ class BudgetPlan:
     host_bytes: float | None = None
     """Host RAM that offloading takes (the largest stage), when on."""
 
-    def describe(self, size: tuple[int, int], images: int = 1, ranks: int = 1) -> str:
+    def describe(self, size: tuple[int, int], images: int = 1, ranks: int = 1, memory: str = "GPU memory") -> str:
         """The plan in a few lines for the user, before the work starts: the output, the batch
-        size and the work it makes, the memory and why (``size``: the input ``(height, width)``)."""
+        size and the work it makes, the memory and why (``size``: the input ``(height, width)``;
+        ``memory``: what the device's memory is called, e.g. ``"CPU RAM"`` on the CPU)."""
         factor, (height, width) = self.options.scale, size
         head = f"{factor}× upscale → {width * factor}×{height * factor}"
         if images > 1:
@@ -186,12 +187,12 @@ class BudgetPlan:
         why = {"requested": "the VRAM budget you set", "lowered": "all that is free (you asked for more)",
                "available": "all that is free once the model is loaded"}[self.budget_source]
         per = " per device" if ranks > 1 else ""
-        lines.append(f"GPU memory{per}: about {memory_text(max(e.total for e in self.stages))} of "
+        lines.append(f"{memory}{per}: about {memory_text(max(e.total for e in self.stages))} of "
                      f"{memory_text(self.budget_bytes)} ({why})")
         if self.offload_source != "off":
             reason = "you switched it on" if self.offload_source == "requested" else "needed to fit the budget"
             host = f": about {memory_text(self.host_bytes)}" if self.host_bytes is not None else ""
-            lines.append(f"CPU RAM for the offloaded buffers{host} ({reason}; same result, slower)")
+            lines.append(f"offloaded to CPU RAM{host} ({reason}; same result, slower)")
         return "\n".join(lines)
 
 

@@ -113,7 +113,9 @@ def upscale_job(group: RankGroup, *, weights: dict, images: torch.Tensor, option
     plan = plan_on_ranks(group, loaded, size, UpscaleOptions(**options))
     if group.rank == 0:
         group.publish_plan(total_batches(loaded, size, images.shape[0], plan.options, group.ranks),
-                           list(plan.messages), plan.describe(size, images.shape[0], group.ranks))
+                           list(plan.messages),
+                           plan.describe(size, images.shape[0], group.ranks,
+                                         "GPU memory" if group.device.type == "cuda" else "CPU RAM"))
     canvas = PreviewCanvas(loaded.net.cfg.block_px) if preview else None
     return upscale(loaded, images, plan.options, group.device,
                    on_progress=lambda done, total: group.report_batch(), check_interrupt=group.check_interrupt,

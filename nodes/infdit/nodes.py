@@ -12,6 +12,11 @@ ComfyUI keeps models (unloading other models, and this one, as it would for any 
 plan's messages reach ComfyUI's log, the progress bar counts the batches of all ranks, Cancel
 stops every rank, and the call returns once no worker is left, so their GPU memory is free
 again.
+
+While it runs the node shows (:class:`..runtime.NodeFeedback`): the plan in a few lines (output
+size, batch size and the work it makes, the memory and why), where the upscale is ("evaluation
+12/39 · batch 3/16", per device with several) with the time left, and a preview of the image
+being built on its progress bar (painted by the ranks and put together here with several).
 """
 
 from __future__ import annotations
@@ -25,18 +30,20 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ...models.infdit import (DTYPES, SCAN_ORDERS, GiB, BudgetTooSmall, InfDiTWeights, RankFailed, UpscaleOptions,
-                              WeightSource, allocator_headroom, load_infdit, parse_devices, plan_budget, upscale,
-                              upscale_on_ranks, weight_bytes, working_memory)
+from ...models.infdit import (DTYPES, SCAN_ORDERS, GiB, BudgetTooSmall, InfDiTWeights, PreviewCanvas, RankFailed,
+                              UpscaleOptions, UpscaleStep, WeightSource, allocator_headroom, load_infdit, parse_devices,
+                              plan_budget, upscale, upscale_on_ranks, weight_bytes, working_memory)
 from ..category import CATEGORY
 from ..patchers import free_device_memory, new_patcher
-from ..runtime import check_interrupt, progress_callback
+from ..runtime import NodeFeedback, check_interrupt
 
 INFDIT_CATEGORY = f"{CATEGORY}/Inf-DiT"
 InfDiTModel = io.Custom("INFDIT_MODEL")
 FROM_CHECKPOINT = "from checkpoint"
 CLIP_VISION_PREFIX = "clip_vision/"
 AUTO_DEVICES = "auto"
+
+log = logging.getLogger(__name__)
 
 
 class _Modules(torch.nn.Module):
@@ -72,6 +79,11 @@ def weight_dtype(choice: str, device: torch.device) -> str:
     if mm.should_use_bf16(device):
         return "bf16"
     return "fp16" if mm.should_use_fp16(device) else "fp32"
+
+
+def memory_name(device: torch.device) -> str:
+    """What the memory a plan is for is called, for the user: ``"GPU memory"``, or ``"CPU RAM"``."""
+    return {"cuda": "GPU memory", "cpu": "CPU RAM"}.get(device.type, f"{device.type} memory")
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -191,20 +203,22 @@ class UltraResInfDiTUpscale(io.ComfyNode):
         requested = vram_budget_gb * GiB if vram_budget_gb > 0 else None
         options = UpscaleOptions(scale=int(scale), steps=steps, seed=seed, init_noise=init_noise, scan=scan,
                                  offload=offload_cache, margin=allocator_headroom(device), budget_bytes=requested)
+        feedback = NodeFeedback("Inf-DiT", log)
         try:
             if targets is None:
-                out = cls._on_comfyuis_device(weights, patcher, image, size, options)
+                out = cls._on_comfyuis_device(weights, patcher, image, size, options, feedback)
             else:
-                out = cls._on_several_devices(infdit_model, image, size, options, targets)
+                out = cls._on_several_devices(infdit_model, image, size, options, targets, feedback)
         except BudgetTooSmall as error:
             raise ValueError(f"Inf-DiT: {error}") from error
         except RankFailed as error:
             raise RuntimeError(f"Inf-DiT on {', '.join(map(str, targets))}: {error}") from error
+        feedback.finish(f"finished: {out.shape[-1]}×{out.shape[-2]} in {feedback.elapsed()}")
         return io.NodeOutput(out.movedim(1, -1).to(mm.intermediate_device()))
 
     @staticmethod
     def _on_comfyuis_device(weights: InfDiTWeights, patcher, image: torch.Tensor, size: tuple[int, int],
-                            options: UpscaleOptions) -> torch.Tensor:
+                            options: UpscaleOptions, feedback: NodeFeedback) -> torch.Tensor:
         device = patcher.load_device
         # Ask ComfyUI for the memory the plan needs, unloading other models if it must;
         # then plan with what is really free.
@@ -212,12 +226,20 @@ class UltraResInfDiTUpscale(io.ComfyNode):
         free, host_free = free_device_memory(patcher, device), mm.get_free_memory(torch.device("cpu"))
         plan = plan_budget(weights, size, options, free, host_free)
         for level, message in plan.messages:
-            logging.log(level, "Inf-DiT: %s", message)
-        return upscale(weights, image.movedim(-1, 1), plan.options, device, _LazyProgress(), check_interrupt)
+            log.log(level, "Inf-DiT: %s", message)
+        feedback.announce(plan.describe(size, image.shape[0], memory=memory_name(device)))
+        canvas = PreviewCanvas(weights.net.cfg.block_px, feedback.preview_side) if feedback.wants_previews else None
+
+        def on_step(step: UpscaleStep) -> None:
+            feedback.progress(step.done, step.total, canvas.image if canvas is not None else None)
+            feedback.status(step.describe(), step.done, step.total)
+
+        return upscale(weights, image.movedim(-1, 1), plan.options, device, check_interrupt=check_interrupt,
+                       on_step=on_step, preview=canvas)
 
     @staticmethod
     def _on_several_devices(model: LoadedInfDiT, image: torch.Tensor, size: tuple[int, int], options: UpscaleOptions,
-                            targets: list[torch.device]) -> torch.Tensor:
+                            targets: list[torch.device], feedback: NodeFeedback) -> torch.Tensor:
         weights, ranks = model.weights, len(targets)
         # Each rank loads its own copy of the weights and plans with what its GPU has free:
         # make room through model management on the GPUs where ComfyUI keeps models (asking
@@ -225,10 +247,22 @@ class UltraResInfDiTUpscale(io.ComfyNode):
         need = weight_bytes(weights) + working_memory(weights, size, options, ranks)
         for device in _devices_with_comfyui_models(targets):
             mm.free_memory(need, device)
-        logging.info("Inf-DiT: %d ranks on %s", ranks, ", ".join(map(str, targets)))
+        log.info("Inf-DiT: %d ranks on %s", ranks, ", ".join(map(str, targets)))
+        statuses: list[str | None] = []
+        names = [str(device) for device in targets]
+        if len(set(names)) < len(names):  # CPU ranks
+            names = [f"rank {rank} ({name})" for rank, name in enumerate(names)]
+
+        def on_progress(done: int, total: int) -> None:
+            feedback.progress(done, total)
+            lines = [f"{name}: {line}" for name, line in zip(names, statuses) if line]
+            feedback.status("\n".join(lines + [f"{done}/{total} batches on all devices"]), done, total)
+
+        previews = {"on_preview": feedback.show_preview} if feedback.wants_previews else {}
         try:
-            return upscale_on_ranks(model.source, image.movedim(-1, 1), options, targets, on_progress=_LazyProgress(),
-                                    check_interrupt=check_interrupt)
+            return upscale_on_ranks(model.source, image.movedim(-1, 1), options, targets, on_progress=on_progress,
+                                    on_plan=feedback.announce, on_status=lambda lines: statuses.__setitem__(
+                                        slice(None), lines), check_interrupt=check_interrupt, **previews)
         finally:
             mm.soft_empty_cache()
 
@@ -239,18 +273,6 @@ def _devices_with_comfyui_models(targets: list[torch.device]) -> list[torch.devi
                                       if getattr(loaded, "device", None) is not None]
     return [device for device in targets
             if device.type == "cuda" and any(_same_device(device, torch.device(other)) for other in used)]
-
-
-class _LazyProgress:
-    """ComfyUI's progress bar, created on the first report (when the total is known)."""
-
-    def __init__(self) -> None:
-        self._report = None
-
-    def __call__(self, done: int, total: int) -> None:
-        if self._report is None:
-            self._report = progress_callback(total)
-        self._report(done, total)
 
 
 NODES: list[type[io.ComfyNode]] = [UltraResInfDiTLoader, UltraResInfDiTUpscale]
