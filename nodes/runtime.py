@@ -178,9 +178,10 @@ class NodeFeedback:
         # A copy: the server encodes it later, on its own thread, while the job paints on.
         return "JPEG", Image.fromarray(pixels.clone().numpy()), self.preview_side
 
-    def finish(self, text: str) -> None:
-        """How the job ended, under the header (also logged)."""
-        self.log.info("%s: %s", self.name, text)
+    def finish(self, text: str, logged: bool = True) -> None:
+        """How the job ended, under the header (also logged unless ``logged`` is False: said already)."""
+        if logged:
+            self.log.info("%s: %s", self.name, text)
         self._send(f"{self.header}\n{text}" if self.header else text)
 
     def elapsed(self) -> str:

@@ -1,5 +1,6 @@
 """GSPN distillation inside ComfyUI: the host-free loop of ``models/gspn/distill.py`` driven
-through ComfyUI's own sampling machinery (the node and the command line share this).
+through ComfyUI's own sampling machinery (the node and the command line share this), and what it tells the user while
+it runs (:class:`DistillReport`: losses now and then, every save with its path, how it ended).
 
 The loop runs inside a custom ``comfy.samplers.Sampler`` handed to a ``CFGGuider``, like
 ComfyUI's own LoRA trainer: the guider loads the model, turns the CONDITIONING into model
@@ -157,14 +158,73 @@ def output_path(folder: str | os.PathLike, name: str) -> Path:
     return Path(folder) / (name if name.endswith(".safetensors") else name + ".safetensors")
 
 
+LOG_LINES = 20
+"""Loss lines a run logs (besides every save and the end), evenly spread over its steps."""
+LOSS_WINDOW = 50
+"""Steps the logged mean loss is taken over (single steps are noisy: each is one noise level)."""
+
+
+def loss_text(record: TrainingRecord) -> str:
+    """The latest losses: ``"loss 0.412 (mean of the last 50: 0.430)"``, the prediction term too."""
+    recent = record.layer_losses[-LOSS_WINDOW:]
+    text = f"loss {record.layer_losses[-1]:.4g}"
+    if len(recent) > 1:
+        text += f" (mean of the last {len(recent)}: {sum(recent) / len(recent):.4g})"
+    if record.prediction_losses:
+        text += f", prediction loss {record.prediction_losses[-1]:.4g}"
+    return text
+
+
+class DistillReport:
+    """What a distillation tells the user: ``emit`` gets log lines (the losses :data:`LOG_LINES`
+    times per run, every save with its path, the end or the stop), ``status(text, done, total)``
+    (optional) the latest loss after every step."""
+
+    def __init__(self, path: Path, steps: int, emit: Callable[[str], None],
+                 status: Callable[[str, int, int], None] | None = None):
+        self.path, self.steps, self.emit, self.status = path, steps, emit, status
+        self.every = max(1, steps // LOG_LINES)
+        self.saved_step: int | None = None
+        self.done = 0
+
+    def step(self, done: int, total: int, record: TrainingRecord) -> None:
+        self.done = done
+        if self.status is not None:
+            saved = f" · saved at step {self.saved_step}" if self.saved_step is not None else ""
+            self.status(f"step {done}/{total} · {loss_text(record)}{saved}", done, total)
+        if done % self.every == 0 and done < total:
+            self.emit(f"step {done}/{total} (step {record.steps} of the file): {loss_text(record)}")
+
+    def saved(self, record: TrainingRecord) -> None:
+        self.saved_step = record.steps
+        self.emit(f"saved step {record.steps} to {self.path}")
+
+    def finished(self, record: TrainingRecord) -> None:
+        self.emit(f"finished {self.done} steps ({record.steps} in the file): {loss_text(record)}; "
+                  f"the weights are in {self.path}")
+
+    def stopped(self, reason: str) -> str:
+        """Say (and return) how a stopped run left the file: ``reason`` is e.g. ``"cancelled"``."""
+        if self.saved_step is None:
+            text = f"{reason} before the first step finished: nothing was saved"
+        else:
+            text = (f"{reason} after {self.done} of {self.steps} steps: the weights so far (step {self.saved_step}) "
+                    f"are saved in {self.path}; turn on resume to continue training them")
+        self.emit(text)
+        return text
+
+
 def run_distillation(model: comfy.model_patcher.ModelPatcher, positive: list, negative: list | None,
                      path: Path, settings: DistillSettings, trajectory: TrajectorySettings,
                      config: GSPNConfig, resume: bool,
                      on_progress: Callable[[int, int], None] | None = None,
-                     check_interrupt: Callable[[], None] | None = None) -> tuple[GSPNLayers, TrainingRecord]:
+                     check_interrupt: Callable[[], None] | None = None,
+                     report: DistillReport | None = None) -> tuple[GSPNLayers, TrainingRecord]:
     """Distil GSPN weights for ``model`` into ``path`` (resuming it when asked); returns them.
 
     ``config.proxy_ratio == 0`` takes the paper's ratio for the model's family (8 elsewhere).
+    ``report`` hears every step, every save and the end (a stop is the caller's to report: the
+    exception comes out of here after the save).
 
     The optimiser state is saved next to the weights (``<path>.optimizer``) and restored on
     resume, so a resumed run continues like an unbroken one.
@@ -195,12 +255,22 @@ def run_distillation(model: comfy.model_patcher.ModelPatcher, positive: list, ne
         def save(r: TrainingRecord) -> None:
             save_gspn_weights(path, student, family, r)
             save_optimizer_state(state_path, student, optimizer, r.steps)
+            if report is not None:
+                report.saved(r)
+
+        def progress(done: int, total: int) -> None:
+            if on_progress is not None:
+                on_progress(done, total)
+            if report is not None:
+                report.step(done, total, record)
 
         def run(host: ComfyDistillHost) -> TrainingRecord:
-            return distill(host, student, settings, record, save=save, on_progress=on_progress,
+            return distill(host, student, settings, record, save=save, on_progress=progress,
                            check_interrupt=check_interrupt, optimizer=optimizer)
 
         record = with_host(model, positive, negative, trajectory, settings.seed, run)
     student.to(comfy.model_management.intermediate_device())
+    if report is not None:
+        report.finished(record)
     return student, record
 

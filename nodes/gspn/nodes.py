@@ -3,6 +3,9 @@ model itself (no text-to-image GSPN weights are public)."""
 
 from __future__ import annotations
 
+import logging
+
+import comfy.model_management
 import folder_paths
 import numpy as np
 import torch
@@ -11,8 +14,10 @@ from comfy_api.latest import io
 from ...models.gspn import DistillSettings, GSPNConfig, TrainingRecord, draw_loss_plot, load_gspn_weights
 from ..category import CATEGORY
 from .patch import apply_gspn, model_family, unet_layers
-from .distillation import TrajectorySettings, output_path, run_distillation
-from ..runtime import check_interrupt, progress_callback
+from .distillation import DistillReport, TrajectorySettings, loss_text, output_path, run_distillation
+from ..runtime import NodeFeedback, check_interrupt
+
+log = logging.getLogger(__name__)
 
 GSPN_CATEGORY = f"{CATEGORY}/GSPN"
 FOLDER = "gspn"
@@ -129,18 +134,40 @@ class UltraResGSPNDistill(io.ComfyNode):
                                    seed=seed, save_every=save_every)
         trajectory = TrajectorySettings(width=width, height=height, batch_size=batch_size,
                                         sampling_steps=sampling_steps, cfg=cfg)
-        gspn, record = run_distillation(model, positive, negative, path, settings, trajectory,
-                                        GSPNConfig(chunk=chunk, proxy_ratio=proxy_ratio), resume,
-                                        on_progress=progress_callback(steps), check_interrupt=check_interrupt)
-        return io.NodeOutput(apply_gspn(model, gspn), loss_image(record))
+        feedback = NodeFeedback("GSPN Distill", log)
+        saving = f"every {save_every} steps, " if save_every else ""
+        feedback.announce(f"training GSPN weights for this {model_family(model)} model, {steps} steps "
+                          f"({'continuing ' if resume and path.exists() else ''}{path.name} in {path.parent})\n"
+                          f"saved {saving}at the end and if you cancel · loss: 1 = no better than nothing, lower "
+                          "is better")
+        report = DistillReport(path, steps, lambda text: log.info("GSPN Distill: %s", text), feedback.status)
+        try:
+            gspn, record = run_distillation(model, positive, negative, path, settings, trajectory,
+                                            GSPNConfig(chunk=chunk, proxy_ratio=proxy_ratio), resume,
+                                            on_progress=feedback.progress, check_interrupt=check_interrupt,
+                                            report=report)
+        except BaseException as error:
+            # A cancel is ComfyUI's InterruptProcessingException (a BaseException on newer hosts).
+            cancelled = (isinstance(error, comfy.model_management.InterruptProcessingException)
+                         or not isinstance(error, Exception))
+            if cancelled or report.saved_step is not None:
+                reason = "cancelled" if cancelled else f"stopped by an error ({type(error).__name__})"
+                feedback.finish(report.stopped(reason), logged=False)
+            raise
+        feedback.finish(f"finished in {feedback.elapsed()}: {loss_text(record)} · saved in {path}", logged=False)
+        return io.NodeOutput(apply_gspn(model, gspn), loss_image(record, path))
 
 
-def loss_image(record: TrainingRecord) -> torch.Tensor:
-    """The record's loss curve as a ComfyUI IMAGE ``[1, H, W, 3]`` in 0..1."""
+def loss_image(record: TrainingRecord, path=None) -> torch.Tensor:
+    """The record's loss curve as a ComfyUI IMAGE ``[1, H, W, 3]`` in 0..1, with where the weights
+    were saved and the last losses written under it."""
     series = {"attn1 matching": record.layer_losses}
     if record.prediction_losses:
         series["prediction"] = record.prediction_losses
-    plot = draw_loss_plot(series)
+    notes = [f"{record.steps} steps, {loss_text(record)}" if record.layer_losses else "no steps yet"]
+    if path is not None:
+        notes.append(f"saved to {path}")
+    plot = draw_loss_plot(series, notes=notes)
     return torch.from_numpy(plot.astype(np.float32) / 255.0)[None]
 
 

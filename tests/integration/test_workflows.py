@@ -27,7 +27,7 @@ S = ws.SIZE_DIVISOR
 
 # SaveImage title -> (width, height) of what the stand-in run saves: the workflows' own sizes / 16.
 OUTPUTS = {
-    "sdxl_gspn_distill": {"Loss curve": (640, 360),  # drawn at a fixed size
+    "sdxl_gspn_distill": {"Loss curve": (640, 360 + 2 * 16),  # drawn at a fixed size, two lines of notes
                           "Sample with GSPN": (1024 // S, 1024 // S)},
     "flux_clear_2k": {"Save 2048×2048": (2048 // S, 2048 // S)},
     "flux_clear_infdit_8k": {"Save 2048×2048": (2048 // S, 2048 // S), "Save 8192×8192": (8192 // S, 8192 // S)},
