@@ -143,7 +143,9 @@ def test_a_window_larger_than_the_grid_gives_the_unpatched_output_and_says_so(pa
         patched = patch(pack_nodes, model, radius=13)  # 13**2 > 6**2 + 9**2
         out = run(patched)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
-    assert "covers the whole 7x10 token grid" in caplog.text and "exact" in caplog.text
+    assert caplog.text.count("covers the whole 7x10 token grid (160×112), so CLEAR steps aside and the model's own "
+                             "attention runs here (exact)") == 1
+    assert "CLEAR: active" not in caplog.text
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -231,18 +233,45 @@ def recording_override():
     return override, calls
 
 
-def test_small_images_and_foreign_calls_go_to_the_previous_override(pack_nodes):
+def test_small_images_and_foreign_calls_go_to_the_previous_override(pack_nodes, caplog):
     model = comfy_harness.tiny_flux_patcher(seed=0)
     previous, calls = recording_override()
     model.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = previous
     expected = run(model)
     calls_per_run = len(calls)
     gated = patch(pack_nodes, model, radius=2, min_tokens=GRID[0] * GRID[1])
-    torch.testing.assert_close(run(gated), expected, rtol=0, atol=0)
+    with caplog.at_level(logging.INFO):
+        torch.testing.assert_close(run(gated), expected, rtol=0, atol=0)
     assert len(calls) == 2 * calls_per_run
-    active = patch(pack_nodes, model, radius=2, min_tokens=GRID[0] * GRID[1] - 1)
-    assert not torch.equal(run(active), expected)
+    # Said once for the whole run (every step and call of the sampler comes through), in pixels.
+    assert caplog.text.count("CLEAR: steps aside at 160×112: 70 image tokens, not above the 70 set in 'Use CLEAR "
+                             "above'; the model's own attention runs (CLEAR's weights still apply)") == 1
+    caplog.clear()
+    active = patch(pack_nodes, model, radius=2, down=2, ntk=10.0, proportional=True, min_tokens=GRID[0] * GRID[1] - 1)
+    with caplog.at_level(logging.INFO):
+        assert not torch.equal(run(active), expected)
     assert len(calls) == 2 * calls_per_run  # every call was the joint attention, none went through
+    assert caplog.text.count("CLEAR: active at 160×112 (70 image tokens): each image token sees the tokens within 2 "
+                             "tokens (32 px), plus a 2×2-token summary of the whole image, NTK ×10, proportional "
+                             "attention") == 1
+    assert "steps aside" not in caplog.text
+
+
+def test_a_masked_attention_call_is_said_once_to_run_the_models_own_attention(pack_nodes, caplog):
+    from ultrares.nodes.clear.hooks import LAYOUT_KEY, OVERRIDE_KEY, TokenLayout
+
+    patched = patch(pack_nodes, comfy_harness.tiny_flux_patcher(seed=0), radius=2)
+    override = patched.model_options["transformer_options"][OVERRIDE_KEY]
+    q = torch.randn(1, HEADS, TEXT_TOKENS + 70, HIDDEN // HEADS)
+    options = {LAYOUT_KEY: TokenLayout(GRID, 0)}
+    dense = []
+    with caplog.at_level(logging.INFO):
+        for _ in range(2):
+            override(lambda *args, **kwargs: dense.append(1) or q, q, q, q, HEADS, skip_reshape=True,
+                     mask=torch.ones(1, 1, q.shape[2], q.shape[2], dtype=torch.bool), transformer_options=options)
+    assert len(dense) == 2
+    assert caplog.text.count("CLEAR: steps aside for an attention call with a mask: the model's own attention runs "
+                             "for it") == 1
 
 
 def test_block_entries_of_other_packs_keep_running_under_the_block_tags(pack_nodes, clear_dir):
