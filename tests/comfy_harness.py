@@ -195,6 +195,18 @@ def sink_node(node_id: str, received: dict | None = None) -> type:
     return Sink
 
 
+def validation_errors(prompt: dict, test_nodes: dict[str, type] | None = None) -> dict:
+    """ComfyUI's ``validate_prompt`` of a prompt it refuses: the node errors that ``/prompt``
+    answers with (status 400) and the frontend shows on the nodes."""
+    import execution
+    import nodes
+
+    nodes.NODE_CLASS_MAPPINGS.update(test_nodes or {})
+    valid, _, _, node_errors = asyncio.run(execution.validate_prompt("test", prompt, None))
+    assert not valid, "the prompt was accepted"
+    return node_errors
+
+
 def execute_prompt(prompt: dict, test_nodes: dict[str, type] | None = None, on_progress=None):
     """Validate and execute ``prompt`` as ComfyUI's server does (``validate_prompt``, then its
     ``PromptExecutor``), with ``test_nodes`` registered; returns (executor, recording server)."""

@@ -21,7 +21,8 @@ result's pixels, the stop flag), ``pipeline`` (the modelled fill and traffic), `
 
 from .budget import (BudgetPlan, UpscaleOptions, allocator_headroom, plan_budget, plan_stage, total_batches,
                      weight_bytes, working_memory)
-from .checkpoint import DTYPES, InfDiTCheckpointError, InfDiTWeights, WeightSource, convert_checkpoint, load_infdit
+from .checkpoint import (DTYPES, InfDiTCheckpointError, InfDiTWeights, WeightSource, convert_checkpoint,
+                         holds_clip_tower, load_infdit, not_a_clip_tower)
 from .clip_vision import ClipVisionConfig, ClipVisionEncoder
 from .config import RELEASED, InfDiTConfig
 from .evaluate import Exchange, ImageContext, LRContext, evaluate
@@ -47,6 +48,8 @@ __all__ = [
     "DTYPES",               # the precisions to load or convert in: "bf16", "fp16", "fp32"
     "InfDiTCheckpointError",  # a weight file the loader refuses, with the reason and what to do
     "WeightSource",         # a weight file (or the tiny model) as plain data, for processes to load
+    "holds_clip_tower",     # whether a file can be the separate CLIP tower (from its names, nothing loaded)
+    "not_a_clip_tower",     # why a file is not offered as the CLIP tower: what it is instead
     # Upscaling
     "UpscaleOptions",       # scale, steps, seed, budget, batch size, scan order, offloading
     "upscale",              # images -> upscaled images, block batch by block batch

@@ -129,11 +129,24 @@ def spatial_of(state: dict) -> dict:
             for key, tensor in state.items() if key.endswith("spatial_weight")}
 
 
-def test_the_file_list_offers_none_and_the_files_in_models_clear(pack_nodes, clear_dir):
-    write_file(clear_dir, "clear_local_8.safetensors", comfy_harness.clear_released_state_dict(DEPTH, DEPTH_SINGLE, HIDDEN))
-    schema = pack_nodes["UltraResClearPatch"].GET_SCHEMA()
-    options = next(item for item in schema.inputs if item.id == "clear_weights").options
-    assert options[0] == "none" and "clear_local_8.safetensors" in options
+def test_a_fresh_node_takes_the_first_file_in_models_clear_and_the_high_resolution_recipe(pack_nodes, clear_dir):
+    import folder_paths
+
+    def offered():
+        # What /object_info sends the frontend, which gives a fresh node the default.
+        inputs = pack_nodes["UltraResClearPatch"].INPUT_TYPES()["required"]
+        return inputs["clear_weights"][1], inputs["ntk_factor"][1]["default"], inputs["proportional_attention"][1]
+
+    elsewhere = folder_paths.get_filename_list("clear")  # other folders registered for "clear"
+    clear_spec, ntk, proportional = offered()
+    assert clear_spec["options"] == elsewhere + ["none"] and clear_spec["default"] == (elsewhere + ["none"])[0]
+    assert ntk == 10.0 and proportional["default"] is True  # the CLEAR authors' high-resolution recipe
+    for name in ("clear_local_8_down_4.safetensors", "clear_local_16.safetensors"):
+        write_file(clear_dir, name, comfy_harness.clear_released_state_dict(DEPTH, DEPTH_SINGLE, HIDDEN))
+    clear_spec, _, _ = offered()
+    files = folder_paths.get_filename_list("clear")
+    assert clear_spec["options"] == files + ["none"] and clear_spec["default"] == files[0]
+    assert {"clear_local_16.safetensors", "clear_local_8_down_4.safetensors"} <= set(files)
 
 
 def test_a_window_larger_than_the_grid_gives_the_unpatched_output_and_says_so(pack_nodes, caplog):

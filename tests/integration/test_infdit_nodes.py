@@ -145,6 +145,24 @@ def test_without_previews_in_comfyuis_settings_none_is_sent_and_the_result_is_th
     assert torch.equal(out, shown)
 
 
+def test_the_clip_list_offers_the_openclip_towers_but_not_the_checkpoints(comfy_nodes, model_folder):
+    from safetensors.torch import save_file
+
+    loader = comfy_nodes.NODE_CLASS_MAPPINGS["UltraResInfDiTLoader"]
+
+    def offered() -> list[str]:
+        return loader.INPUT_TYPES()["required"]["clip_vision"][1]["options"]
+
+    assert {RELEASED, CONVERTED, "broken.pt"} <= set(loader.INPUT_TYPES()["required"]["checkpoint"][1]["options"])
+    assert offered()[0] == "from checkpoint" and not {RELEASED, CONVERTED, "broken.pt"} & set(offered())
+    tower = model_folder / "open_clip_vit_l14.safetensors"
+    save_file({f"visual.{k}": v.contiguous() for k, v in tiny_weights(seed=5).clip.state_dict().items()}, str(tower))
+    try:
+        assert "open_clip_vit_l14.safetensors" in offered()
+    finally:
+        tower.unlink()
+
+
 def test_the_budget_offloading_and_alpha_inputs_reach_the_sampler(comfy_nodes, model_folder):
     image = torch.rand(2, 8, 16, 4)
     executor, server, out = run_prompt(comfy_nodes, upscale_prompt(CONVERTED, image, scale="8", vram_budget_gb=0.01,
