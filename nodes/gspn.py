@@ -10,7 +10,7 @@ from comfy_api.latest import io
 
 from ..models.gspn import GSPNConfig, TrainingRecord, load_gspn_weights
 from ..models.gspn.distill import DistillSettings
-from ..models.gspn.loss_plot import draw_loss_plot
+from ..models.training import draw_loss_plot
 from .category import CATEGORY
 from .gspn_patch import apply_gspn, model_family, unet_layers
 from .gspn_training import TrajectorySettings, output_path, run_distillation

@@ -1,35 +1,21 @@
-"""The optimiser's state saved next to a GSPN weight file, so that a resumed distillation
-continues where it stopped.
-
-AdamW scales each update by running averages of the gradient and of its square. Restarted
-from zero, its first updates move every parameter by about the learning rate whatever its
-gradient: each resume would jolt the trained modules. The state is kept out of the weight
-file, which is what users share and the patch node loads: it is twice the weights' size and
-only useful for resuming. It is stamped with the step count of the weights it belongs to
-and only restored onto weights with that count.
-"""
+"""The optimiser of a GSPN distillation and its state beside the weight file (the pack's
+shared resume format, :mod:`ultrares.models.training.optimizer_state`, keyed like the GSPN
+file: ``<layer path>.<parameter>``)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from ..training import optimizer_state as shared
+from ..training.optimizer_state import SUFFIX, optimizer_path
 from .layers import GSPNLayers
 
 FORMAT = "ultrares.gspn.optimizer"
-SUFFIX = ".optimizer"  # not a model-file extension, so ComfyUI's file lists do not show it
 
-
-def optimizer_path(weights: str | os.PathLike) -> Path:
-    """Where the optimiser state of the weight file ``weights`` lives: ``<weights>.optimizer``."""
-    weights = Path(weights)
-    return weights.with_name(weights.name + SUFFIX)
+__all__ = ["FORMAT", "SUFFIX", "load_optimizer_state", "make_optimizer", "optimizer_path", "save_optimizer_state"]
 
 
 def make_optimizer(student: GSPNLayers, learning_rate: float) -> torch.optim.Optimizer:
@@ -37,24 +23,16 @@ def make_optimizer(student: GSPNLayers, learning_rate: float) -> torch.optim.Opt
     return torch.optim.AdamW(student.parameters(), lr=learning_rate, weight_decay=0.0)
 
 
-def _named_parameters(layers: GSPNLayers) -> Iterator[tuple[str, nn.Parameter]]:
+def _named_parameters(layers: GSPNLayers) -> dict[str, nn.Parameter]:
     """Parameters named like the weight file's keys (``<layer path>.<parameter>``)."""
-    for spec, module in layers.items():
-        for key, parameter in module.named_parameters():
-            yield f"{spec.name}.{key}", parameter
+    return {f"{spec.name}.{key}": parameter for spec, module in layers.items()
+            for key, parameter in module.named_parameters()}
 
 
 def save_optimizer_state(path: str | os.PathLike, layers: GSPNLayers, optimizer: torch.optim.Optimizer,
                          steps: int) -> None:
     """Write the per-parameter state of ``optimizer`` for ``layers`` after ``steps`` training steps."""
-    tensors = {}
-    for name, parameter in _named_parameters(layers):
-        for key, value in optimizer.state.get(parameter, {}).items():
-            tensors[f"{name}.{key}"] = torch.as_tensor(value).detach().to("cpu").contiguous()
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    save_file(tensors, str(partial), metadata={"format": FORMAT, "steps": str(steps)})
-    os.replace(partial, path)
+    shared.save_optimizer_state(path, _named_parameters(layers), optimizer, steps, FORMAT)
 
 
 def load_optimizer_state(path: str | os.PathLike, layers: GSPNLayers, optimizer: torch.optim.Optimizer,
@@ -62,23 +40,4 @@ def load_optimizer_state(path: str | os.PathLike, layers: GSPNLayers, optimizer:
     """Put the saved state into ``optimizer`` if ``path`` holds it for these layers after ``steps``
     steps; returns whether it did (nothing is changed otherwise). Hyperparameters such as the
     learning rate stay those of ``optimizer``."""
-    path = Path(path)
-    if not path.is_file():
-        return False
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT or meta.get("steps") != str(steps):
-            return False
-        saved: dict[str, dict[str, torch.Tensor]] = {}
-        for key in f.keys():
-            name, _, entry = key.rpartition(".")
-            saved.setdefault(name, {})[entry] = f.get_tensor(key)
-    states = {}
-    for name, parameter in _named_parameters(layers):
-        state = saved.get(name)
-        if not state or any(v.dim() and v.shape != parameter.shape for v in state.values()):
-            return False
-        # Moments live with their parameter; AdamW keeps its step count on the CPU.
-        states[parameter] = {k: v.to(parameter.device) if v.dim() else v for k, v in state.items()}
-    optimizer.state.update(states)
-    return True
+    return shared.load_optimizer_state(path, _named_parameters(layers), optimizer, steps, FORMAT)

@@ -1,0 +1,73 @@
+"""The optimiser's state saved next to a weight file, so that a resumed distillation continues
+where it stopped.
+
+AdamW scales each update by running averages of the gradient and of its square. Restarted
+from zero, its first updates move every parameter by about the learning rate whatever its
+gradient: each resume would jolt the trained weights. The state is kept out of the weight
+file, which is what users share and the patch nodes load: it is twice the weights' size and
+only useful for resuming. It is stamped with the step count of the weights it belongs to and
+only restored onto weights with that count.
+
+Parameters are named by the weight file's keys, so the state file reads like the weights:
+``<key>.exp_avg``, ``<key>.exp_avg_sq``, ``<key>.step``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+SUFFIX = ".optimizer"  # not a model-file extension, so ComfyUI's file lists do not show it
+
+
+def optimizer_path(weights: str | os.PathLike) -> Path:
+    """Where the optimiser state of the weight file ``weights`` lives: ``<weights>.optimizer``."""
+    weights = Path(weights)
+    return weights.with_name(weights.name + SUFFIX)
+
+
+def save_optimizer_state(path: str | os.PathLike, parameters: Mapping[str, torch.nn.Parameter],
+                         optimizer: torch.optim.Optimizer, steps: int, file_format: str) -> None:
+    """Write the per-parameter state of ``optimizer`` after ``steps`` steps (atomically: a
+    temporary file renamed over the old one), with ``file_format`` in the metadata."""
+    tensors = {f"{name}.{entry}": torch.as_tensor(value).detach().to("cpu").contiguous()
+               for name, parameter in parameters.items()
+               for entry, value in optimizer.state.get(parameter, {}).items()}
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    save_file(tensors, str(partial), metadata={"format": file_format, "steps": str(steps)})
+    os.replace(partial, path)
+
+
+def load_optimizer_state(path: str | os.PathLike, parameters: Mapping[str, torch.nn.Parameter],
+                         optimizer: torch.optim.Optimizer, steps: int, file_format: str) -> bool:
+    """Put the saved state into ``optimizer`` if ``path`` holds it, in ``file_format``, for exactly
+    these parameters after ``steps`` steps; returns whether it did (nothing changes otherwise).
+    Hyperparameters such as the learning rate stay those of ``optimizer``."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != file_format or meta.get("steps") != str(steps):
+            return False
+        saved: dict[str, dict[str, torch.Tensor]] = {}
+        for key in f.keys():
+            name, _, entry = key.rpartition(".")
+            saved.setdefault(name, {})[entry] = f.get_tensor(key)
+    if set(saved) != set(parameters):
+        return False
+    states = {}
+    for name, parameter in parameters.items():
+        state = saved[name]
+        if any(v.dim() and v.shape != parameter.shape for v in state.values()):
+            return False
+        # Moments live with their parameter; AdamW keeps its step count on the CPU.
+        states[parameter] = {k: v.to(parameter.device) if v.dim() else v for k, v in state.items()}
+    optimizer.state.update(states)
+    return True
