@@ -9,7 +9,9 @@ only useful for resuming. It is stamped with the step count of the weights it be
 only restored onto weights with that count.
 
 Parameters are named by the weight file's keys, so the state file reads like the weights:
-``<key>.exp_avg``, ``<key>.exp_avg_sq``, ``<key>.step``.
+``<key>.exp_avg``, ``<key>.exp_avg_sq``, ``<key>.step``. A weight file kept in the model's own
+16-bit precision (as CLEAR's are, like the released ones) also gets the float32 values the
+optimiser updates, ``<key>.master``: a resumed run then continues from exactly those.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 SUFFIX = ".optimizer"  # not a model-file extension, so ComfyUI's file lists do not show it
+MASTER = "master"      # the entry holding a parameter's own float32 value
 
 
 def optimizer_path(weights: str | os.PathLike) -> Path:
@@ -32,12 +35,17 @@ def optimizer_path(weights: str | os.PathLike) -> Path:
 
 
 def save_optimizer_state(path: str | os.PathLike, parameters: Mapping[str, torch.nn.Parameter],
-                         optimizer: torch.optim.Optimizer, steps: int, file_format: str) -> None:
+                         optimizer: torch.optim.Optimizer, steps: int, file_format: str,
+                         masters: bool = False) -> None:
     """Write the per-parameter state of ``optimizer`` after ``steps`` steps (atomically: a
-    temporary file renamed over the old one), with ``file_format`` in the metadata."""
+    temporary file renamed over the old one), with ``file_format`` in the metadata; ``masters``
+    adds the parameters' own values (for weight files saved in lower precision)."""
     tensors = {f"{name}.{entry}": torch.as_tensor(value).detach().to("cpu").contiguous()
                for name, parameter in parameters.items()
                for entry, value in optimizer.state.get(parameter, {}).items()}
+    if masters:
+        tensors.update({f"{name}.{MASTER}": parameter.detach().to("cpu", torch.float32).contiguous()
+                        for name, parameter in parameters.items()})
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
     save_file(tensors, str(partial), metadata={"format": file_format, "steps": str(steps)})
@@ -48,7 +56,8 @@ def load_optimizer_state(path: str | os.PathLike, parameters: Mapping[str, torch
                          optimizer: torch.optim.Optimizer, steps: int, file_format: str) -> bool:
     """Put the saved state into ``optimizer`` if ``path`` holds it, in ``file_format``, for exactly
     these parameters after ``steps`` steps; returns whether it did (nothing changes otherwise).
-    Hyperparameters such as the learning rate stay those of ``optimizer``."""
+    Saved ``master`` values are copied into the parameters. Hyperparameters such as the
+    learning rate stay those of ``optimizer``."""
     path = Path(path)
     if not path.is_file():
         return False
@@ -62,12 +71,17 @@ def load_optimizer_state(path: str | os.PathLike, parameters: Mapping[str, torch
             saved.setdefault(name, {})[entry] = f.get_tensor(key)
     if set(saved) != set(parameters):
         return False
-    states = {}
+    states, values = {}, {}
     for name, parameter in parameters.items():
-        state = saved[name]
+        state = dict(saved[name])
         if any(v.dim() and v.shape != parameter.shape for v in state.values()):
             return False
+        if MASTER in state:
+            values[parameter] = state.pop(MASTER)
         # Moments live with their parameter; AdamW keeps its step count on the CPU.
         states[parameter] = {k: v.to(parameter.device) if v.dim() else v for k, v in state.items()}
     optimizer.state.update(states)
+    with torch.no_grad():
+        for parameter, value in values.items():
+            parameter.copy_(value)
     return True
