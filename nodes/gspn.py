@@ -13,7 +13,8 @@ from ..models.gspn.distill import DistillSettings
 from ..models.training import draw_loss_plot
 from .category import CATEGORY
 from .gspn_patch import apply_gspn, model_family, unet_layers
-from .gspn_training import TrajectorySettings, output_path, run_distillation
+from .distillation import TrajectorySettings, output_path
+from .gspn_training import run_distillation
 from .runtime import check_interrupt, progress_callback
 
 GSPN_CATEGORY = f"{CATEGORY}/GSPN"

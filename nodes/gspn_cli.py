@@ -77,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..models.gspn import GSPNConfig
     from ..models.gspn.distill import DistillSettings
-    from .gspn_training import TrajectorySettings, run_distillation
+    from .distillation import TrajectorySettings
+    from .gspn_training import run_distillation
 
     model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=False, output_clip=True)
     if clip is None:
