@@ -285,10 +285,11 @@ class UltraResClearPatch(io.ComfyNode):
                                        "the model was not trained for it and quality drops; use the weights."),
                 io.Int.Input("window_radius", default=0, min=0, max=1024,
                              tooltip="Radius r in image tokens (16 px each): a token sees the tokens with "
-                                     "dy^2 + dx^2 < r^2. 0 = the file's radius (needed with 'none')."),
+                                     "dy^2 + dx^2 < r^2. 0 = the file's radius (needed with 'none' and files that do "
+                                     "not say theirs); a file made for another radius is refused."),
                 io.Int.Input("down_factor", default=0, min=0, max=64,
                              tooltip="Size d of the d x d cells of the down-sampled keys; 1 = none. "
-                                     "0 = the file's factor (1 with 'none')."),
+                                     "0 = the file's factor (1 with 'none'); a file made for another is refused."),
                 io.Float.Input("ntk_factor", default=1.0, min=1.0, max=100.0, step=0.5,
                                tooltip="Multiplies the RoPE base (theta) of every axis for every call of this "
                                        "model; the reference's high-resolution recipe uses 10. 1 = unchanged."),
