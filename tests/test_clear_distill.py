@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from clear_standin import StandInFlux, StandInHost
-from ultrares.models.clear.distill import (ATTENTION, FLOW_MATCHING, PREDICTION, ClearDistillSettings, MemorySamples,
+from ultrares.models.clear.distill import (ATTENTION, FLOW_MATCHING, PREDICTION, ClearDistillSettings,
                                            attention_loss_blocks, distill, make_optimizer, pool_index, teacher_sample,
                                            training_point)
 from ultrares.models.clear.distilled import OPTIMIZER_FORMAT, file_dtype, read_distilled, save_distilled
 from ultrares.models.clear.pattern import ClearPattern
+from ultrares.models.clear.samples import FolderSamples, MemorySamples
 from ultrares.models.clear.student import ClearStudent, assemble
 from ultrares.models.clear.weights import ClearFileError, released_keys
 from ultrares.models.training import TOTAL, load_optimizer_state, optimizer_path, save_optimizer_state
@@ -239,3 +240,15 @@ def test_no_distilled_layer_with_an_attention_weight_is_refused():
         distill(_host(flat), _student(flat), _settings(), MemorySamples())
     record = distill(_host(flat), _student(flat), _settings(steps=1, attention_weight=0.0), MemorySamples())
     assert ATTENTION not in record.losses
+
+
+def test_samples_on_disk_outlive_the_run_and_are_dropped_for_another_recipe(tmp_path):
+    recipe = {"width": 64, "prompts": "abc", "steps": 4}
+    store = FolderSamples(tmp_path / "samples", recipe)
+    store.put(3, torch.ones(1, 4, 2, 2))
+    torch.testing.assert_close(FolderSamples(tmp_path / "samples", dict(recipe)).get(3), torch.ones(1, 4, 2, 2))
+    assert FolderSamples(tmp_path / "samples", recipe).get(2) is None
+    (tmp_path / "samples" / "000004.latent").write_bytes(b"cut short")
+    assert FolderSamples(tmp_path / "samples", recipe).get(4) is None
+    assert FolderSamples(tmp_path / "samples", {**recipe, "steps": 8}).get(3) is None
+    assert len(FolderSamples(tmp_path / "samples", recipe)) == 0

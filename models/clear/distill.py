@@ -120,26 +120,14 @@ class ClearDistillHost(Protocol):
 
 
 class SampleStore(Protocol):
-    """Where the teacher's samples are kept between steps (and, on disk, between runs)."""
+    """Where the teacher's samples are kept between steps (and, on disk, between runs):
+    :mod:`.samples`."""
 
     def get(self, index: int) -> torch.Tensor | None:
         """Sample ``index``, or None if it was not made yet."""
 
     def put(self, index: int, latent: torch.Tensor) -> None:
         """Keep sample ``index``."""
-
-
-class MemorySamples:
-    """A :class:`SampleStore` in memory (the samples are made again by the next run)."""
-
-    def __init__(self) -> None:
-        self.samples: dict[int, torch.Tensor] = {}
-
-    def get(self, index: int) -> torch.Tensor | None:
-        return self.samples.get(index)
-
-    def put(self, index: int, latent: torch.Tensor) -> None:
-        self.samples[index] = latent
 
 
 def derived_seed(*parts: object) -> int:
