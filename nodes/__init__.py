@@ -9,10 +9,11 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .clear import NODES as CLEAR_NODES
+from .clear_distill import NODES as CLEAR_DISTILL_NODES
 from .gspn import NODES as GSPN_NODES
 from .infdit import NODES as INFDIT_NODES
 
-NODE_LIST: list[type[io.ComfyNode]] = [*CLEAR_NODES, *GSPN_NODES, *INFDIT_NODES]
+NODE_LIST: list[type[io.ComfyNode]] = [*CLEAR_NODES, *CLEAR_DISTILL_NODES, *GSPN_NODES, *INFDIT_NODES]
 
 
 class UltraResExtension(ComfyExtension):
