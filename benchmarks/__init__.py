@@ -12,7 +12,8 @@ BENCHMARKS: dict[str, str] = {
     "clear": ".clear_attention",
     "gspn": ".gspn",
     "infdit": ".infdit_memory",
+    "infdit-distributed": ".infdit_distributed",
     "gpu": ".gpu",
 }
-DEFAULT: tuple[str, ...] = ("clear", "gspn", "infdit")
+DEFAULT: tuple[str, ...] = ("clear", "gspn", "infdit", "infdit-distributed")
 """What runs without names: the CPU benchmarks (``gpu`` needs a GPU, or ``--dry``)."""

@@ -3,6 +3,15 @@
 Thin glue over the Inf-DiT package's public API (:mod:`..models.infdit`): loading, planning
 and sampling happen there; here only ComfyUI's folders, device management, free memory,
 log, progress bar and cancel button are wired in.
+
+On several devices the upscale runs in worker processes, one per device, that load the
+weights from the loader's file themselves and plan with the memory free on their GPUs
+(:func:`..models.infdit.upscale_on_ranks`); ComfyUI's own copy stays where model management
+keeps it. Before they start, model management frees what a rank needs on the GPUs where
+ComfyUI keeps models (unloading other models, and this one, as it would for any model); the
+plan's messages reach ComfyUI's log, the progress bar counts the batches of all ranks, Cancel
+stops every rank, and the call returns once no worker is left, so their GPU memory is free
+again.
 """
 
 from __future__ import annotations
@@ -16,8 +25,9 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..models.infdit import (SCAN_ORDERS, GiB, BudgetTooSmall, InfDiTWeights, UpscaleOptions, allocator_headroom,
-                             load_infdit, plan_budget, upscale, working_memory)
+from ..models.infdit import (SCAN_ORDERS, GiB, BudgetTooSmall, InfDiTWeights, RankFailed, UpscaleOptions,
+                             WeightSource, allocator_headroom, load_infdit, parse_devices, plan_budget, upscale,
+                             upscale_on_ranks, weight_bytes, working_memory)
 from .category import CATEGORY
 from .patchers import free_device_memory, new_patcher
 from .runtime import check_interrupt, progress_callback
@@ -27,6 +37,7 @@ InfDiTModel = io.Custom("INFDIT_MODEL")
 FROM_CHECKPOINT = "from checkpoint"
 CLIP_VISION_PREFIX = "clip_vision/"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+AUTO_DEVICES = "auto"
 
 
 class _Modules(torch.nn.Module):
@@ -45,6 +56,8 @@ class LoadedInfDiT:
     weights: InfDiTWeights
     patcher: comfy.model_patcher.ModelPatcher
     name: str
+    source: WeightSource
+    """Where worker processes load the same weights from (several devices)."""
 
 
 def _clip_options() -> list[str]:
@@ -52,12 +65,28 @@ def _clip_options() -> list[str]:
             + [CLIP_VISION_PREFIX + name for name in folder_paths.get_filename_list("clip_vision")])
 
 
-def _compute_dtype(choice: str, device: torch.device) -> torch.dtype:
+def _compute_dtype(choice: str, device: torch.device) -> str:
     if choice != "auto":
-        return DTYPES[choice]
+        return choice
     if mm.should_use_bf16(device):
-        return torch.bfloat16
-    return torch.float16 if mm.should_use_fp16(device) else torch.float32
+        return "bf16"
+    return "fp16" if mm.should_use_fp16(device) else "fp32"
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
+
+
+def rank_devices(spec: str, load_device: torch.device) -> list[torch.device] | None:
+    """The devices of the ``devices`` input, or ``None`` for ComfyUI's own device (today's
+    in-process path): ``auto`` is every visible GPU when ComfyUI runs on a GPU and sees more
+    than one, otherwise ComfyUI's device; a list naming only ComfyUI's device is that device."""
+    spec = spec.strip()
+    if spec in ("", AUTO_DEVICES):
+        count = torch.cuda.device_count() if load_device.type == "cuda" else 0
+        return [torch.device("cuda", index) for index in range(count)] if count > 1 else None
+    devices = parse_devices(spec)
+    return None if len(devices) == 1 and _same_device(devices[0], load_device) else devices
 
 
 class UltraResInfDiTLoader(io.ComfyNode):
@@ -94,12 +123,13 @@ class UltraResInfDiTLoader(io.ComfyNode):
             clip_path = folder_paths.get_full_path_or_raise("clip_vision", clip_vision[len(CLIP_VISION_PREFIX):])
         else:
             clip_path = folder_paths.get_full_path_or_raise("infdit", clip_vision)
-        weights = load_infdit(path, _compute_dtype(dtype, device), clip_path)
+        source = WeightSource(path=path, clip_path=clip_path, dtype=_compute_dtype(dtype, device))
+        weights = load_infdit(path, DTYPES[source.dtype], clip_path)
         if weights.clip is None:
             raise ValueError(f"{checkpoint} has no CLIP image tower: choose the OpenCLIP ViT-L/14 DataComp-XL file "
                              "(open_clip_pytorch_model.bin) as clip_vision")
         patcher = new_patcher(_Modules(weights), device, mm.unet_offload_device())
-        return io.NodeOutput(LoadedInfDiT(weights, patcher, checkpoint))
+        return io.NodeOutput(LoadedInfDiT(weights, patcher, checkpoint, source))
 
 
 class UltraResInfDiTUpscale(io.ComfyNode):
@@ -139,31 +169,75 @@ class UltraResInfDiTUpscale(io.ComfyNode):
                                          "VRAM then stays flat however large the image (slower, needs RAM). When "
                                          "off, it is still switched on if the budget is too small without it "
                                          "(same result)."),
+                io.String.Input("devices", default=AUTO_DEVICES, optional=True,
+                                tooltip="Which GPUs share the work. auto: all GPUs this ComfyUI can see (one GPU: "
+                                        "just that one, as usual). Or a list such as cuda:0,cuda:1. With several, "
+                                        "each GPU loads its own copy of the model and works on its own band of the "
+                                        "image, and the VRAM budget applies to each GPU; the result is the same as "
+                                        "on one GPU."),
             ],
             outputs=[io.Image.Output()],
         )
 
     @classmethod
     def execute(cls, infdit_model: LoadedInfDiT, image: torch.Tensor, scale: str, steps: int, seed: int,
-                init_noise: bool, vram_budget_gb: float, scan: str, offload_cache: bool) -> io.NodeOutput:
+                init_noise: bool, vram_budget_gb: float, scan: str, offload_cache: bool,
+                devices: str = AUTO_DEVICES) -> io.NodeOutput:
         weights, patcher = infdit_model.weights, infdit_model.patcher
-        device = patcher.load_device
+        targets = rank_devices(devices, patcher.load_device)
+        device = patcher.load_device if targets is None else targets[0]
         size = tuple(image.shape[1:3])
         requested = vram_budget_gb * GiB if vram_budget_gb > 0 else None
         options = UpscaleOptions(scale=int(scale), steps=steps, seed=seed, init_noise=init_noise, scan=scan,
                                  offload=offload_cache, margin=allocator_headroom(device), budget_bytes=requested)
         try:
-            # Ask ComfyUI for the memory the plan needs, unloading other models if it must;
-            # then plan with what is really free.
-            mm.load_models_gpu([patcher], memory_required=working_memory(weights, size, options), force_full_load=True)
-            free, host_free = free_device_memory(patcher, device), mm.get_free_memory(torch.device("cpu"))
-            plan = plan_budget(weights, size, options, free, host_free)
-            for level, message in plan.messages:
-                logging.log(level, "Inf-DiT: %s", message)
-            out = upscale(weights, image.movedim(-1, 1), plan.options, device, _LazyProgress(), check_interrupt)
+            if targets is None:
+                out = cls._on_comfyuis_device(weights, patcher, image, size, options)
+            else:
+                out = cls._on_several_devices(infdit_model, image, size, options, targets)
         except BudgetTooSmall as error:
             raise ValueError(f"Inf-DiT: {error}") from error
+        except RankFailed as error:
+            raise RuntimeError(f"Inf-DiT on {', '.join(map(str, targets))}: {error}") from error
         return io.NodeOutput(out.movedim(1, -1).to(mm.intermediate_device()))
+
+    @staticmethod
+    def _on_comfyuis_device(weights: InfDiTWeights, patcher, image: torch.Tensor, size: tuple[int, int],
+                            options: UpscaleOptions) -> torch.Tensor:
+        device = patcher.load_device
+        # Ask ComfyUI for the memory the plan needs, unloading other models if it must;
+        # then plan with what is really free.
+        mm.load_models_gpu([patcher], memory_required=working_memory(weights, size, options), force_full_load=True)
+        free, host_free = free_device_memory(patcher, device), mm.get_free_memory(torch.device("cpu"))
+        plan = plan_budget(weights, size, options, free, host_free)
+        for level, message in plan.messages:
+            logging.log(level, "Inf-DiT: %s", message)
+        return upscale(weights, image.movedim(-1, 1), plan.options, device, _LazyProgress(), check_interrupt)
+
+    @staticmethod
+    def _on_several_devices(model: LoadedInfDiT, image: torch.Tensor, size: tuple[int, int], options: UpscaleOptions,
+                            targets: list[torch.device]) -> torch.Tensor:
+        weights, ranks = model.weights, len(targets)
+        # Each rank loads its own copy of the weights and plans with what its GPU has free:
+        # make room through model management on the GPUs where ComfyUI keeps models (asking
+        # about the others here would put a CUDA context on each of them in this process).
+        need = weight_bytes(weights) + working_memory(weights, size, options, ranks)
+        for device in _devices_with_comfyui_models(targets):
+            mm.free_memory(need, device)
+        logging.info("Inf-DiT: %d ranks on %s", ranks, ", ".join(map(str, targets)))
+        try:
+            return upscale_on_ranks(model.source, image.movedim(-1, 1), options, targets, on_progress=_LazyProgress(),
+                                    check_interrupt=check_interrupt)
+        finally:
+            mm.soft_empty_cache()
+
+
+def _devices_with_comfyui_models(targets: list[torch.device]) -> list[torch.device]:
+    """The GPUs among ``targets`` that ComfyUI computes on or keeps loaded models on."""
+    used = [mm.get_torch_device()] + [loaded.device for loaded in getattr(mm, "current_loaded_models", [])
+                                      if getattr(loaded, "device", None) is not None]
+    return [device for device in targets
+            if device.type == "cuda" and any(_same_device(device, torch.device(other)) for other in used)]
 
 
 class _LazyProgress:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ultrares.models.infdit.evaluate import NeighbourCache
-from ultrares.models.infdit.schedule import BlockBatch, Placement, Schedule, plan_batches, plan_schedule, resolve_scan
+from ultrares.models.infdit.schedule import (BlockBatch, Placement, Schedule, plan_batches, plan_ranks, plan_schedule,
+                                            resolve_scan)
 
 CPU = torch.device("cpu")
 LAYERS = 3
@@ -117,3 +118,60 @@ def test_the_cache_never_holds_more_than_the_memory_model_counts(grid, n, scan, 
     peak_device, peak_host = replay_cache(schedule, torch.randn(1, 1, 1, 4, 2, 3))
     assert schedule.device_peak * LAYERS == peak_device
     assert (schedule.host_peak * LAYERS if offload else 0) == peak_host
+
+
+class FakeExchange:
+    """Hands a rank's cache the blocks its schedule receives, and notes what it sends."""
+
+    def __init__(self, schedule: Schedule, block_kv: torch.Tensor, observe):
+        self.schedule, self.block_kv, self.observe, self.sent = schedule, block_kv, observe, []
+
+    def begin(self, position):
+        pass
+
+    def arrivals(self, position, layer):
+        for transfer in self.schedule.steps[position].receive:
+            # Views into one message per transfer, as the real exchange hands them out.
+            message = self.block_kv[0, 0, 0].expand(2, len(transfer.blocks), *self.block_kv.shape[3:]).clone()
+            for index, block in enumerate(transfer.blocks):
+                yield block, message[0, index], message[1, index]
+        self.observe()
+
+    def send(self, position, layer, k, v):
+        self.sent += [(layer, block) for t in self.schedule.steps[position].send for block in t.blocks]
+
+
+@pytest.mark.parametrize("grid, n, scan, ranks", [((5, 7), 1, "row", 3), ((6, 5), 2, "column", 2), ((7, 4), 3, "auto", 3)])
+@pytest.mark.parametrize("offload", [False, True])
+def test_a_ranks_cache_holds_what_its_steps_say_and_its_received_blocks_count_in_the_peak(grid, n, scan, ranks,
+                                                                                           offload):
+    block_kv = torch.randn(1, 1, 1, 4, 2, 3)
+    for layers in (1, LAYERS):
+        for schedule in plan_ranks(*grid, n, scan, offload, ranks):
+            placement = ObservedPlacement(CPU, offload)
+            cache = NeighbourCache(layers, placement)
+            peak = [0]
+
+            def observe():
+                peak[0] = max(peak[0], cache.device_entries())
+
+            placement.observe = observe
+            exchange = FakeExchange(schedule, block_kv, observe)
+            for position, (batch, steps) in enumerate(zip(schedule.batches, schedule.steps)):
+                kb = block_kv.expand(1, len(batch.rows), len(batch.cols), *block_kv.shape[3:])
+                gather = cache.neighbours(batch, steps, position, exchange)
+                for layer in range(layers):
+                    gather(layer, kb, kb)
+                    observe()
+                assert (cache.device_entries(), cache.host_entries()) == (steps.device_blocks * layers,
+                                                                          steps.host_blocks * layers)
+                # A block kept for later batches owns its memory: it never pins a whole message.
+                assert all(t.untyped_storage().nbytes() == t.nbytes for entries in cache._entries
+                           for k, v, _ in entries.values() for t in (k, v))
+            assert cache.device_entries() == cache.host_entries() == 0
+            assert len(exchange.sent) == schedule.sent_blocks * layers
+            # Received blocks' buffers exist for all layers from the batch's start: the plan's
+            # count is an upper bound, reached with one layer.
+            assert peak[0] <= schedule.cache_peak * layers
+            if layers == 1:
+                assert peak[0] == schedule.cache_peak

@@ -104,3 +104,13 @@ def test_the_reference_uses_none_of_the_schedulers_modules():
              for alias in node.names}
     # The block layout (the network it is handed uses it too) and the CLIP preprocessing only.
     assert names == {("attention", "to_blocks"), ("preprocess", "clip_view")}
+
+
+def test_a_schedule_planned_for_other_offloading_than_the_placement_is_refused(case):
+    net, x, concat_lr, lr_image, vector, _ = case
+    placement = Placement(CPU, offload=True)
+    with torch.inference_mode():
+        context = ImageContext(placement.to_store(concat_lr), LRContext(net, lr_image, placement), vector)
+        with pytest.raises(ValueError, match="planned with offload=False"):
+            evaluate(net, x, 2.5, context, plan_schedule(plan_batches(*GRID, 2, "row"), offload=False), placement,
+                     torch.empty_like(x))

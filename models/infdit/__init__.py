@@ -12,19 +12,26 @@ line), ``schedule`` (batches, cache policy, placement), ``evaluate`` (one evalua
 neighbour cache, layer 0's LR keys), ``memory`` (the memory model), ``budget`` (a request and
 free memory to a plan), ``sampler`` (EDM Heun), ``preprocess`` (the reference's resizing),
 ``upscale`` (the pipeline), ``tiny`` (built-in tiny models) and ``_full_reference`` (the
-whole-image computation the scheduler is tested against).
+whole-image computation the scheduler is tested against). Several devices and machines:
+``shard`` (a rank's band of the image), ``exchange`` (torch.distributed: boundary keys, the
+result's pixels, the stop flag), ``pipeline`` (the modelled fill and traffic), ``worker``
+(what a rank runs) and ``launch`` (local worker processes).
 """
 
-from .budget import (BudgetPlan, UpscaleOptions, allocator_headroom, plan_budget, plan_stage, weight_bytes,
-                     working_memory)
-from .checkpoint import CheckpointError, InfDiTWeights, convert_checkpoint, load_infdit
+from .budget import (BudgetPlan, UpscaleOptions, allocator_headroom, plan_budget, plan_stage, total_batches,
+                     weight_bytes, working_memory)
+from .checkpoint import CheckpointError, InfDiTWeights, WeightSource, convert_checkpoint, load_infdit
 from .clip_vision import ClipVisionConfig, ClipVisionEncoder
 from .config import RELEASED, InfDiTConfig
-from .evaluate import ImageContext, LRContext, evaluate
+from .evaluate import Exchange, ImageContext, LRContext, evaluate
+from .exchange import BlockExchange, RankGroup, Stopped, join
+from .launch import RankFailed, parse_devices, run_ranks, upscale_on_ranks
 from .memory import GiB, BudgetTooSmall, MemoryEstimate, choose_batch_size, estimate_memory, offloaded_host_bytes
 from .network import InfDiT, Operations
-from .schedule import (SCAN_ORDERS, BlockBatch, CacheSteps, HostObserver, Placement, ScanOrder, Schedule,
-                       plan_batches, plan_schedule)
+from .pipeline import PipelineModel, model_pipeline, ranks_batch_size
+from .schedule import (SCAN_ORDERS, BlockBatch, CacheSteps, HostObserver, Placement, ScanOrder, Schedule, Transfer,
+                       assign_stripes, plan_batches, plan_ranks, plan_schedule)
+from .shard import ImageShard
 from .tiny import TINY, TINY_CLIP, tiny_weights
 from .upscale import upscale
 
@@ -34,9 +41,28 @@ __all__ = [
     "load_infdit",          # a released .pt or converted .safetensors -> InfDiTWeights
     "convert_checkpoint",   # the released .pt -> a verified safetensors in the pack's names
     "CheckpointError",      # a weight file the loader refuses, with the reason
+    "WeightSource",         # a weight file (or the tiny model) as plain data, for processes to load
     # Upscaling
     "UpscaleOptions",       # scale, steps, seed, budget, batch size, scan order, offloading
     "upscale",              # images -> upscaled images, block batch by block batch
+    "total_batches",        # block batches of a whole upscale (a progress bar's total)
+    # Several devices and machines
+    "parse_devices",        # "cuda:0,cuda:1" / "cpu,cpu" -> devices
+    "upscale_on_ranks",     # upscale shared by one local worker process per device
+    "run_ranks",            # run a function on one local process per device, with stop and progress
+    "RankFailed",           # a rank raised: which one, on which device, and its error
+    "join",                 # a torchrun / store rendezvous -> this process's RankGroup
+    "RankGroup",            # a rank's process groups, stop flag and progress counter
+    "Stopped",              # raised in a rank when the run's stop flag is set
+    "BlockExchange",        # a rank's sends and receives of boundary K/V (torch.distributed P2P)
+    "Exchange",             # what evaluate() needs from a rank's exchange
+    "ImageShard",           # the band of an image-sized buffer one rank keeps
+    "plan_ranks",           # every rank's schedule of one evaluation (stripes of lines)
+    "assign_stripes",       # the rank of each batch: lines in contiguous stripes
+    "Transfer",             # blocks received from or sent to another rank after a batch
+    "PipelineModel",        # a modelled distributed sample: fill, speed-up, blocks sent
+    "model_pipeline",       # the modelled timeline of a distributed sample
+    "ranks_batch_size",     # the batch size that keeps several ranks busy
     # Planning under a memory budget
     "GiB",                  # bytes per GiB, the unit of budgets and messages
     "BudgetTooSmall",       # not even one block per batch fits

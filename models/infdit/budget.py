@@ -5,6 +5,11 @@ whole blocks. The batch size n of a stage is given, or the largest whose memory 
 (:mod:`.memory`) fits the budget, or, without a budget, one batch over the whole image.
 Offloading gives the same result, so a budget that only fits with it switches it on.
 
+With several ranks the budget is per rank (each rank's device holds its own copy of the
+weights), the memory model counts the rank that needs the most, and n is the largest that
+fits unless a slightly smaller one keeps the ranks markedly busier
+(:func:`.pipeline.ranks_batch_size`).
+
 Where a host manages device memory (ComfyUI), planning has two moments: before the model is
 loaded, :func:`working_memory` says how much to have freed for the request; once it is
 loaded, :func:`plan_budget` turns the request and the memory then free into the plan, with
@@ -20,7 +25,9 @@ import torch
 
 from .checkpoint import InfDiTWeights
 from .memory import GiB, BudgetTooSmall, MemoryEstimate, choose_batch_size, estimate_memory, offloaded_host_bytes
-from .schedule import ScanOrder
+from .pipeline import ranks_batch_size
+from .sampler import evaluations
+from .schedule import ScanOrder, plan_batches
 
 CUDA_HEADROOM = 0.1
 """Fraction added to the memory model on CUDA for the caching allocator's fragmentation."""
@@ -75,25 +82,33 @@ def stage_sizes(weights: InfDiTWeights, size: tuple[int, int], factors: tuple[in
     return sizes
 
 
-def plan_stage(weights: InfDiTWeights, height: int, width: int, options: UpscaleOptions) -> MemoryEstimate:
-    """The batch size n for one stage's padded output, from the options and the memory model."""
+def plan_stage(weights: InfDiTWeights, height: int, width: int, options: UpscaleOptions,
+               ranks: int = 1) -> MemoryEstimate:
+    """The batch size n for one stage's padded output, from the options and the memory model
+    (per rank, with several ``ranks``)."""
     cfg = weights.net.cfg
     kwargs = dict(weight_bytes=weight_bytes(weights), dtype=weights.net.dtype, offload=options.offload,
-                  scan=options.scan)
+                  scan=options.scan, ranks=ranks)
     if options.batch_blocks is not None:
         return estimate_memory(cfg, height, width, options.batch_blocks, **kwargs)
     if options.budget_bytes is None:
-        return estimate_memory(cfg, height, width, max(height, width) // cfg.block_px, **kwargs)
-    return choose_batch_size(cfg, height, width, options.budget_bytes, margin=options.margin, **kwargs)
+        largest = max(height, width) // cfg.block_px
+    else:
+        largest = choose_batch_size(cfg, height, width, options.budget_bytes, margin=options.margin, **kwargs).n
+    n = ranks_batch_size(height // cfg.block_px, width // cfg.block_px, largest, options.scan, ranks,
+                         evaluations(options.steps))
+    return estimate_memory(cfg, height, width, n, **kwargs)
 
 
-def stage_plans(weights: InfDiTWeights, size: tuple[int, int], options: UpscaleOptions) -> list[MemoryEstimate]:
+def stage_plans(weights: InfDiTWeights, size: tuple[int, int], options: UpscaleOptions,
+                ranks: int = 1) -> list[MemoryEstimate]:
     """The memory plan of every stage for an input of ``size`` (raises :class:`BudgetTooSmall`)."""
-    return [plan_stage(weights, height, width, options)
+    return [plan_stage(weights, height, width, options, ranks)
             for height, width in stage_sizes(weights, size, stage_factors(options.scale))]
 
 
-def fit_budget(weights: InfDiTWeights, size: tuple[int, int], options: UpscaleOptions) -> UpscaleOptions:
+def fit_budget(weights: InfDiTWeights, size: tuple[int, int], options: UpscaleOptions,
+               ranks: int = 1) -> UpscaleOptions:
     """``options``, with offloading switched on when the budget fits only that way.
 
     Offloading gives the same result (more slowly, using host RAM), so a budget too small for
@@ -101,23 +116,34 @@ def fit_budget(weights: InfDiTWeights, size: tuple[int, int], options: UpscaleOp
     refused. Raises :class:`BudgetTooSmall` when even one block per batch, offloaded, does not fit.
     """
     try:
-        stage_plans(weights, size, options)
+        stage_plans(weights, size, options, ranks)
         return options
     except BudgetTooSmall:
         if options.offload:
             raise
     offloaded = replace(options, offload=True)
-    stage_plans(weights, size, offloaded)
+    stage_plans(weights, size, offloaded, ranks)
     return offloaded
 
 
-def working_memory(weights: InfDiTWeights, size: tuple[int, int], options: UpscaleOptions) -> int:
+def working_memory(weights: InfDiTWeights, size: tuple[int, int], options: UpscaleOptions, ranks: int = 1) -> int:
     """Device bytes beyond the weights to have free before planning ``options``: what the plan
     for the requested budget needs or, without one, the least that works (one offloaded block
-    per batch). Raises :class:`BudgetTooSmall`."""
-    need = fit_budget(weights, size, options) if options.budget_bytes is not None else \
+    per batch); per rank with several ``ranks``. Raises :class:`BudgetTooSmall`."""
+    need = fit_budget(weights, size, options, ranks) if options.budget_bytes is not None else \
         replace(options, offload=True, batch_blocks=1)
-    return max(plan.total for plan in stage_plans(weights, size, need)) - weight_bytes(weights)
+    return max(plan.total for plan in stage_plans(weights, size, need, ranks)) - weight_bytes(weights)
+
+
+def total_batches(weights: InfDiTWeights, size: tuple[int, int], images: int, options: UpscaleOptions,
+                  ranks: int = 1) -> int:
+    """Block batches of a whole upscale (every evaluation of every stage of every image, all
+    ranks together): the total of its progress bar."""
+    block_px = weights.net.cfg.block_px
+    per_evaluation = sum(len(plan_batches(height // block_px, width // block_px, plan.n, options.scan))
+                         for (height, width), plan in zip(stage_sizes(weights, size, stage_factors(options.scale)),
+                                                          stage_plans(weights, size, options, ranks)))
+    return per_evaluation * evaluations(options.steps) * images
 
 
 @dataclass(frozen=True)
@@ -132,8 +158,10 @@ class BudgetPlan:
 
 
 def plan_budget(weights: InfDiTWeights, size: tuple[int, int], options: UpscaleOptions, free_bytes: float,
-                host_free_bytes: float | None = None) -> BudgetPlan:
-    """The plan for ``options`` with the model loaded and ``free_bytes`` of device memory free.
+                host_free_bytes: float | None = None, ranks: int = 1, ranks_per_host: int | None = None) -> BudgetPlan:
+    """The plan for ``options`` with the model loaded and ``free_bytes`` of device memory free
+    (with several ``ranks``: on each rank's device, the least of them; the plan is per rank,
+    and ``ranks_per_host`` of them, all by default, share the host's RAM).
 
     The budget (weights included) is the requested one, lowered to what is available, or all
     that is available without a request; offloading is switched on if only it fits. The
@@ -148,22 +176,22 @@ def plan_budget(weights: InfDiTWeights, size: tuple[int, int], options: UpscaleO
         messages.append((logging.WARNING, f"the VRAM budget of {requested / GiB:.2f} GiB is more than the "
                                           f"{available / GiB:.2f} GiB available with the model loaded; planning for "
                                           f"{budget / GiB:.2f} GiB"))
-    planned = fit_budget(weights, size, replace(options, budget_bytes=budget))
+    planned = fit_budget(weights, size, replace(options, budget_bytes=budget), ranks)
     if planned.offload and not options.offload:
         messages.append((logging.INFO, f"the neighbour cache and full-image buffers do not fit {budget / GiB:.2f} "
                                        "GiB of device memory; offloading them to CPU RAM (same result, slower)"))
-    stages = stage_plans(weights, size, planned)
+    stages = stage_plans(weights, size, planned, ranks)
     largest = stages[-1]
     messages.append((logging.INFO, f"{largest.n} x {largest.n} blocks per batch: {largest.summary()}"))
     if not planned.offload:
-        offloaded = stage_plans(weights, size, replace(planned, offload=True))[-1].n
+        offloaded = stage_plans(weights, size, replace(planned, offload=True), ranks)[-1].n
         if offloaded >= 2 * largest.n:
             messages.append((logging.INFO, f"with offload_cache on, the same budget allows {offloaded} x {offloaded} "
                                            "blocks per batch (fewer, larger batches; uses CPU RAM)"))
     elif host_free_bytes is not None:
         height, width = stage_sizes(weights, size, stage_factors(planned.scale))[-1]
         host = offloaded_host_bytes(weights.net.cfg, height, width, largest.n, dtype=weights.net.dtype,
-                                    scan=planned.scan)
+                                    scan=planned.scan, ranks=ranks) * (ranks_per_host or ranks)
         if host > host_free_bytes:
             messages.append((logging.WARNING, f"offloading needs about {host / GiB:.1f} GiB of CPU RAM for a "
                                               f"{width}x{height} output, {host_free_bytes / GiB:.1f} GiB is free"))

@@ -496,6 +496,37 @@ def load_infdit(path: str | Path, dtype: torch.dtype = torch.float32, clip_path:
     return InfDiTWeights(net, load_clip(clip_state, dtype, operations) if clip_state else None)
 
 
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """Where a process finds the weights: a weight file (and CLIP file) loaded in ``dtype``, or
+    the built-in tiny model. Plain data, so that processes a run starts (the ranks of a
+    distributed upscale) each load the same weights themselves."""
+
+    path: str | None = None
+    clip_path: str | None = None
+    dtype: str = "fp32"
+    """A key of :data:`DTYPES`."""
+    tiny_seed: int | None = None
+    """Instead of a file: :func:`.tiny.tiny_weights` with this seed."""
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.tiny_seed is None):
+            raise ValueError("a weight source names either a file or a tiny-model seed")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {sorted(DTYPES)}")
+
+    def load(self) -> InfDiTWeights:
+        """The weights, on the CPU."""
+        if self.tiny_seed is not None:
+            from .tiny import tiny_weights
+
+            return tiny_weights(self.tiny_seed, dtype=DTYPES[self.dtype])
+        return load_infdit(self.path, DTYPES[self.dtype], self.clip_path)
+
+
 def convert_checkpoint(source: str | Path, target: str | Path, dtype: torch.dtype = torch.bfloat16,
                        clip_path: str | Path | None = None, allow_globals: tuple[str, ...] = ()) -> InfDiTConfig:
     """Rewrite a released checkpoint as a safetensors file in the pack's names (verified first).

@@ -13,6 +13,14 @@ copy that owns its memory, so a cached block never keeps its whole batch alive. 
 offloading, entries the next batch does not read wait in host memory and are copied straight
 into the key buffer of the batch that reads them.
 
+**Several ranks.** A rank evaluates its own schedule (:func:`.schedule.plan_ranks`) on its band
+of the image (:class:`.shard.ImageShard`) with an :class:`Exchange` (:mod:`.exchange`, on
+``torch.distributed``): before a batch starts the exchange is told, so it can post the receives
+of the batch's incoming blocks; in every layer the cache asks it for the blocks that have
+arrived (:meth:`NeighbourCache.receive` puts them in) and hands it the batch's keys and values
+to send, before the layer's attention runs. The arithmetic of a batch is the same wherever its
+neighbours' keys come from.
+
 **Layer 0's LR keys** (:class:`LRContext`). The reference projects the LR image with
 ``proj_lr``, zero-pads the token map by one LR block on every side and unfolds a
 3x3-LR-block window per output block (every LR token nine times, at every evaluation). A
@@ -26,8 +34,9 @@ per evaluation to recompute them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -35,6 +44,7 @@ from .attention import gather_segments, token_positions
 from .network import InfDiT, Neighbours
 from .sampler import edm_precondition
 from .schedule import Block, BlockBatch, CacheSteps, Placement, Schedule
+from .shard import ImageShard
 
 TILE_BLOCKS = 4
 """Keys and values are computed in fixed tiles of this many LR blocks per side, aligned to
@@ -94,6 +104,20 @@ class LRContext:
         return slice((lo - start + 1) * lb, (hi - start + 1) * lb), slice((lo - origin) * lb, (hi - origin) * lb)
 
 
+class Exchange(Protocol):
+    """Moves the K/V of blocks between ranks, as a rank's schedule lists them (positions are
+    indices into that schedule's batches)."""
+
+    def begin(self, position: int) -> None:
+        """Batch ``position`` is about to start: its incoming blocks may be received."""
+
+    def arrivals(self, position: int, layer: int) -> Iterable[tuple[Block, torch.Tensor, torch.Tensor]]:
+        """The blocks received for batch ``position`` in ``layer``: ``(block, k, v)``, waited for."""
+
+    def send(self, position: int, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Send what other ranks read of batch ``position``'s ``layer`` K/V (block layout)."""
+
+
 class NeighbourCache:
     """The per-layer neighbour K/V of one evaluation, kept as the schedule's steps say."""
 
@@ -109,14 +133,27 @@ class NeighbourCache:
         """Cached blocks currently on the host, summed over layers."""
         return sum(not on_device for entries in self._entries for *_, on_device in entries.values())
 
-    def neighbours(self, batch: BlockBatch, steps: CacheSteps) -> Neighbours:
-        """The gather callback of ``batch``: extends its K/V with the cached blocks it reads,
-        then carries out its cache steps."""
+    def receive(self, layer: int, block: Block, k: torch.Tensor, v: torch.Tensor, keep: bool) -> None:
+        """Put a block computed elsewhere into ``layer`` (on the device). ``keep``: a later batch
+        reads it too, so the entry gets its own memory (``k``/``v`` are views of a message)."""
+        self._entries[layer][block] = (k.clone(), v.clone(), True) if keep else (k, v, True)
+
+    def neighbours(self, batch: BlockBatch, steps: CacheSteps, position: int = 0,
+                   exchange: Exchange | None = None) -> Neighbours:
+        """The gather callback of ``batch`` (at ``position`` in its schedule): puts in the blocks
+        received for it, extends its K/V with the cached blocks it reads, hands its K/V to the
+        ``exchange`` to send, then carries out its cache steps."""
+        dropped = set(steps.drop)
 
         def gather(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             entries = self._entries[layer]
+            if exchange is not None:
+                for block, kb, vb in exchange.arrivals(position, layer):
+                    self.receive(layer, block, kb, vb, keep=block not in dropped)
             extended_k = self._extend(batch, k, entries, 0)
             extended_v = self._extend(batch, v, entries, 1)
+            if exchange is not None and steps.send:
+                exchange.send(position, layer, k, v)
             self._carry_out(steps, entries, batch, k, v)
             keys = gather_segments(extended_k)
             del extended_k
@@ -166,27 +203,35 @@ class ImageContext:
 
 def evaluate(net: InfDiT, x: torch.Tensor, sigma: float, context: ImageContext, schedule: Schedule,
              placement: Placement, out: torch.Tensor, on_batch: Callable[[], None] | None = None,
-             check_interrupt: Callable[[], None] | None = None) -> torch.Tensor:
+             check_interrupt: Callable[[], None] | None = None, shard: ImageShard | None = None,
+             exchange: Exchange | None = None) -> torch.Tensor:
     """Write the EDM denoiser output ``D = c_skip x + c_out F(c_in [x, lr]; sigma)`` into ``out``.
 
     ``x`` and ``out`` are ``[B, 3, H, W]`` fp32 on the store device; ``schedule``'s batches must
     cover the block grid (see :func:`.schedule.plan_schedule`), planned for ``placement``'s
-    offloading. ``check_interrupt`` is called before every batch and ``on_batch`` after it.
+    offloading. With several ranks, ``schedule`` is this rank's, ``x``, ``out`` and the context's
+    upsampled LR hold ``shard``'s band, and ``exchange`` moves blocks between ranks.
+    ``check_interrupt`` is called before every batch and ``on_batch`` after it.
     """
+    if schedule.offload != placement.offload:
+        raise ValueError(f"the schedule was planned with offload={schedule.offload}, the placement has "
+                         f"offload={placement.offload}: plan it for the placement")
     cfg, device = net.cfg, placement.device
+    shard = shard if shard is not None else ImageShard.of(schedule, cfg.block_px)
     c_skip, c_out, c_in, c_noise = edm_precondition(sigma)
     cond = net.conditioning(torch.full((x.shape[0],), c_noise, device=device), context.vector.to(device))
     cache = NeighbourCache(cfg.layers, placement)
-    px = cfg.block_px
-    for batch, steps in zip(schedule.batches, schedule.steps):
+    for position, (batch, steps) in enumerate(zip(schedule.batches, schedule.steps)):
         if check_interrupt is not None:
             check_interrupt()
-        ys, xs = slice(batch.rows.start * px, batch.rows.stop * px), slice(batch.cols.start * px, batch.cols.stop * px)
+        if exchange is not None:
+            exchange.begin(position)
+        ys, xs = shard.slices(batch)
         x_batch = placement.to_device(x[:, :, ys, xs])
         h = net.embed(torch.cat([x_batch, placement.to_device(context.concat_lr[:, :, ys, xs])], dim=1) * c_in)
         rows, cols = token_positions(batch.rows, batch.cols, cfg.block, device)
         cos, sin = (t[..., None, :] for t in net.rope(rows, cols))
-        gather = cache.neighbours(batch, steps)
+        gather = cache.neighbours(batch, steps, position, exchange)
         for layer in range(cfg.layers):
             window_kv = context.lr.windows(batch.rows, batch.cols) if layer == 0 else None
             h = net.layer(layer, h, cond, cos, sin, gather, window_kv)

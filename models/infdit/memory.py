@@ -7,13 +7,18 @@ Terms (``u`` = one token's hidden vector in the model dtype, ``T`` tokens in the
 - sampler state: x, D, the Heun slope and the Euler step (fp32 ``[B, 3, H, W]``), the
   upsampled LR and the cross-attention LR image (model dtype), all on the host with offloading;
 - neighbour cache: the most blocks the schedule keeps on the device
-  (:attr:`.schedule.Schedule.device_peak`), times layers times K and V;
+  (:attr:`.schedule.Schedule.device_peak`: cached, received and being sent), times layers
+  times K and V;
 - batch activations: the peak of one layer, reached while the keys and values are gathered:
   the hidden state, the fused QKV output, rotated queries and keys, the extended key/value
   grids and the four-segment keys and values — ``ACTIVATION_UNITS * T + E`` units of ``u`` —
   and layer 0's LR windows, or, if larger, building the keys and values of the LR region
   under the batch tile by tile (:class:`.evaluate.LRContext`); plus, throughout, that LR region, the
   RoPE tables and the batch's pixels.
+
+With several ranks the estimate is per rank, for the rank that needs the most: its band of
+the sampler state (:class:`.shard.ImageShard`; the cross-attention LR image is whole on
+every rank) and its own schedule's cache (:func:`.schedule.plan_ranks`).
 
 Attention itself is assumed fused (PyTorch's flash/efficient kernels on GPU and its flash
 kernel on CPU), i.e. no ``L x 4L`` score matrix. The benchmark measures peaks against this
@@ -28,7 +33,8 @@ import torch
 
 from .config import InfDiTConfig
 from .evaluate import TILE_BLOCKS
-from .schedule import ScanOrder, plan_batches, plan_schedule
+from .schedule import ScanOrder, Schedule, plan_ranks
+from .shard import ImageShard
 
 ACTIVATION_UNITS = 15
 """Hidden-vector copies per batch token at the peak of a layer (see the module docstring)."""
@@ -54,6 +60,8 @@ class MemoryEstimate:
     state: int
     cache: int
     activations: int
+    ranks: int = 1
+    """With several ranks: the terms are those of the rank that needs the most."""
 
     @property
     def total(self) -> int:
@@ -62,7 +70,9 @@ class MemoryEstimate:
     def summary(self) -> str:
         parts = [("weights", self.weights), ("sampler state", self.state), ("neighbour cache", self.cache),
                  ("batch activations", self.activations)]
-        return " + ".join(f"{name} {value / GiB:.2f}" for name, value in parts) + f" = {self.total / GiB:.2f} GiB"
+        per_rank = f" per rank ({self.ranks} ranks)" if self.ranks > 1 else ""
+        return (" + ".join(f"{name} {value / GiB:.2f}" for name, value in parts)
+                + f" = {self.total / GiB:.2f} GiB{per_rank}")
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -90,9 +100,12 @@ def activation_bytes(cfg: InfDiTConfig, rows: int, cols: int, dtype: torch.dtype
     return rope + pixels + lr_region + max(layer, region_build)
 
 
-def _state_bytes(cfg: InfDiTConfig, height: int, width: int, dtype: torch.dtype, images: int) -> int:
+def _state_bytes(cfg: InfDiTConfig, height: int, width: int, dtype: torch.dtype, images: int,
+                 band_fraction: float = 1.0) -> int:
+    """Sampler buffers of ``band_fraction`` of the image, and the whole cross-attention LR image."""
     pixels = images * cfg.out_channels * height * width
-    return pixels * (SAMPLER_BUFFERS * 4 + _itemsize(dtype)) + pixels // cfg.lr_scale ** 2 * _itemsize(dtype)
+    band = int(pixels * band_fraction)
+    return band * (SAMPLER_BUFFERS * 4 + _itemsize(dtype)) + pixels // cfg.lr_scale ** 2 * _itemsize(dtype)
 
 
 def _block_kv_bytes(cfg: InfDiTConfig, dtype: torch.dtype, images: int) -> int:
@@ -100,24 +113,40 @@ def _block_kv_bytes(cfg: InfDiTConfig, dtype: torch.dtype, images: int) -> int:
     return 2 * images * cfg.block_tokens * cfg.hidden * _itemsize(dtype)
 
 
+def block_bytes(cfg: InfDiTConfig, dtype: torch.dtype, images: int = 1) -> int:
+    """K and V of one block in every layer: what crosses between ranks per boundary block."""
+    return cfg.layers * _block_kv_bytes(cfg, dtype, images)
+
+
+def _band_fraction(schedule: Schedule, cfg: InfDiTConfig, grid: tuple[int, int]) -> float:
+    shard = ImageShard.of(schedule, cfg.block_px)
+    return len(shard.band) / grid[0 if shard.axis == -2 else 1] if grid[0] and grid[1] else 0.0
+
+
 def estimate_memory(cfg: InfDiTConfig, height: int, width: int, n: int, *, weight_bytes: int, dtype: torch.dtype,
-                    offload: bool, scan: ScanOrder = "auto", images: int = 1) -> MemoryEstimate:
-    """Device bytes of sampling a ``height x width`` output (whole blocks) with n x n batches."""
-    grid_rows, grid_cols = height // cfg.block_px, width // cfg.block_px
-    cache_blocks = plan_schedule(plan_batches(grid_rows, grid_cols, n, scan), offload).device_peak
-    return MemoryEstimate(
-        n=n, weights=weight_bytes, state=0 if offload else _state_bytes(cfg, height, width, dtype, images),
-        cache=cache_blocks * cfg.layers * _block_kv_bytes(cfg, dtype, images),
-        activations=activation_bytes(cfg, min(n, grid_rows), min(n, grid_cols), dtype, images))
+                    offload: bool, scan: ScanOrder = "auto", images: int = 1, ranks: int = 1) -> MemoryEstimate:
+    """Device bytes of sampling a ``height x width`` output (whole blocks) with n x n batches
+    (per rank, for the rank that needs the most, with several ``ranks``)."""
+    grid = (height // cfg.block_px, width // cfg.block_px)
+    activations = activation_bytes(cfg, min(n, grid[0]), min(n, grid[1]), dtype, images)
+    estimates = []
+    for schedule in plan_ranks(*grid, n, scan, offload, ranks):
+        state = 0 if offload else _state_bytes(cfg, height, width, dtype, images, _band_fraction(schedule, cfg, grid))
+        estimates.append(MemoryEstimate(n=n, weights=weight_bytes, state=state,
+                                        cache=schedule.device_peak * _block_kv_bytes(cfg, dtype, images) * cfg.layers,
+                                        activations=activations, ranks=ranks))
+    return max(estimates, key=lambda estimate: estimate.total)
 
 
 def offloaded_host_bytes(cfg: InfDiTConfig, height: int, width: int, n: int, *, dtype: torch.dtype,
-                         scan: ScanOrder = "auto", images: int = 1) -> int:
+                         scan: ScanOrder = "auto", images: int = 1, ranks: int = 1) -> int:
     """Host RAM that offloading takes for what the device does not hold: the sampler state and
-    the strip of cached neighbour keys (the input and output images come on top)."""
-    schedule = plan_schedule(plan_batches(height // cfg.block_px, width // cfg.block_px, n, scan), offload=True)
-    strip = schedule.host_peak * cfg.layers * _block_kv_bytes(cfg, dtype, images)
-    return _state_bytes(cfg, height, width, dtype, images) + strip
+    the strip of cached neighbour keys (the input and output images come on top); per rank,
+    the most any rank takes, with several ``ranks``."""
+    grid = (height // cfg.block_px, width // cfg.block_px)
+    return max(_state_bytes(cfg, height, width, dtype, images, _band_fraction(schedule, cfg, grid))
+               + schedule.host_peak * cfg.layers * _block_kv_bytes(cfg, dtype, images)
+               for schedule in plan_ranks(*grid, n, scan, True, ranks))
 
 
 def choose_batch_size(cfg: InfDiTConfig, height: int, width: int, budget_bytes: float, *, margin: float = 0.0,
@@ -127,7 +156,13 @@ def choose_batch_size(cfg: InfDiTConfig, height: int, width: int, budget_bytes: 
     Raises :class:`BudgetTooSmall` with the n = 1 breakdown when nothing fits.
     """
     largest = max(height, width) // cfg.block_px
+    grid = (height // cfg.block_px, width // cfg.block_px)
     for n in range(max(largest, 1), 0, -1):
+        # Weights and activations need no schedule: skip the n they alone rule out.
+        floor = kwargs["weight_bytes"] + activation_bytes(cfg, min(n, grid[0]), min(n, grid[1]), kwargs["dtype"],
+                                                          kwargs.get("images", 1))
+        if floor * (1 + margin) > budget_bytes:
+            continue
         estimate = estimate_memory(cfg, height, width, n, **kwargs)
         if estimate.total * (1 + margin) <= budget_bytes:
             return estimate

@@ -11,9 +11,12 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from typing import ContextManager
+from typing import TYPE_CHECKING, ContextManager
 
 import torch
+
+if TYPE_CHECKING:
+    from .shard import ImageShard
 
 SIGMA_DATA = 0.5
 SIGMA_MIN = 0.002
@@ -47,21 +50,37 @@ def evaluations(steps: int) -> int:
 
 def initial_state(concat_lr: torch.Tensor, generator: torch.Generator, init_noise: bool, out: torch.Tensor,
                   host_work: Callable[[], ContextManager[None]] = contextlib.nullcontext,
-                  sigma_max: float = SIGMA_MAX) -> torch.Tensor:
+                  sigma_max: float = SIGMA_MAX, shard: ImageShard | None = None) -> torch.Tensor:
     """Write x_T into ``out``: ``concat_lr + sigma_max * N(0, I)`` with init-noise, else ``sigma_max * N(0, I)``.
 
     The noise comes from the CPU ``generator`` in fixed-size chunks (no image-sized temporary),
     so it depends on the seed and the image size only, never on how the image is later cut
     into block batches. ``host_work`` wraps the chunk arithmetic, which happens on the host.
+    With a ``shard`` (``out`` and ``concat_lr`` then hold only its band), the whole image's
+    noise is drawn all the same and the band's values are kept: every rank gets the values a
+    single device would use for its pixels.
     """
     flat, lr_flat = out.view(-1), concat_lr.reshape(-1)
-    for start in range(0, flat.numel(), NOISE_CHUNK):
-        stop = min(start + NOISE_CHUNK, flat.numel())
+    if shard is None or shard.whole:
+        for start in range(0, flat.numel(), NOISE_CHUNK):
+            stop = min(start + NOISE_CHUNK, flat.numel())
+            with host_work():
+                chunk = torch.randn(stop - start, generator=generator) * sigma_max
+                if init_noise:
+                    chunk += lr_flat[start:stop].cpu()
+            flat[start:stop] = chunk
+        return out
+    image_shape = tuple(out.shape[:-2]) + (shard.grid[0] * shard.block_px, shard.grid[1] * shard.block_px)
+    total, kept = math.prod(image_shape), 0
+    for start in range(0, total, NOISE_CHUNK):
+        stop = min(start + NOISE_CHUNK, total)
         with host_work():
             chunk = torch.randn(stop - start, generator=generator) * sigma_max
+            values = chunk[shard.noise_mask(start, stop, image_shape)]
             if init_noise:
-                chunk += lr_flat[start:stop].cpu()
-        flat[start:stop] = chunk
+                values += lr_flat[kept:kept + values.numel()].cpu()
+        flat[kept:kept + values.numel()] = values
+        kept += values.numel()
     return out
 
 

@@ -14,11 +14,18 @@ The cache (:class:`.evaluate.NeighbourCache`) carries out these steps, in every 
 memory model (:mod:`.memory`) counts them; neither decides anything itself.
 
 A schedule is plain data (block coordinates and batch indices, no tensors), the same for
-every evaluation of a sample. An executor that shares the batches among several devices
-reads from it which blocks cross between them: a batch's dependencies are the batches that
-own the blocks it reads, and a stored block is read by the batches that list it in
-``read``. Across evaluations, a batch's next evaluation needs only its own pixels of this
-one (the sampler's update is per pixel) and, again, its dependencies' keys.
+every evaluation of a sample. Across evaluations, a batch's next evaluation needs only its
+own pixels of this one (the sampler's update is per pixel) and, again, its dependencies' keys.
+
+**Several ranks.** :func:`plan_ranks` deals the sweep's *lines* (the batch rows of a
+row-major sweep, the batch columns of a column-major one) to P ranks in contiguous stripes
+(:func:`assign_stripes`), and each rank's :class:`Schedule` is the same policy run over that
+rank's own batches, in sweep order: a block another rank computes is *received* (it arrives
+on the device before the first of this rank's batches that reads it, and is then cached,
+read, dropped and offloaded like any other), and a block that another rank reads is *sent*
+as soon as each layer has computed it. The blocks that cross between two ranks are listed in
+the same order on both sides (checked), so a first-in-first-out channel per pair of ranks
+carries them.
 
 **Placement.** Compute always happens on ``device``. With ``offload``, everything whose size
 grows with the image (the cached K/V strip, the LR cross-attention keys, the sampler's
@@ -33,6 +40,7 @@ meter (the benchmarks' ``LiveTensorMeter``) uses it to tell the two apart.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import ContextManager, Literal, Protocol
 
@@ -43,6 +51,11 @@ SCAN_ORDERS: tuple[str, ...] = ("auto", "row", "column")
 
 Block = tuple[int, int]
 
+SENDS_IN_FLIGHT = 2
+"""Batches whose sends may be unfinished at once on a rank: before a batch starts, the sends of
+the batch two before it are waited for, so send buffers stay bounded (counted in
+:attr:`Schedule.device_peak`)."""
+
 
 @dataclass(frozen=True)
 class BlockBatch:
@@ -51,9 +64,9 @@ class BlockBatch:
     rows: range
     cols: range
 
-    @property
-    def blocks(self) -> list[Block]:
-        return [(i, j) for i in self.rows for j in self.cols]
+    @functools.cached_property
+    def blocks(self) -> tuple[Block, ...]:
+        return tuple((i, j) for i in self.rows for j in self.cols)
 
     def __contains__(self, block: Block) -> bool:
         return block[0] in self.rows and block[1] in self.cols
@@ -92,9 +105,22 @@ def plan_batches(grid_rows: int, grid_cols: int, n: int, scan: ScanOrder = "auto
 
 
 @dataclass(frozen=True)
+class Transfer:
+    """Blocks of one batch that cross to or from another rank: their K/V in every layer."""
+
+    peer: int
+    """The rank they come from (a receive) or go to (a send)."""
+    blocks: tuple[Block, ...]
+    """In the order of the producing batch's blocks (row-major), the order of the message."""
+
+
+@dataclass(frozen=True)
 class CacheSteps:
     """What one batch does with the neighbour cache, in each layer, in this order."""
 
+    receive: tuple[Transfer, ...]
+    """Blocks computed by other ranks that arrive before this batch reads (one transfer per
+    producing batch, in sweep order): cached on the device, then treated like stored blocks."""
     read: tuple[Block, ...]
     """Its neighbours outside the batch (above and to the left), read into its key grid."""
     drop: tuple[Block, ...]
@@ -105,6 +131,9 @@ class CacheSteps:
     """Its own blocks that later batches read, cached on the device."""
     store_on_host: tuple[Block, ...]
     """Its own blocks that later batches read but the next one does not: cached on the host."""
+    send: tuple[Transfer, ...]
+    """Its own blocks that batches on other ranks read, per rank (in rank order): sent as soon
+    as a layer has computed them."""
     device_blocks: int
     """Cached blocks on the device once these steps are done."""
     host_blocks: int
@@ -113,23 +142,51 @@ class CacheSteps:
 
 @dataclass(frozen=True)
 class Schedule:
-    """One evaluation as plain data: the batches in order, what each depends on, its cache steps."""
+    """One evaluation on one rank as plain data: its batches in order, what each depends on,
+    its cache steps (with one rank: the whole sweep)."""
 
     batches: tuple[BlockBatch, ...]
     depends_on: tuple[tuple[int, ...], ...]
-    """Per batch, the earlier batches whose blocks it reads: the edges of the batch DAG."""
+    """Per batch, the earlier batches whose blocks it reads: the edges of the batch DAG, as
+    positions in the whole sweep (on any rank)."""
     steps: tuple[CacheSteps, ...]
     offload: bool
+    grid: tuple[int, int] = (0, 0)
+    """Block rows and columns of the whole image."""
+    positions: tuple[int, ...] = ()
+    """Position of each of these batches in the whole sweep."""
+    rank: int = 0
+
+    @property
+    def cache_peak(self) -> int:
+        """The most cached blocks (per layer) on the device at any time, received ones included.
+
+        Every batch drops and offloads before it stores, so the count peaks once some batch's
+        steps are done, or when its received blocks have arrived (their buffers exist from the
+        batch's start). Entries read from the host are copied straight into the batch's key
+        grid, so they add nothing here.
+        """
+        peak, before = 0, 0
+        for steps in self.steps:
+            arrived = before + sum(len(transfer.blocks) for transfer in steps.receive)
+            peak, before = max(peak, arrived, steps.device_blocks), steps.device_blocks
+        return peak
+
+    @property
+    def send_peak(self) -> int:
+        """The most blocks (per layer) in send buffers at once: :data:`SENDS_IN_FLIGHT` batches."""
+        sent = max((sum(len(transfer.blocks) for transfer in steps.send) for steps in self.steps), default=0)
+        return SENDS_IN_FLIGHT * sent
 
     @property
     def device_peak(self) -> int:
-        """The most cached blocks (per layer) on the device at any time.
+        """Blocks (per layer) of K/V this rank holds on the device at most: cache and send buffers."""
+        return self.cache_peak + self.send_peak
 
-        Every batch drops and offloads before it stores, so the count peaks once some batch's
-        steps are done. Entries read from the host are copied straight into the batch's key
-        grid, so they add nothing here.
-        """
-        return max((steps.device_blocks for steps in self.steps), default=0)
+    @property
+    def sent_blocks(self) -> int:
+        """Blocks (each with its K/V in every layer) this rank sends per evaluation."""
+        return sum(len(transfer.blocks) for steps in self.steps for transfer in steps.send)
 
     @property
     def host_peak(self) -> int:
@@ -137,25 +194,71 @@ class Schedule:
         return max((steps.host_blocks for steps in self.steps), default=0)
 
 
-def plan_schedule(batches: list[BlockBatch], offload: bool = False) -> Schedule:
-    """The cache policy: each batch reads its outside neighbours, then drops the blocks it was
-    the last to read, then (offloading) moves to the host the device blocks the next batch
-    does not read, then stores its own blocks that later batches read (on the host if the
-    next batch does not read them). Refuses an order that reads a block before it exists."""
+def _sweep(batches: list[BlockBatch]) -> tuple[dict[Block, int], list[tuple[Block, ...]]]:
+    """Which batch computes each block, and the outside blocks each batch reads; refuses an
+    order that reads a block before it exists."""
     owner = {block: index for index, batch in enumerate(batches) for block in batch.blocks}
     reads = [tuple(sorted({src for _, _, src in batch.outside_sources()})) for batch in batches]
-    last_reader: dict[Block, int] = {}
     for index, read in enumerate(reads):
         for block in read:
             if owner.get(block, len(batches)) >= index:
                 raise ValueError(f"batch {index} reads block {block} before it is computed: "
                                  "the batch order is not a valid UniBA order")
+    return owner, reads
+
+
+def plan_schedule(batches: list[BlockBatch], offload: bool = False, owners: tuple[int, ...] | None = None,
+                  rank: int = 0) -> Schedule:
+    """The cache policy, for the batches of ``rank`` (``owners[i]``: the rank of batch ``i``;
+    default: one rank owns all). Each batch receives the blocks other ranks computed for it,
+    reads its outside neighbours, then drops the blocks it was the last to read, then
+    (offloading) moves to the host the device blocks the next batch does not read, then
+    stores its own blocks that later batches of this rank read (on the host if the next batch
+    does not read them) and sends those that other ranks read. Refuses an order that reads a
+    block before it exists."""
+    return _plan_rank(batches, _sweep(batches), offload, owners, rank)
+
+
+def _crossing(sweep: tuple[dict[Block, int], list[tuple[Block, ...]]],
+              owners: tuple[int, ...]) -> dict[int, dict[int, set[Block]]]:
+    """Per producing batch, per other rank: the blocks of that batch the rank reads."""
+    owner, reads = sweep
+    crossing: dict[int, dict[int, set[Block]]] = {}
+    for index, read in enumerate(reads):
+        for block in read:
+            if owners[owner[block]] != owners[index]:
+                crossing.setdefault(owner[block], {}).setdefault(owners[index], set()).add(block)
+    return crossing
+
+
+def _plan_rank(batches: list[BlockBatch], sweep: tuple[dict[Block, int], list[tuple[Block, ...]]], offload: bool,
+               owners: tuple[int, ...] | None, rank: int,
+               crossing: dict[int, dict[int, set[Block]]] | None = None) -> Schedule:
+    owners = tuple(owners) if owners is not None else (0,) * len(batches)
+    if len(owners) != len(batches):
+        raise ValueError(f"{len(owners)} owners for {len(batches)} batches")
+    owner, reads = sweep
+    mine = [index for index, batch_rank in enumerate(owners) if batch_rank == rank]
+    first_reader: dict[Block, int] = {}
+    last_reader: dict[Block, int] = {}
+    for index in mine:
+        for block in reads[index]:
+            first_reader.setdefault(block, index)
             last_reader[block] = index
+    crossing = _crossing(sweep, owners) if crossing is None else crossing
+    arrivals: dict[int, list[Transfer]] = {}
+    for producer in sorted(crossing):
+        if rank in crossing[producer]:
+            blocks = tuple(b for b in batches[producer].blocks if b in crossing[producer][rank])
+            arrivals.setdefault(min(first_reader[b] for b in blocks), []).append(Transfer(owners[producer], blocks))
     on_device: set[Block] = set()
     on_host: set[Block] = set()
     steps = []
-    for index, batch in enumerate(batches):
-        read_next = set(reads[index + 1]) if index + 1 < len(batches) else set()
+    for position, index in enumerate(mine):
+        batch = batches[index]
+        read_next = set(reads[mine[position + 1]]) if position + 1 < len(mine) else set()
+        receive = tuple(arrivals.get(index, ()))
+        on_device.update(block for transfer in receive for block in transfer.blocks)
         drop = tuple(block for block in reads[index] if last_reader[block] == index)
         on_device.difference_update(drop)
         on_host.difference_update(drop)
@@ -167,9 +270,58 @@ def plan_schedule(batches: list[BlockBatch], offload: bool = False) -> Schedule:
         store_on_host = tuple(block for block in kept if offload and block not in read_next)
         on_device.update(store)
         on_host.update(store_on_host)
-        steps.append(CacheSteps(reads[index], drop, offloaded, store, store_on_host, len(on_device), len(on_host)))
-    depends_on = tuple(tuple(sorted({owner[block] for block in read})) for read in reads)
-    return Schedule(tuple(batches), depends_on, tuple(steps), offload)
+        send = tuple(Transfer(peer, tuple(b for b in batch.blocks if b in blocks))
+                     for peer, blocks in sorted(crossing.get(index, {}).items()))
+        steps.append(CacheSteps(receive=receive, read=reads[index], drop=drop, offload=offloaded, store=store,
+                                store_on_host=store_on_host, send=send, device_blocks=len(on_device),
+                                host_blocks=len(on_host)))
+    depends_on = tuple(tuple(sorted({owner[block] for block in reads[index]})) for index in mine)
+    grid = (max((b.rows.stop for b in batches), default=0), max((b.cols.stop for b in batches), default=0))
+    return Schedule(tuple(batches[index] for index in mine), depends_on, tuple(steps), offload, grid, tuple(mine),
+                    rank)
+
+
+def assign_stripes(batches: list[BlockBatch], scan: Literal["row", "column"], ranks: int) -> tuple[int, ...]:
+    """The rank of each batch: the sweep's lines (batch rows of a row-major sweep, batch columns
+    of a column-major one) in ``ranks`` contiguous stripes, the larger stripes last.
+
+    Only a stripe's last line is read by another rank (the first line of the next stripe), so
+    blocks only ever travel from rank r to rank r + 1; each rank keeps just its stripe of the
+    image, and a rank starts an evaluation as soon as the stripe above has produced that
+    evaluation's keys for it.
+    """
+    if ranks < 1:
+        raise ValueError(f"need at least one rank, got {ranks}")
+    line_of: dict[int, int] = {}
+    lines = [line_of.setdefault(batch.rows.start if scan == "row" else batch.cols.start, len(line_of))
+             for batch in batches]
+    count = len(line_of)
+    sizes = [count // ranks + (rank >= ranks - count % ranks) for rank in range(ranks)]
+    owner_of_line = [rank for rank, size in enumerate(sizes) for _ in range(size)]
+    return tuple(owner_of_line[line] for line in lines)
+
+
+@functools.lru_cache(maxsize=64)
+def plan_ranks(grid_rows: int, grid_cols: int, n: int, scan: ScanOrder = "auto", offload: bool = False,
+               ranks: int = 1) -> tuple[Schedule, ...]:
+    """Every rank's schedule of one evaluation of a ``grid_rows x grid_cols``-block image in n x n
+    batches, the lines dealt in stripes (:func:`assign_stripes`). Checks that what one rank
+    sends to another is listed in the order the other receives it. (Plans are immutable, so
+    recent ones are kept: planning asks for the same ones repeatedly.)"""
+    resolved = resolve_scan(grid_rows, grid_cols, scan)
+    batches = plan_batches(grid_rows, grid_cols, n, resolved)
+    owners = assign_stripes(batches, resolved, ranks)
+    sweep = _sweep(batches)
+    crossing = _crossing(sweep, owners)
+    schedules = tuple(_plan_rank(batches, sweep, offload, owners, rank, crossing) for rank in range(ranks))
+    for sender in schedules:
+        for receiver in schedules:
+            sent = [t.blocks for steps in sender.steps for t in steps.send if t.peer == receiver.rank]
+            received = [t.blocks for steps in receiver.steps for t in steps.receive if t.peer == sender.rank]
+            if sent != received:
+                raise ValueError(f"rank {sender.rank} sends blocks to rank {receiver.rank} in an order it does not "
+                                 "receive them")
+    return schedules
 
 
 HOST = torch.device("cpu")

@@ -8,6 +8,14 @@ sampling the padding is cropped off. Larger factors repeat stages (8 = 4 then 2,
 
 The batch size n of each stage comes from its plan (:mod:`.budget`); if the device still
 runs out of memory, the evaluation restarts with n - 1.
+
+**Several ranks** (a :class:`.exchange.RankGroup`): every rank runs this same pipeline on the
+same input. A stage's sweep is shared out in stripes (:func:`.schedule.plan_ranks`); each
+rank keeps only its band of the sampler's buffers (:class:`.shard.ImageShard`), draws the
+noise of its pixels, runs the Heun solve on them with its own schedule (no barrier between
+evaluations: the update is per pixel) and exchanges boundary keys as it goes
+(:class:`.exchange.BlockExchange`). A stage's bands are then put together: on every rank
+when another stage follows, on rank 0 for the result (the other ranks return ``None``).
 """
 
 from __future__ import annotations
@@ -21,7 +29,9 @@ from .checkpoint import InfDiTWeights
 from .evaluate import ImageContext, LRContext, evaluate
 from .preprocess import clip_view, pad_to_multiple, resize_bicubic
 from .sampler import edm_sigmas, evaluations, heun_sample, initial_state
-from .schedule import HostObserver, Placement, Schedule, plan_batches, plan_schedule
+from .exchange import BlockExchange, RankGroup
+from .schedule import HostObserver, Placement, Schedule, plan_ranks
+from .shard import ImageShard
 
 
 class Progress:
@@ -44,30 +54,54 @@ class _StageSweep:
     """D(x; sigma) for one stage, block batch by block batch, shared by the images of a batch.
 
     On out-of-memory the evaluation restarts with n - 1, and the smaller n is kept for the
-    remaining evaluations and images; the progress total follows.
+    remaining evaluations and images; the progress total follows. With several ranks the
+    sweep is this rank's part, and running out of memory stops the run (every rank would
+    have to change n at once).
     """
 
     def __init__(self, weights: InfDiTWeights, grid: tuple[int, int], n: int, options: UpscaleOptions,
                  placement: Placement, progress: Progress, check_interrupt: Callable[[], None] | None,
-                 images: int):
+                 images: int, group: RankGroup | None = None):
         self.weights, self.grid, self.n, self.options = weights, grid, n, options
         self.placement, self.progress, self.check_interrupt = placement, progress, check_interrupt
-        self.schedule = self._plan()
+        self.group = group
+        self._plan()
         self.evaluations_left = evaluations(options.steps) * images
         self.context: ImageContext | None = None
+        self.exchange: BlockExchange | None = None
 
-    def _plan(self) -> Schedule:
-        return plan_schedule(plan_batches(*self.grid, self.n, self.options.scan), self.placement.offload)
+    def _plan(self) -> None:
+        ranks, rank = (self.group.ranks, self.group.rank) if self.group is not None else (1, 0)
+        self.schedules = plan_ranks(*self.grid, self.n, self.options.scan, self.placement.offload, ranks)
+        self.schedule: Schedule = self.schedules[rank]
+        block_px = self.weights.net.cfg.block_px
+        self.shards = [ImageShard.of(schedule, block_px) for schedule in self.schedules]
+        self.shard = self.shards[rank]
+
+    def start(self) -> None:
+        """Before an image's solve: a fresh exchange (with several ranks)."""
+        if self.group is not None:
+            self.exchange = BlockExchange(self.group, self.schedule, self.weights.net.cfg, self.weights.net.dtype)
+
+    def finish(self) -> None:
+        """After an image's solve: wait for what is still being sent."""
+        if self.exchange is not None:
+            self.exchange.finish()
+            self.exchange = None
 
     def __call__(self, x: torch.Tensor, sigma: float, out: torch.Tensor) -> torch.Tensor:
         while True:
             done_before = self.progress.done
             try:
                 evaluate(self.weights.net, x, sigma, self.context, self.schedule, self.placement, out,
-                         self.progress.step, self.check_interrupt)
+                         self.progress.step, self.check_interrupt, self.shard, self.exchange)
                 self.evaluations_left -= 1
                 return out
             except torch.OutOfMemoryError as error:
+                if self.group is not None:
+                    raise torch.OutOfMemoryError(
+                        f"Inf-DiT ran out of device memory on rank {self.group.rank} ({self.placement.device}) with "
+                        f"{self.n} x {self.n} blocks per batch: lower the VRAM budget or enable offloading") from error
                 if self.n == 1:
                     raise torch.OutOfMemoryError(
                         "Inf-DiT ran out of device memory even with one block per batch: free memory used by "
@@ -79,14 +113,15 @@ class _StageSweep:
             torch.cuda.empty_cache()
         old = len(self.schedule.batches)
         self.n -= 1
-        self.schedule = self._plan()
+        self._plan()
         self.progress.rewind(batches_done, (len(self.schedule.batches) - old) * self.evaluations_left)
 
 
 def _upscale_stage(weights: InfDiTWeights, lr: torch.Tensor, factor: int, sweep: _StageSweep,
-                   generator: torch.Generator) -> torch.Tensor:
-    """One 2x/4x pass of a ``[1, 3, h, w]`` image in [-1, 1] (CPU) -> ``[1, 3, h*f, w*f]`` (CPU)."""
-    cfg, placement, options = weights.net.cfg, sweep.placement, sweep.options
+                   generator: torch.Generator, last: bool = True) -> torch.Tensor | None:
+    """One 2x/4x pass of a ``[1, 3, h, w]`` image in [-1, 1] (CPU) -> ``[1, 3, h*f, w*f]`` (CPU):
+    on every rank, or for the ``last`` stage of several ranks on rank 0 only (else ``None``)."""
+    cfg, placement, options, shard = weights.net.cfg, sweep.placement, sweep.options, sweep.shard
     height, width = lr.shape[-2:]
     with placement.host_work():
         padded = pad_to_multiple(lr, cfg.block_px // factor)
@@ -99,14 +134,24 @@ def _upscale_stage(weights: InfDiTWeights, lr: torch.Tensor, factor: int, sweep:
         clip_lr = resize_bicubic(lr, (height * factor // cfg.lr_scale, width * factor // cfg.lr_scale))
         pixels = clip_view(clip_lr, weights.clip.cfg.image_size)
     vector = weights.clip.encode(pixels)
-    sweep.context = ImageContext(placement.to_store(concat_lr), LRContext(weights.net, cross_lr, placement),
-                                 vector)
+    image_shape = tuple(concat_lr.shape[:1]) + (3, out_h, out_w)
+    sweep.context = ImageContext(placement.to_store(shard.take(concat_lr)),
+                                 LRContext(weights.net, cross_lr, placement), vector)
     del concat_lr
     shape = tuple(sweep.context.concat_lr.shape)
     x = initial_state(sweep.context.concat_lr, generator, options.init_noise,
-                      placement.empty_store(shape, torch.float32), placement.host_work)
-    sample = heun_sample(sweep, x, edm_sigmas(options.steps), lambda: placement.empty_store(shape, torch.float32))
-    sweep.context = None
+                      placement.empty_store(shape, torch.float32), placement.host_work, shard=shard)
+    sweep.start()
+    try:
+        sample = heun_sample(sweep, x, edm_sigmas(options.steps),
+                             lambda: placement.empty_store(shape, torch.float32))
+        sweep.finish()
+    finally:
+        sweep.context, sweep.exchange = None, None
+    if sweep.group is not None:
+        sample = sweep.group.assemble(sample, sweep.shards, image_shape, everywhere=not last)
+        if sample is None:
+            return None
     with placement.host_work():
         return sample[..., :height * factor, :width * factor].clamp(-1, 1).cpu()
 
@@ -114,11 +159,13 @@ def _upscale_stage(weights: InfDiTWeights, lr: torch.Tensor, factor: int, sweep:
 def upscale(weights: InfDiTWeights, images: torch.Tensor, options: UpscaleOptions, device: torch.device,
             on_progress: Callable[[int, int], None] | None = None,
             check_interrupt: Callable[[], None] | None = None,
-            observer: HostObserver | None = None) -> torch.Tensor:
+            observer: HostObserver | None = None, group: RankGroup | None = None) -> torch.Tensor | None:
     """``[B, C, H, W]`` images in [0, 1] (C = 3, or 4 with alpha) -> ``[B, C, H*scale, W*scale]``.
 
     ``on_progress(done, total)`` counts (network evaluation, block batch) steps; ``check_interrupt``
-    is called before every block batch and may raise to stop.
+    is called before every block batch and may raise to stop. With a ``group`` of several
+    ranks, every rank calls this with the same arguments (its own ``device``); progress counts
+    this rank's batches, and only rank 0 returns the images (the others ``None``).
     """
     if weights.clip is None:
         raise ValueError("Inf-DiT needs its CLIP image encoder (OpenCLIP ViT-L/14): the checkpoint has none, "
@@ -131,9 +178,11 @@ def upscale(weights: InfDiTWeights, images: torch.Tensor, options: UpscaleOption
     placement = Placement(torch.device(device), options.offload, observer)
     sizes = stage_sizes(weights, tuple(images.shape[-2:]), factors)
     block_px, count = weights.net.cfg.block_px, images.shape[0]
+    ranks = group.ranks if group is not None else 1
     progress = Progress(0, on_progress)
-    sweeps = [_StageSweep(weights, (height // block_px, width // block_px), plan_stage(weights, height, width, options).n,
-                          options, placement, progress, check_interrupt, count) for height, width in sizes]
+    sweeps = [_StageSweep(weights, (height // block_px, width // block_px),
+                          plan_stage(weights, height, width, options, ranks).n, options, placement, progress,
+                          check_interrupt, count, group) for height, width in sizes]
     progress.total = sum(len(sweep.schedule.batches) * sweep.evaluations_left for sweep in sweeps)
     generator = torch.Generator().manual_seed(options.seed)
     results = []
@@ -141,13 +190,17 @@ def upscale(weights: InfDiTWeights, images: torch.Tensor, options: UpscaleOption
         for image in images.float().cpu():
             with placement.host_work():
                 rgb = image[None, :3] * 2 - 1
-            for factor, sweep in zip(factors, sweeps):
-                rgb = _upscale_stage(weights, rgb, factor, sweep, generator)
+            for stage, (factor, sweep) in enumerate(zip(factors, sweeps)):
+                rgb = _upscale_stage(weights, rgb, factor, sweep, generator, last=stage == len(factors) - 1)
+            if rgb is None:
+                continue
             with placement.host_work():
                 result = (rgb + 1) / 2
                 if image.shape[0] == 4:
                     alpha = resize_bicubic(image[None, 3:], tuple(result.shape[-2:])).clamp(0, 1)
                     result = torch.cat([result, alpha], dim=1)
                 results.append(result)
+    if not results:
+        return None
     with placement.host_work():
         return torch.cat(results)

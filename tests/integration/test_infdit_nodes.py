@@ -2,7 +2,9 @@
 
 Prompts run through ComfyUI's own validation and ``PromptExecutor``: the loader reads a file
 in the released DeepSpeed layout from a ``models/infdit`` folder, the upscaler reports
-progress through ComfyUI's progress-bar hook and stops when the cancel flag is raised.
+progress through ComfyUI's progress-bar hook and stops when the cancel flag is raised. With
+``devices`` set to ``cpu,cpu`` the node runs two gloo ranks in worker processes, as it would
+run one per GPU.
 """
 
 from __future__ import annotations
@@ -290,3 +292,67 @@ def test_resizing_and_the_clip_view_match_torchvisions_transforms(comfy_nodes):
     for shape in [(1, 3, 37, 53), (1, 3, 300, 250), (1, 3, 224, 224)]:
         image = torch.rand(shape) * 2 - 1
         torch.testing.assert_close(clip_view(image, 224), reference(image), rtol=1e-5, atol=1e-5)
+
+
+def worker_processes() -> list:
+    import psutil
+
+    return psutil.Process().children(recursive=True)
+
+
+def test_two_ranks_through_the_node_give_the_in_process_result_with_one_progress_bar(comfy_nodes, model_folder,
+                                                                                       caplog):
+    image = torch.rand(1, 12, 20, 3)
+    reports = []
+    with caplog.at_level("INFO"):
+        executor, server, out = run_prompt(comfy_nodes, upscale_prompt(RELEASED, image, devices="cpu,cpu"), image,
+                                           lambda value, total: reports.append((value, total)))
+    assert executor.success, server.messages[-1]
+    assert out.shape == (1, 48, 80, 3)
+    assert "Inf-DiT: 2 ranks on cpu, cpu" in caplog.text
+    total = reports[-1][1]
+    assert reports[-1] == (total, total) and all(total == t for _, t in reports)
+    assert [value for value, _ in reports] == sorted(value for value, _ in reports)
+    assert not worker_processes()
+    # Each worker computes with one thread (the cores shared out): the same batches on one
+    # thread in this process give the same bits.
+    n = int(__import__("re").search(r"Inf-DiT: (\d+) x \1 blocks per batch", caplog.text).group(1))
+    weights = load_infdit(model_folder / RELEASED)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        expected = upscale(weights, image.movedim(-1, 1), UpscaleOptions(scale=4, steps=2, seed=3, batch_blocks=n),
+                           torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out, expected.movedim(1, -1))
+
+
+def test_cancelling_a_two_rank_run_stops_both_workers(comfy_nodes, model_folder):
+    import comfy.model_management
+
+    image = torch.rand(1, 12, 20, 3)
+    reports = []
+
+    def cancel_after_three(value, total):
+        reports.append(value)
+        if value >= 3:
+            comfy.model_management.interrupt_current_processing(True)
+
+    executor, server, out = run_prompt(comfy_nodes, upscale_prompt(RELEASED, image, seed=4, steps=20, devices="cpu,cpu"),
+                                       image, cancel_after_three)
+    comfy.model_management.interrupt_current_processing(False)
+    assert "execution_interrupted" in events(server)
+    assert out is None and 3 <= reports[-1] < 60
+    assert not worker_processes()
+
+
+@pytest.mark.parametrize("devices, message", [("cuda:0,cuda:0", "a GPU is listed twice"),
+                                              ("gpu0", "'gpu0' is not a device"),
+                                              ("cpu,cuda:1", "must be all CUDA GPUs or all the CPU")])
+def test_a_device_list_that_cannot_work_is_refused_naming_the_problem(comfy_nodes, model_folder, devices, message):
+    image = torch.rand(1, 12, 20, 3)
+    executor, server, _ = run_prompt(comfy_nodes, upscale_prompt(RELEASED, image, devices=devices), image)
+    assert not executor.success
+    (error,) = [data for event, data in server.messages if event == "execution_error"]
+    assert message in error["exception_message"], error["exception_message"]
