@@ -252,3 +252,28 @@ def test_samples_on_disk_outlive_the_run_and_are_dropped_for_another_recipe(tmp_
     assert FolderSamples(tmp_path / "samples", recipe).get(4) is None
     assert FolderSamples(tmp_path / "samples", {**recipe, "steps": 8}).get(3) is None
     assert len(FolderSamples(tmp_path / "samples", recipe)) == 0
+
+
+def test_the_cost_model_counts_flux1_and_the_released_files_tensors():
+    from ultrares.models.clear.training_cost import FLUX1, training_memory
+
+    assert 11.8e9 < FLUX1.parameters() < 12.0e9  # FLUX.1-dev: 11.9 B parameters
+    h = FLUX1.hidden
+    released = sum(h * h if key.endswith(".weight") else h for key in released_keys(FLUX1.depth, FLUX1.depth_single, False))
+    assert FLUX1.trained_parameters() == released
+    small, large = (training_memory(FLUX1, side, 2) for side in (1024, 2048))
+    assert small.trainable_state == large.trainable_state == released * 16
+    assert small.activations < large.activations < 4 * small.activations  # linear in the tokens, plus a constant
+
+
+def test_the_readme_prints_the_cost_tables_of_the_stated_model():
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("clear_distill_cost", root / "scripts" / "clear_distill_cost.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    readme = (root / "README.md").read_text()
+    printed = readme.split(script.BEGIN, 1)[1].split(script.END, 1)[0].strip()
+    assert printed == script.readme_block(), "python scripts/clear_distill_cost.py --readme"
