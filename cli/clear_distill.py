@@ -60,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attention-weight", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--optimizer-on-cpu", action="store_true",
+                   help="keep AdamW's float32 values and state in RAM (27 GiB for FLUX.1), only bf16 copies on the GPU")
     p.add_argument("--cpu", action="store_true", help="run ComfyUI on the CPU")
     args = p.parse_args(argv)
     if args.prompts:
@@ -119,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
     settings = ClearDistillSettings(steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size,
                                     samples=args.samples, flow_matching_weight=args.flow_matching_weight,
                                     prediction_weight=args.prediction_weight, attention_weight=args.attention_weight,
-                                    seed=args.seed, save_every=args.save_every)
+                                    seed=args.seed, save_every=args.save_every,
+                                    optimizer_on_cpu=args.optimizer_on_cpu)
     trajectory = TrajectorySettings(width=args.resolution, height=args.resolution, sampling_steps=args.sampling_steps,
                                     cfg=args.cfg, scheduler=SCHEDULER)
 

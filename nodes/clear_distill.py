@@ -85,6 +85,11 @@ class UltraResClearDistill(io.ComfyNode):
                                          "factor), with its optimizer state and samples."),
                 io.Int.Input("save_every", default=100, min=0, max=1_000_000,
                              tooltip="Save every this many steps (0 = only at the end or when cancelled)."),
+                io.Boolean.Input("optimizer_on_cpu", default=False,
+                                 tooltip="Keep AdamW's float32 values, gradients and moments in RAM (16 bytes per "
+                                         "trained parameter: 27 GiB for FLUX.1) and only bf16 copies on the GPU: "
+                                         "what lets a 24 GB GPU distil FLUX.1 (with fp8 weights). Each step moves "
+                                         "the gradients to RAM and the new values back."),
                 io.Conditioning.Input("negative", optional=True,
                                       tooltip="Negative prompt of the teacher trajectories when cfg > 1 "
                                               "(default: empty)."),
@@ -98,13 +103,14 @@ class UltraResClearDistill(io.ComfyNode):
     def execute(cls, model, positive, output_name: str, window_radius: int, down_factor: int, steps: int,
                 learning_rate: float, resolution: int, batch_size: int, teacher_samples: int, sampling_steps: int,
                 cfg: float, flow_matching_weight: float, prediction_weight: float, attention_weight: float,
-                seed: int, resume: bool, save_every: int, negative=None) -> io.NodeOutput:
+                seed: int, resume: bool, save_every: int, optimizer_on_cpu: bool,
+                negative=None) -> io.NodeOutput:
         path = output_path(folder_paths.get_folder_paths(FOLDER)[0], output_name)
         pattern = ClearPattern(window_radius, down_factor)
         settings = ClearDistillSettings(steps=steps, learning_rate=learning_rate, batch_size=batch_size,
                                         samples=teacher_samples, flow_matching_weight=flow_matching_weight,
                                         prediction_weight=prediction_weight, attention_weight=attention_weight,
-                                        seed=seed, save_every=save_every)
+                                        seed=seed, save_every=save_every, optimizer_on_cpu=optimizer_on_cpu)
         trajectory = TrajectorySettings(width=resolution, height=resolution, sampling_steps=sampling_steps, cfg=cfg,
                                         scheduler=SCHEDULER)
         _, record = run_clear_distillation(model, positive, negative, path, pattern, settings, trajectory, resume,

@@ -41,13 +41,14 @@ import comfy.utils
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..models.clear.distill import ClearDistillSettings, ClearTrainingRecord, Prediction, distill, make_optimizer
+from ..models.clear.distill import (ClearDistillSettings, ClearTrainingRecord, Prediction, distill, make_optimizer,
+                                    optimized_tensors)
 from ..models.clear.distilled import OPTIMIZER_FORMAT, file_dtype, read_distilled, save_distilled
 from ..models.clear.pattern import ClearPattern
 from ..models.clear.samples import FolderSamples
 from ..models.clear.student import ClearStudent, assemble
 from ..models.clear.weights import Block, ClearWeights, plan_weights, released_keys
-from ..models.training import load_optimizer_state, optimizer_path, save_optimizer_state
+from ..models.training import OffloadedAdamW, load_optimizer_state, optimizer_path, save_optimizer_state
 from .attention_override import OVERRIDE_KEY
 from .clear import WRAPPER_KEY, apply_clear, flux_module
 from .distillation import SamplingContext, TrajectorySettings, inside_sampling, options_clone, with_weight_copies
@@ -325,6 +326,8 @@ def run_clear_distillation(model: comfy.model_patcher.ModelPatcher, positive: li
 
     Beside ``path``: ``<path>.optimizer`` (AdamW's state and the float32 values, for an exact
     resume) and ``<path>.samples/`` (the teacher's samples, reused while the recipe is the same).
+    With ``settings.optimizer_on_cpu`` the float32 values and AdamW's state stay in host memory
+    and the device holds the student's tensors in the model's compute dtype.
     """
     network = flux_module(model)
     depth, depth_single = len(network.double_blocks), len(network.single_blocks)
@@ -344,12 +347,15 @@ def run_clear_distillation(model: comfy.model_patcher.ModelPatcher, positive: li
         else:
             tensors, _, _, record = read_distilled(path, pattern)
             student = ClearStudent(tensors, pattern, depth, depth_single)
-        student.to(model.load_device)
+        # Float32 on the device, or (optimizer in RAM) only the precision the forward uses.
+        student.to(model.load_device, compute_dtype(model) if settings.optimizer_on_cpu else torch.float32)
         optimizer = make_optimizer(student, settings)
-        if record.steps and not load_optimizer_state(state_path, student.by_key(), optimizer, record.steps,
-                                                     OPTIMIZER_FORMAT):
+        optimized = optimized_tensors(student, optimizer)
+        if record.steps and not load_optimizer_state(state_path, optimized, optimizer, record.steps, OPTIMIZER_FORMAT):
             log.warning("CLEAR distill: no optimizer state saved with %s at step %d (%s); the optimizer starts "
                         "afresh from the file's weights", path.name, record.steps, state_path.name)
+        if isinstance(optimizer, OffloadedAdamW):
+            optimizer.push()  # the restored float32 values, if any, onto the device
         training, mode = training_patcher(model, student)
         dtype, base = file_dtype(compute_dtype(model)), base_model_name(model)
         samples = FolderSamples(path.with_name(path.name + SAMPLES_SUFFIX),
@@ -357,19 +363,25 @@ def run_clear_distillation(model: comfy.model_patcher.ModelPatcher, positive: li
 
         def save(r: ClearTrainingRecord) -> None:
             save_distilled(path, student, base, r, dtype)
-            save_optimizer_state(state_path, student.by_key(), optimizer, r.steps, OPTIMIZER_FORMAT, masters=True)
+            save_optimizer_state(state_path, optimized, optimizer, r.steps, OPTIMIZER_FORMAT, masters=True)
 
         def run(context: SamplingContext) -> ClearTrainingRecord:
             host = ComfyClearHost(context, mode, depth, depth_single, recompute)
             if fresh:
                 recorded = host.teacher_weights()
                 with torch.no_grad():
-                    for key, tensor in student.by_key().items():
+                    for key, tensor in optimized.items():
                         if key in recorded:
                             tensor.copy_(recorded[key])
+                if isinstance(optimizer, OffloadedAdamW):
+                    optimizer.push()
             return distill(host, student, settings, samples, record, save=save, on_progress=on_progress,
                            check_interrupt=check_interrupt, optimizer=optimizer)
 
-        record = inside_sampling(training, positive, negative, trajectory, settings.seed, run)
+        try:
+            record = inside_sampling(training, positive, negative, trajectory, settings.seed, run)
+        finally:
+            if isinstance(optimizer, OffloadedAdamW):
+                optimizer.close()
     student.to("cpu")
     return student, record

@@ -32,7 +32,7 @@ def readme_block() -> str:
 
     return (f"Memory (GiB, estimate; one sample at a time, so the batch size does not change it):\n\n{memory_table()}\n\n"
             f"Time (hours, estimate) at {RECIPE_RESOLUTION}² with {RECIPE_SAMPLING_STEPS}-step teacher samples, with "
-            f"bf16 frozen weights where they fit, else fp8:\n\n{time_table()}")
+            f"the first of bf16 weights, fp8 weights, fp8 weights with the optimizer in RAM that fits:\n\n{time_table()}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -41,7 +41,7 @@ from typing import NamedTuple, Protocol
 
 import torch
 
-from ..training import TOTAL, euler_sample, train
+from ..training import TOTAL, OffloadedAdamW, euler_sample, train
 from .student import ClearStudent
 from .weights import Block
 
@@ -72,6 +72,7 @@ class ClearDistillSettings:
     save_every: int = 100             # also saved at the end and when stopped early
     max_grad_norm: float = 1.0
     weight_decay: float = 1e-4        # the reference's AdamW weight decay
+    optimizer_on_cpu: bool = False    # AdamW's float32 state in host memory (OffloadedAdamW)
 
 
 @dataclass
@@ -181,10 +182,20 @@ def attention_loss(student: Mapping[Block, torch.Tensor], teacher: Mapping[Block
     return torch.stack([mse(student[block], teacher[block]) for block in sorted(teacher)]).mean()
 
 
-def make_optimizer(student: ClearStudent, settings: ClearDistillSettings) -> torch.optim.Optimizer:
-    """The reference's AdamW (betas 0.9/0.999, eps 1e-8, its weight decay) over every student tensor."""
-    return torch.optim.AdamW(student.parameters(), lr=settings.learning_rate, betas=(0.9, 0.999), eps=1e-8,
-                             weight_decay=settings.weight_decay)
+def make_optimizer(student: ClearStudent, settings: ClearDistillSettings) -> torch.optim.Optimizer | OffloadedAdamW:
+    """The reference's AdamW (betas 0.9/0.999, eps 1e-8, its weight decay) over every student
+    tensor; with ``optimizer_on_cpu`` its float32 values and state live in host memory, and the
+    student's tensors on the device are only what the forward pass uses."""
+    options = dict(lr=settings.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=settings.weight_decay)
+    if settings.optimizer_on_cpu:
+        return OffloadedAdamW(student.by_key(), **options)
+    return torch.optim.AdamW(student.parameters(), **options)
+
+
+def optimized_tensors(student: ClearStudent, optimizer: torch.optim.Optimizer | OffloadedAdamW
+                      ) -> dict[str, torch.nn.Parameter]:
+    """The float32 tensors ``optimizer`` updates, by file key: the student's own, or the host masters."""
+    return dict(optimizer.masters) if isinstance(optimizer, OffloadedAdamW) else student.by_key()
 
 
 def distill(host: ClearDistillHost, student: ClearStudent, settings: ClearDistillSettings, samples: SampleStore,
@@ -192,7 +203,7 @@ def distill(host: ClearDistillHost, student: ClearStudent, settings: ClearDistil
             save: Callable[[ClearTrainingRecord], None] | None = None,
             on_progress: Callable[[int, int], None] | None = None,
             check_interrupt: Callable[[], None] | None = None,
-            optimizer: torch.optim.Optimizer | None = None) -> ClearTrainingRecord:
+            optimizer: torch.optim.Optimizer | OffloadedAdamW | None = None) -> ClearTrainingRecord:
     """Train ``student`` in place for ``settings.steps`` steps, continuing ``record`` (resume).
 
     Every draw (sample, noise level, noise) follows from the seed and the step count, so a run
@@ -243,9 +254,10 @@ def distill(host: ClearDistillHost, student: ClearStudent, settings: ClearDistil
         return sums
 
     student.train().requires_grad_(True)
+    optimizer = optimizer or make_optimizer(student, settings)
     try:
-        return train(step, student.parameters(), optimizer or make_optimizer(student, settings), record,
-                     settings.steps, settings.save_every, settings.max_grad_norm, save=save,
-                     on_progress=on_progress, check_interrupt=check_interrupt)
+        return train(step, optimized_tensors(student, optimizer).values(), optimizer, record, settings.steps,
+                     settings.save_every, settings.max_grad_norm, save=save, on_progress=on_progress,
+                     check_interrupt=check_interrupt)
     finally:
         student.eval().requires_grad_(False)

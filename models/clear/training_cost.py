@@ -8,7 +8,10 @@ other, so its size does not change the peak):
 - frozen weights: every parameter of the model in its storage precision (bf16: 2 bytes,
   fp8: 1 byte; ComfyUI casts a layer to bf16 when it runs);
 - trainable state: the released file's tensors in float32, their float32 gradients and AdamW's
-  two float32 moments: 16 bytes per trained parameter;
+  two float32 moments: 16 bytes per trained parameter; with the optimizer in RAM
+  (:class:`ultrares.models.training.OffloadedAdamW`) the device keeps 2 bytes per trained
+  parameter (their bf16 copies; each gradient leaves as soon as it is complete) and the 16
+  bytes are host memory;
 - activations (bf16): each block's inputs, kept for its recomputation (2 bytes per token and
   channel per block); the distilled layers' attention outputs, student and teacher (2 bytes
   each); the one block being recomputed and differentiated (:data:`BLOCK_BYTES`: the tensors
@@ -20,7 +23,9 @@ Compute (also an estimate): forward FLOPs ``2 x parameters x tokens`` (the linea
 little at these sizes); one training sample = teacher forward + student forward + its
 recomputation + backward (about 1.3 forwards: input gradients everywhere, weight gradients only
 for the trained projections), 4.3 forwards; one teacher sample = ``sampling_steps`` forwards.
-Seconds follow from an assumed sustained throughput (:data:`GPUS`).
+Seconds follow from an assumed sustained throughput (:data:`GPUS`); with the optimizer in RAM
+add each sample's gradients crossing PCIe (:data:`PCIE_BYTES_PER_SECOND`) and a host AdamW step
+per optimiser step (:data:`HOST_STEP_SECONDS`).
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ CLEAR_WORKSPACE_BYTES = 3 * 256 * 2 ** 20  # the torch path's key-copy budget, f
 TRAINABLE_STATE_BYTES = 4 + 4 + 8         # float32 value, gradient, AdamW's two moments
 TRAINING_FORWARDS = 4.3                   # teacher + student + recomputation + backward, in forward passes
 PATCH = 16                                # pixels per token side (VAE 8 x patch 2)
+OFFLOADED_DEVICE_BYTES = 2                # bf16 copies of the trained tensors on the device
+PCIE_BYTES_PER_SECOND = 20e9              # gradients to host memory (PCIe 4.0 x16, assumed sustained)
+HOST_STEP_SECONDS = 2.0                   # AdamW over 1.8 B float32 parameters on the host CPU (assumed)
 
 
 @dataclass(frozen=True)
@@ -84,20 +92,24 @@ class MemoryEstimate:
     trainable_state: int
     activations: int
     reserve: int = RESERVE_BYTES
+    host_state: int = 0          # host memory of an optimizer in RAM
 
     @property
     def total(self) -> int:
         return self.frozen_weights + self.trainable_state + self.activations + self.reserve
 
 
-def training_memory(shape: FluxShape, resolution: int, weight_bytes: float) -> MemoryEstimate:
+def training_memory(shape: FluxShape, resolution: int, weight_bytes: float,
+                    optimizer_on_cpu: bool = False) -> MemoryEstimate:
     """Peak device memory of CLEAR distillation at ``resolution`` with weights of ``weight_bytes`` each."""
     elements = shape.tokens(resolution) * shape.hidden
     kept = (shape.depth + shape.depth_single + 2 * len(attention_loss_blocks(shape.depth, shape.depth_single)))
     activations = elements * (kept * ACTIVATION_BYTES + BLOCK_BYTES) + CLEAR_WORKSPACE_BYTES
+    trained = shape.trained_parameters()
     return MemoryEstimate(frozen_weights=int(shape.parameters() * weight_bytes),
-                          trainable_state=shape.trained_parameters() * TRAINABLE_STATE_BYTES,
-                          activations=int(activations))
+                          trainable_state=trained * (OFFLOADED_DEVICE_BYTES if optimizer_on_cpu else TRAINABLE_STATE_BYTES),
+                          activations=int(activations),
+                          host_state=trained * TRAINABLE_STATE_BYTES if optimizer_on_cpu else 0)
 
 
 def forward_flops(shape: FluxShape, resolution: int) -> float:
@@ -119,15 +131,20 @@ GPUS = (Gpu("24 GB (RTX 4090 class)", 24, 0.4 * 165), Gpu("48 GB (L40S / RTX 600
 
 
 def training_hours(gpu: Gpu, shape: FluxShape, resolution: int, steps: int, batch: int, samples: int,
-                   sampling_steps: int) -> float:
+                   sampling_steps: int, optimizer_on_cpu: bool = False) -> float:
     """Hours for ``samples`` teacher samples and ``steps x batch`` training samples on ``gpu``."""
     forward = forward_flops(shape, resolution)
     flops = samples * sampling_steps * forward + steps * batch * TRAINING_FORWARDS * forward
-    return flops / (gpu.sustained_tflops * 1e12) / 3600
+    seconds = flops / (gpu.sustained_tflops * 1e12)
+    if optimizer_on_cpu:
+        transfer = shape.trained_parameters() * OFFLOADED_DEVICE_BYTES / PCIE_BYTES_PER_SECOND
+        seconds += steps * (batch * transfer + HOST_STEP_SECONDS)
+    return seconds / 3600
 
 
-RESOLUTIONS = (512, 768, 1024, 1536, 2048)
-WEIGHT_PRECISIONS = (("bf16", 2), ("fp8", 1))
+RESOLUTIONS = (512, 1024, 1536, 2048)
+CONFIGURATIONS = (  # (frozen weights, bytes per weight, optimizer in RAM), in order of preference
+    ("bf16", 2, False), ("fp8", 1, False), ("fp8", 1, True), ("bf16", 2, True))
 RECIPES = (  # (label, teacher samples, steps, batch)
     ("the paper: 10K samples, 10K steps of 32 (the reference script's effective batch)", 10_000, 10_000, 32),
     ("10K samples, 10K steps of 1", 10_000, 10_000, 1),
@@ -140,35 +157,41 @@ def _gib(value: int) -> str:
     return f"{value / GIB:.1f}"
 
 
+def _where(on_cpu: bool) -> str:
+    return "RAM" if on_cpu else "GPU"
+
+
 def memory_table(shape: FluxShape = FLUX1) -> str:
     """The README's memory table (markdown): GiB by part, and which GPU sizes it fits."""
     sizes = sorted({gpu.memory_gib for gpu in GPUS})
-    head = ["weights", "resolution", "frozen weights", "trainable state", "activations", "reserve", "total",
-            *(f"fits {size:g} GB" for size in sizes)]
+    head = ["weights", "optimizer", "resolution", "frozen weights", "trained tensors", "activations", "reserve",
+            "GPU total", "RAM for the optimizer", *(f"fits {size:g} GB" for size in sizes)]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, weight_bytes in WEIGHT_PRECISIONS:
+    for label, weight_bytes, on_cpu in CONFIGURATIONS:
         for resolution in RESOLUTIONS:
-            m = training_memory(shape, resolution, weight_bytes)
+            m = training_memory(shape, resolution, weight_bytes, on_cpu)
             fits = ["yes" if m.total <= size * GIB else "no" for size in sizes]
-            rows.append("| " + " | ".join([label, f"{resolution}²", _gib(m.frozen_weights), _gib(m.trainable_state),
-                                           _gib(m.activations), _gib(m.reserve), _gib(m.total), *fits]) + " |")
+            rows.append("| " + " | ".join([label, _where(on_cpu), f"{resolution}²", _gib(m.frozen_weights),
+                                           _gib(m.trainable_state), _gib(m.activations), _gib(m.reserve),
+                                           _gib(m.total), _gib(m.host_state) if on_cpu else "–", *fits]) + " |")
     return "\n".join(rows)
 
 
 def time_table(shape: FluxShape = FLUX1) -> str:
-    """The README's time table (markdown): hours per recipe and GPU class, with bf16 frozen
-    weights where they fit, else fp8 (or why neither does)."""
+    """The README's time table (markdown): hours per recipe and GPU class, in the first
+    configuration of :data:`CONFIGURATIONS` that fits (or why none does)."""
     head = ["recipe", *(gpu.name for gpu in GPUS)]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, samples, steps, batch in RECIPES:
         cells = []
         for gpu in GPUS:
-            fitting = [name for name, weight_bytes in WEIGHT_PRECISIONS
-                       if training_memory(shape, RECIPE_RESOLUTION, weight_bytes).total <= gpu.memory_gib * GIB]
+            fitting = [(name, on_cpu) for name, weight_bytes, on_cpu in CONFIGURATIONS
+                       if training_memory(shape, RECIPE_RESOLUTION, weight_bytes, on_cpu).total <= gpu.memory_gib * GIB]
             if not fitting:
                 cells.append("does not fit")
                 continue
-            hours = training_hours(gpu, shape, RECIPE_RESOLUTION, steps, batch, samples, RECIPE_SAMPLING_STEPS)
-            cells.append(f"{hours:.0f} h ({fitting[0]} weights)")
+            name, on_cpu = fitting[0]
+            hours = training_hours(gpu, shape, RECIPE_RESOLUTION, steps, batch, samples, RECIPE_SAMPLING_STEPS, on_cpu)
+            cells.append(f"{hours:.0f} h ({name} weights, optimizer {'in RAM' if on_cpu else 'on the GPU'})")
         rows.append("| " + " | ".join([label, *cells]) + " |")
     return "\n".join(rows)

@@ -1,6 +1,6 @@
 """What every distillation of the pack shares, host-free: the optimisation loop (progress,
 interruption, periodic and cancel saves), the teacher's Euler sampler, the optimiser state kept
-beside a weight file for resuming, and the loss curve.
+beside a weight file for resuming, AdamW with its state in host memory, and the loss curve.
 
 Each method brings its own step (data, losses, backward) and weight file: GSPN
 (``models/gspn/distill.py``) and CLEAR (``models/clear/distill.py``).
@@ -8,6 +8,7 @@ Each method brings its own step (data, losses, backward) and weight file: GSPN
 
 from .loop import TOTAL, Record, Step, train
 from .loss_plot import draw_loss_plot
+from .offload import OffloadedAdamW
 from .optimizer_state import load_optimizer_state, optimizer_path, save_optimizer_state
 from .sampling import euler_sample, euler_step
 
@@ -21,5 +22,6 @@ __all__ = [
     "optimizer_path",        # where a weight file's optimiser state lives
     "save_optimizer_state",  # the optimiser's state beside the weights, for resuming
     "load_optimizer_state",  # restore it onto the weights it was saved with
+    "OffloadedAdamW",        # AdamW with its float32 state in host memory (device: compute-dtype values only)
     "draw_loss_plot",        # loss curves as an RGB image
 ]

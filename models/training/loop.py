@@ -22,6 +22,16 @@ loss terms (detached scalars), the optimised total under :data:`TOTAL`."""
 TOTAL = "total"
 
 
+class Optimizer(Protocol):
+    """What the loop needs of an optimiser (``torch.optim`` ones, :class:`.offload.OffloadedAdamW`)."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Forget the gradients."""
+
+    def step(self) -> None:
+        """Apply the gradients."""
+
+
 class Record(Protocol):
     """What the loop keeps up to date in a method's training record."""
 
@@ -32,12 +42,15 @@ class Record(Protocol):
         """Append one step's loss terms."""
 
 
-def train(step: Step, parameters: Iterable[torch.nn.Parameter], optimizer: torch.optim.Optimizer, record: Record,
+def train(step: Step, parameters: Iterable[torch.nn.Parameter], optimizer: Optimizer, record: Record,
           steps: int, save_every: int = 0, max_grad_norm: float = 1.0,
           save: Callable[[Record], None] | None = None,
           on_progress: Callable[[int, int], None] | None = None,
           check_interrupt: Callable[[], None] | None = None) -> Record:
     """Run ``steps`` optimiser steps of ``step``, continuing ``record`` (its ``steps`` count on).
+
+    ``parameters`` are the tensors ``optimizer`` updates, whose gradients are clipped to
+    ``max_grad_norm`` (0 = no clipping) before each step.
 
     ``save(record)`` is called every ``save_every`` steps (0 = never in between), at the end,
     and when anything (``check_interrupt`` raising included) stops the run after at least one
