@@ -8,6 +8,11 @@ prepared GPU report (``benchmarks/gpu.py``).
 
 from __future__ import annotations
 
+__all__ = [
+    "BENCHMARKS",   # benchmark name -> its module, for python -m ultrares.benchmarks NAME
+    "DEFAULT",      # the benchmarks that run without names (the CPU ones)
+]
+
 BENCHMARKS: dict[str, str] = {
     "clear": ".clear_attention",
     "gspn": ".gspn",

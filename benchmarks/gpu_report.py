@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..models import write_atomically
+
 # Peak DRAM bandwidth (GB/s) from the vendors' data sheets, matched against the device name in
 # order (first match wins): the reference for "fraction of the device's bandwidth".
 PEAK_BANDWIDTH_GBS: tuple[tuple[str, float], ...] = (
@@ -94,6 +96,7 @@ def markdown(title: str, header_lines: list[str], sections: list[Section], total
 
 
 def write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    """Write the report atomically: a run stopped while writing leaves the previous report whole."""
+    with write_atomically(path) as partial:
+        partial.write_text(text)
     return path

@@ -11,26 +11,33 @@ fine-tunes, merges; fp8 files too). Run it with ComfyUI's Python from the ComfyU
         --prompts prompts.txt --out models/clear/clear_local_16_mymodel.safetensors \\
         --radius 16 --steps 10000 --samples 10000
 
-``--checkpoint`` takes a single file with the text encoders instead of ``--unet``/``--clip``.
-``--comfyui`` (or ``COMFYUI_PATH``) names the ComfyUI folder. Ctrl-C stops the run and saves
-what was trained; ``--resume`` continues a file.
+(or ``python -m ultrares.cli.clear_distill ...`` where the pack is installed). ``--checkpoint``
+takes a single file with the text encoders instead of ``--unet``/``--clip``. ``--comfyui`` (or
+``COMFYUI_PATH``) names the ComfyUI folder. Ctrl-C stops the run and saves what was trained;
+``--resume`` continues a file.
 """
 
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:  # run by path: run as ultrares.cli.clear_distill
+    import _pack
+
+    _pack.run(__file__)
+
 import argparse
-import importlib
-import importlib.util
 import os
 import sys
 from pathlib import Path
 
-PACK_ROOT = Path(__file__).resolve().parents[1]
+from ..models.clear import ClearDistillSettings, ClearPattern
+from ..models.training import TOTAL
+
 WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e5m2")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring for an example.")
+    p = argparse.ArgumentParser(prog="cli/clear_distill.py", description=__doc__.split("\n\n")[0],
+                                epilog="See the module docstring for an example.")
     p.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", "."),
                    help="ComfyUI folder (default: $COMFYUI_PATH or the current folder)")
     model = p.add_mutually_exclusive_group(required=True)
@@ -109,12 +116,9 @@ def _encode(clip, text: str, guidance: float) -> list:
 
 def run(args: argparse.Namespace) -> int:
     """Load the teacher with ComfyUI and distil; returns the process exit status."""
-    from ..models.clear.distill import ClearDistillSettings
-    from ..models.clear.pattern import ClearPattern
-    from ..models.training import TOTAL
-    from ..nodes.clear_distill import SCHEDULER
-    from ..nodes.clear_distillation import run_clear_distillation
-    from ..nodes.distillation import TrajectorySettings
+    from ..nodes.clear.distillation import run_clear_distillation
+    from ..nodes.clear.nodes import SCHEDULER
+    from ..nodes.training import TrajectorySettings
 
     model, clip = _load(args)
     positive = [entry for text in args.prompt for entry in _encode(clip, text, args.guidance)]
@@ -142,17 +146,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse the arguments, boot ComfyUI and distil; returns the exit status."""
     args = parse_args(argv)
     _boot_comfyui(args.comfyui, args.cpu)
-    if __package__:
-        return run(args)
-    # Started as a script: import the pack under the name ``ultrares`` so its relative imports work.
-    spec = importlib.util.spec_from_file_location("ultrares", PACK_ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(PACK_ROOT)])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["ultrares"] = pack
-    spec.loader.exec_module(pack)
-    return importlib.import_module("ultrares.cli.clear_distill").run(args)
+    return run(args)
 
 
 if __name__ == "__main__":

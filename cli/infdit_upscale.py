@@ -22,29 +22,33 @@ machine. Where the pack is installed, ``python -m ultrares.cli.infdit_upscale`` 
 
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:  # run by path: run as ultrares.cli.infdit_upscale
+    import _pack
+
+    _pack.run(__file__)
+
 import argparse
-import importlib
-import importlib.util
 import os
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-PACK_ROOT = Path(__file__).resolve().parents[1]
-DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
+from ..models.infdit import DTYPES
+
 REPORT_SECONDS = 10.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring for examples.")
+    p = argparse.ArgumentParser(prog="cli/infdit_upscale.py", description=__doc__.split("\n\n")[0],
+                                epilog="See the module docstring for examples.")
     p.add_argument("input", type=Path, help="image to upscale (PNG, JPEG, ...; an alpha channel is resized)")
     p.add_argument("output", type=Path, help="where rank 0 writes the result (8-bit; format from the extension)")
     weights = p.add_mutually_exclusive_group(required=True)
     weights.add_argument("--checkpoint", help="released mp_rank_00_model_states.pt or a converted .safetensors")
     weights.add_argument("--tiny", type=int, metavar="SEED", help="the built-in tiny model with random weights")
     p.add_argument("--clip", help="separate OpenCLIP ViT-L/14 DataComp-XL weights, if the checkpoint has none")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+    p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                    help="weights and compute (auto: bf16 on GPUs that support it, else fp16 on GPUs, fp32 on the CPU)")
     p.add_argument("--scale", type=int, choices=(2, 4, 8, 16), default=4)
     p.add_argument("--steps", type=int, default=20, help="Heun steps (20 as released: 39 network evaluations)")
@@ -92,12 +96,15 @@ def read_image(path: Path):
 
 
 def write_image(image, path: Path) -> None:
-    """An ``[1, C, H, W]`` image in [0, 1] as an 8-bit file."""
+    """An ``[1, C, H, W]`` image in [0, 1] as an 8-bit file (format from the extension), written
+    atomically: a run stopped while writing leaves no half image."""
     from PIL import Image
 
+    from ..models import write_atomically
+
     pixels = (image[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(path)
+    with write_atomically(path) as partial:
+        Image.fromarray(pixels).save(partial, format=Image.registered_extensions()[path.suffix.lower()])
 
 
 class _Report:
@@ -119,9 +126,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
-    from ..models.infdit import (GiB, BudgetTooSmall, CheckpointError, UpscaleOptions, WeightSource,
-                                 allocator_headroom, join, plan_budget, upscale)
-    from ..models.infdit.worker import host_free_bytes, upscale_job
+    from ..models.infdit import (GiB, BudgetTooSmall, InfDiTCheckpointError, UpscaleOptions, WeightSource,
+                                 allocator_headroom, host_free_bytes, join, plan_budget, upscale, upscale_job)
 
     device = _device(args)
     source = WeightSource(path=args.checkpoint, clip_path=args.clip, dtype=_dtype(args.dtype, device),
@@ -152,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
             if group.on_progress is not None:
                 group.on_progress(group.total, group.total)  # the other ranks' last batches
             group.close()
-    except (BudgetTooSmall, CheckpointError, FileNotFoundError, ValueError) as error:
+    except (BudgetTooSmall, InfDiTCheckpointError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if out is not None:
@@ -162,17 +168,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if __package__:
-        return run(args)
-    # Started by path (python cli/infdit_upscale.py, torchrun cli/infdit_upscale.py): bind the
-    # pack under the name ``ultrares`` so that its relative imports work.
-    spec = importlib.util.spec_from_file_location("ultrares", PACK_ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(PACK_ROOT)])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["ultrares"] = pack
-    spec.loader.exec_module(pack)
-    return importlib.import_module("ultrares.cli.infdit_upscale").run(args)
+    """Parse the arguments and upscale; returns the exit status (1 with the reason when refused)."""
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,13 @@ class Tile:
         return self.rows * self.cols
 
 
+def covering_radius(grid: tuple[int, int]) -> int:
+    """The smallest radius whose window holds the whole grid: ``r**2 > (h-1)**2 + (w-1)**2``, the
+    far corner inside the circle. From it on, every window attention on this grid is dense."""
+    h, w = grid
+    return math.isqrt((h - 1) ** 2 + (w - 1) ** 2) + 1
+
+
 def tile_counts(grid: tuple[int, int], tile: Tile) -> tuple[int, int]:
     """Number of tiles along y and x that cover the grid (the last ones may be clipped)."""
     return math.ceil(grid[0] / tile.rows), math.ceil(grid[1] / tile.cols)

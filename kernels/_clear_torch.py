@@ -18,6 +18,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from ._clear_tiles import covering_radius
+
 # Query rows per dense call for the global (text/reference) rows; bounds the score memory of
 # backends that materialise scores.
 GLOBAL_ROW_CHUNK = 1024
@@ -66,7 +68,7 @@ def window_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     for rows in global_rows(q.shape[2], n_txt, n_img):
         dense_rows(q, k, v, out, rows, scale)
-    if radius * radius > (h - 1) ** 2 + (w - 1) ** 2:  # every window holds the whole grid
+    if radius >= covering_radius(grid):  # every window holds the whole grid
         keys = k if down_k is None else torch.cat([k, down_k.to(k.dtype)], dim=2)
         values = v if down_v is None else torch.cat([v, down_v.to(v.dtype)], dim=2)
         dense_rows(q, keys, values, out, range(img.start, img.stop), scale)

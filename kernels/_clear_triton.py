@@ -24,7 +24,6 @@ and run as dense attention.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +32,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from . import compiled_table
-from ._clear_tiles import Tile, tile_counts
+from ._clear_tiles import Tile, covering_radius, tile_counts
 from ._clear_torch import dense_rows, global_rows
 from .backend import device_info, triton_interpreting
 
@@ -257,7 +256,7 @@ def _launch(launch: Launch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d
                               f"{grid}; use backend='torch'")
     # A radius beyond the grid's diagonal lets every pair through, like the smallest such radius:
     # clamping keeps the kernel's integer distances far from overflow and below FAR.
-    radius = min(radius, math.isqrt((h - 1) ** 2 + (w - 1) ** 2) + 1)
+    radius = min(radius, covering_radius(grid))
     tiles_y, tiles_x = tile_counts(grid, launch.q_tile)
     n_tiles = tiles_y * tiles_x
     count = visits is not None

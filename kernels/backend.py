@@ -36,13 +36,26 @@ from typing import Literal
 import torch
 
 __all__ = ["BACKENDS", "ENV_OVERRIDE", "GENERIC", "TORCH", "Backend", "BackendSpec", "DeviceInfo", "OpBackends",
-           "device_info", "resolve_backend", "triton_can_run", "triton_importable", "triton_interpreting"]
+           "custom_op_name", "device_info", "resolve_backend", "triton_can_run", "triton_importable",
+           "triton_interpreting"]
 
 Backend = Literal["auto", "torch", "triton"]
 BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
 ENV_OVERRIDE = "ULTRARES_BACKEND"
 
 logger = logging.getLogger("ultrares.kernels")
+
+
+def custom_op_name(name: str) -> str:
+    """``ultrares::<name>`` for a ``torch.library`` custom op, or a numbered variant when another
+    copy of the pack (imported under another module name in the same process, as ComfyUI's loader
+    and a test importing ``ultrares`` do) registered that name first: registering a name again
+    would destroy the first copy's operator while that copy still calls it."""
+    candidate, number = name, 1
+    while hasattr(torch.ops.ultrares, candidate):
+        number += 1
+        candidate = f"{name}_{number}"
+    return f"ultrares::{candidate}"
 
 
 @functools.cache

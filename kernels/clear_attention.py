@@ -33,10 +33,11 @@ from collections.abc import Callable, Iterator
 import torch
 
 from . import compiled_table
+from ._clear_tiles import covering_radius
 from ._clear_torch import window_attention_torch
-from .backend import TORCH, Backend, BackendSpec, OpBackends, logger, resolve_backend
+from .backend import TORCH, Backend, BackendSpec, OpBackends, custom_op_name, logger, resolve_backend
 
-__all__ = ["CLEAR_BACKENDS", "circular_window_attention"]
+__all__ = ["CLEAR_BACKENDS", "circular_window_attention", "covering_radius"]
 
 
 def _triton_shared_memory(dtype: torch.dtype, arch: int) -> tuple[int, ...]:
@@ -76,7 +77,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple
                              f"{tuple(down_k.shape)} and {tuple(down_v.shape)}")
 
 
-@torch.library.custom_op("ultrares::clear_window_attention", mutates_args=())
+@torch.library.custom_op(custom_op_name("clear_window_attention"), mutates_args=())
 def _window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, down_k: torch.Tensor | None,
                       down_v: torch.Tensor | None, grid_h: int, grid_w: int, n_txt: int, radius: int, n_ref: int,
                       scale: float, backend: str) -> torch.Tensor:
@@ -101,7 +102,7 @@ def _(q, k, v, down_k, down_v, grid_h, grid_w, n_txt, radius, n_ref, scale, back
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("ultrares::clear_window_attention_backward", mutates_args=())
+@torch.library.custom_op(custom_op_name("clear_window_attention_backward"), mutates_args=())
 def _window_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                down_k: torch.Tensor | None, down_v: torch.Tensor | None, grid_h: int, grid_w: int,
                                n_txt: int, radius: int, n_ref: int, scale: float) -> list[torch.Tensor]:

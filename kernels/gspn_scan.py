@@ -19,7 +19,7 @@ import torch
 
 from . import compiled_table
 from ._gspn_reference import DIRECTIONS, accumulation_dtype, scan_reference
-from .backend import TORCH, Backend, BackendSpec, OpBackends, resolve_backend
+from .backend import TORCH, Backend, BackendSpec, OpBackends, custom_op_name, resolve_backend
 
 __all__ = ["DIRECTIONS", "GSPN_BACKENDS", "gspn_scan"]
 
@@ -43,19 +43,9 @@ GSPN_BACKENDS = OpBackends("GSPN scan", (
 ))
 
 
-def _op_name(name: str) -> str:
-    """``ultrares::<name>``, or a numbered variant when another copy of the pack (imported under
-    another module name in the same process) registered that name first."""
-    candidate, number = name, 1
-    while hasattr(torch.ops.ultrares, candidate):
-        number += 1
-        candidate = f"{name}_{number}"
-    return f"ultrares::{candidate}"
-
-
 # The Triton kernels as PyTorch operators: torch.compile sees them as opaque nodes (shapes from the
 # fake implementations) and autograd through them uses the Triton backward.
-@torch.library.custom_op(_op_name("gspn_scan"), mutates_args=())
+@torch.library.custom_op(custom_op_name("gspn_scan"), mutates_args=())
 def _scan_op(x: torch.Tensor, lam: torch.Tensor, logits: torch.Tensor, direction: int, chunk: int,
              save_state: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(h, state)``; ``state`` is the fp32 state for the backward pass when ``save_state`` and
@@ -72,7 +62,7 @@ def _scan_op_fake(x, lam, logits, direction, chunk, save_state):
     return torch.empty_like(x), x.new_empty(x.shape if save_state and acc != x.dtype else (0,), dtype=acc)
 
 
-@torch.library.custom_op(_op_name("gspn_scan_backward"), mutates_args=())
+@torch.library.custom_op(custom_op_name("gspn_scan_backward"), mutates_args=())
 def _scan_backward_op(grad_h: torch.Tensor, x: torch.Tensor, lam: torch.Tensor, logits: torch.Tensor,
                       state: torch.Tensor, direction: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from ._gspn_triton import scan_backward

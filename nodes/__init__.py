@@ -1,7 +1,11 @@
 """ComfyUI glue: the V3 node classes of the pack and the extension that lists them.
 
-Each method has one module here (``clear``, ``gspn``, ``infdit``) that only converts
-between ComfyUI objects and the host-free core in ``kernels/`` and ``models/``.
+One subpackage per method (``clear/``, ``gspn/``, ``infdit/``): ``nodes.py`` holds its node
+classes (inputs, tooltips, ``execute``), the modules beside it the ComfyUI hooks they install;
+all of them only convert between ComfyUI objects and the host-free core in ``kernels/`` and
+``models/``. Shared by all: ``category`` (the menu), ``model_folders`` (``models/clear`` ...),
+``patchers`` (the pack's ModelPatchers and free memory), ``runtime`` (progress and cancel) and
+``training`` (the teacher run through ComfyUI's sampling, for the distillation nodes).
 """
 
 from __future__ import annotations
@@ -9,11 +13,10 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .clear import NODES as CLEAR_NODES
-from .clear_distill import NODES as CLEAR_DISTILL_NODES
 from .gspn import NODES as GSPN_NODES
 from .infdit import NODES as INFDIT_NODES
 
-NODE_LIST: list[type[io.ComfyNode]] = [*CLEAR_NODES, *CLEAR_DISTILL_NODES, *GSPN_NODES, *INFDIT_NODES]
+NODE_LIST: list[type[io.ComfyNode]] = [*CLEAR_NODES, *GSPN_NODES, *INFDIT_NODES]
 
 
 class UltraResExtension(ComfyExtension):

@@ -126,6 +126,83 @@ def prompt_executor(server: Any):
     return execution.PromptExecutor(server)
 
 
+class RecordingServer:
+    """What ``PromptExecutor`` needs from the server: it records the messages sent to the UI."""
+
+    def __init__(self) -> None:
+        self.client_id = self.last_node_id = self.last_prompt_id = None
+        self.messages: list[tuple[str, dict]] = []
+
+    def send_sync(self, event: str, data: dict, sid=None) -> None:
+        self.messages.append((event, data))
+
+    def queue_updated(self) -> None:
+        pass
+
+    def events(self) -> list[str]:
+        return [event for event, _ in self.messages]
+
+    def execution_error(self) -> dict:
+        """The one ``execution_error`` message: what the frontend's error dialog shows."""
+        (error,) = [data for event, data in self.messages if event == "execution_error"]
+        return error
+
+
+def source_node(node_id: str, io_type: Any, value: Any) -> type:
+    """A V3 node that outputs ``value`` (a model, an image ...) as ``io_type``, to feed a node under test."""
+    from comfy_api.latest import io
+
+    class Source(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(node_id=node_id, inputs=[], outputs=[io_type.Output()])
+
+        @classmethod
+        def execute(cls):
+            return io.NodeOutput(value)
+
+    return Source
+
+
+def sink_node(node_id: str, received: dict | None = None) -> type:
+    """A V3 output node that takes any value (and keeps it in ``received["value"]``)."""
+    from comfy_api.latest import io
+
+    class Sink(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(node_id=node_id, inputs=[io.AnyType.Input("value")], outputs=[], is_output_node=True)
+
+        @classmethod
+        def execute(cls, value):
+            if received is not None:
+                received["value"] = value
+            return io.NodeOutput()
+
+    return Sink
+
+
+def execute_prompt(prompt: dict, test_nodes: dict[str, type] | None = None, on_progress=None):
+    """Validate and execute ``prompt`` as ComfyUI's server does (``validate_prompt``, then its
+    ``PromptExecutor``), with ``test_nodes`` registered; returns (executor, recording server)."""
+    import comfy.utils
+    import execution
+    import nodes
+
+    nodes.NODE_CLASS_MAPPINGS.update(test_nodes or {})
+    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("test", prompt, None))
+    assert valid, json.dumps([error, node_errors], default=str)
+    server = RecordingServer()
+    executor = prompt_executor(server)
+    comfy.utils.set_progress_bar_global_hook(
+        (lambda value, total, preview, node_id=None: on_progress(value, total)) if on_progress else None)
+    try:
+        executor.execute(prompt, "test", {"client_id": "tests"}, outputs)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    return executor, server
+
+
 def flux_unet_config(config: dict[str, Any]) -> dict[str, Any]:
     """``config`` with the FluxParams fields the host requires and FLUX.1 leaves at their FLUX.1
     value: newer comfy/ldm/flux/model.py has ``txt_ids_dims`` without a default (``[]`` for

@@ -3,7 +3,8 @@
 It has the module layout GSPN looks for (``input_blocks.<i>.<j>.transformer_blocks.<t>.attn1``,
 Downsample/Upsample blocks, skip connections, cross-attention to a context) and lets every
 ``attn1`` be replaced by a function of ``(q, k, v, height, width)``, the way ComfyUI's
-``attn1`` replace hook does. :class:`StandInHost` runs it for the distillation loop.
+``attn1`` replace hook does. :class:`StandInHost` runs it for the distillation loop, and
+:func:`held_out_loss` measures what a distillation learnt (on any host, ComfyUI's too).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ultrares.models.gspn.distill import Capture
+from ultrares.models.gspn import GSPNLayers
+from ultrares.models.gspn.distill import Capture, DistillHost, layer_matching_loss, trajectory_points
 
 CONTEXT_DIM = 12
 
@@ -212,3 +214,11 @@ class StandInHost:
     def student(self, x, sigma, prompt, gspn):
         replace = {spec.name: module for spec, module in gspn.items()}
         return self.model(x, sigma, self.contexts[prompt], Options(replace=replace))
+
+
+def held_out_loss(gspn: GSPNLayers, host: DistillHost, points: int, seed: int) -> float:
+    """Mean layer-matching loss of ``gspn`` over the first ``points`` trajectory points from ``seed``."""
+    with torch.no_grad():
+        losses = [layer_matching_loss(gspn, p.captures).item()
+                  for _, p in zip(range(points), trajectory_points(host, seed))]
+    return sum(losses) / len(losses)

@@ -10,13 +10,33 @@ RoPE tables are bf16 buffers, as in the release (built in fp32, then cast with t
 from __future__ import annotations
 
 import random
+import re
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ultrares.models.infdit.checkpoint import ROPE_TABLES, SAT_CLIP_PREFIX, InfDiTWeights, pack_to_sat
+from ultrares.models.infdit._full_reference import full_table
+from ultrares.models.infdit.checkpoint import ROPE_TABLES, SAT_BLOCK_BIAS, SAT_CLIP_PREFIX, InfDiTWeights, sat_name
+
+
+def pack_to_sat(dit: dict[str, torch.Tensor], clip: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The inverse of the loader's naming (pack -> SAT): the blocks' biases stacked, the RoPE
+    tables whole, every other key under the released name the loader's messages use."""
+    state: dict[str, torch.Tensor] = {}
+    biases = {}
+    for key, value in dit.items():
+        if match := re.fullmatch(r"blocks\.(\d+)\.block_bias", key):
+            biases[int(match.group(1))] = value
+        elif key in ROPE_TABLES:
+            state[ROPE_TABLES[key]] = full_table(value)
+        else:
+            state[sat_name(key)] = value
+    if biases:
+        state[SAT_BLOCK_BIAS] = torch.stack([biases[i] for i in range(len(biases))])
+    state.update({SAT_CLIP_PREFIX + key: value for key, value in (clip or {}).items()})
+    return state
 
 
 def released_state_dict(weights: InfDiTWeights, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -10,11 +10,12 @@ from clear_standin import StandInFlux, StandInHost
 from ultrares.models.clear.distill import (ATTENTION, FLOW_MATCHING, PREDICTION, ClearDistillSettings,
                                            attention_loss_blocks, distill, make_optimizer, pool_index, teacher_sample,
                                            training_point)
-from ultrares.models.clear.distilled import OPTIMIZER_FORMAT, file_dtype, read_distilled, save_distilled
+from ultrares.models.clear.distilled import (CLEAR_OPTIMIZER_STATE, OPTIMIZER_FORMAT, file_dtype, read_distilled,
+                                             save_distilled)
 from ultrares.models.clear.pattern import ClearPattern
 from ultrares.models.clear.samples import FolderSamples, MemorySamples
 from ultrares.models.clear.student import ClearStudent, assemble
-from ultrares.models.clear.weights import ClearFileError, released_keys
+from ultrares.models.clear.weights import ClearWeightsError, released_keys
 from ultrares.models.training import TOTAL, load_optimizer_state, optimizer_path, save_optimizer_state
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
@@ -169,7 +170,8 @@ def test_a_resumed_run_continues_exactly_like_an_unbroken_one(model, tmp_path):
         assert base == "StandIn" and record.steps == 3 and tensors["transformer_blocks.0.attn.to_q.weight"].dtype == torch.bfloat16
         student = ClearStudent(tensors, pattern, model.depth, model.depth_single)
         optimizer = make_optimizer(student, settings)
-        assert load_optimizer_state(optimizer_path(path), student.by_key(), optimizer, record.steps, OPTIMIZER_FORMAT)
+        assert load_optimizer_state(optimizer_path(path), student.by_key(), optimizer, record.steps,
+                                    CLEAR_OPTIMIZER_STATE)
         if not restore:
             optimizer.state.clear()
         distill(host, student, settings, MemorySamples(), record=record, optimizer=optimizer)
@@ -226,11 +228,11 @@ def test_a_file_for_another_window_or_a_released_file_is_not_resumed(model, tmp_
     student = _student(model)
     distill(_host(model), student, _settings(steps=1), MemorySamples(),
             save=lambda r: save_distilled(path, student, "StandIn", r))
-    with pytest.raises(ClearFileError, match="radius 2 and down factor 2, not radius 3 and down factor 2"):
+    with pytest.raises(ClearWeightsError, match="radius 2 and down factor 2, not radius 3 and down factor 2"):
         read_distilled(path, ClearPattern(3, 2))
     released = tmp_path / "clear_local_8.safetensors"
     save_file(student.file_tensors(torch.bfloat16), str(released))
-    with pytest.raises(ClearFileError, match="not written by CLEAR Distill"):
+    with pytest.raises(ClearWeightsError, match="not written by CLEAR Distill"):
         read_distilled(released)
 
 

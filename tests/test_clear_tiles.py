@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ultrares.kernels._clear_reference import window_mask
-from ultrares.kernels._clear_tiles import (Tile, allowed_pairs, raster_work, tile_counts, tiled_work,
+from ultrares.kernels._clear_tiles import (Tile, allowed_pairs, covering_radius, raster_work, tile_counts, tiled_work,
                                            visited_image_tiles, window_pairs)
 
 
@@ -35,6 +35,13 @@ def test_a_key_tile_is_visited_exactly_when_one_of_its_pairs_is_in_a_window(grid
     assert visited_image_tiles(grid, radius, q_tile, k_tile).tolist() == expected
 
 
+@pytest.mark.parametrize("grid", [(1, 1), (1, 9), (7, 8), (6, 6), (13, 4)])
+def test_the_covering_radius_is_the_smallest_whose_windows_hold_the_whole_grid(grid):
+    n_img = grid[0] * grid[1]
+    dense = [bool(window_mask(grid, r, n_txt=0)[:n_img, :n_img].all()) for r in range(1, sum(grid) + 1)]
+    assert dense.index(True) + 1 == covering_radius(grid)
+
+
 @pytest.mark.parametrize("grid, radius, n_txt, n_ref, n_down", [
     ((9, 14), 4, 5, 0, 0), ((10, 10), 2, 3, 6, 25), ((5, 31), 7, 0, 2, 7), ((6, 6), 20, 4, 0, 9)])
 def test_pair_counts_equal_the_dense_mask(grid, radius, n_txt, n_ref, n_down):
@@ -56,22 +63,49 @@ def test_raster_block_counts_equal_a_brute_force_over_the_dense_mask(grid, radiu
     assert work.computed_pairs == expected * block * block >= work.allowed_pairs
 
 
-def test_the_2d_kernel_counts_add_up():
-    grid, radius = (40, 56), 6
-    work = tiled_work(grid, radius, n_txt=20, n_ref=0, n_down=140, q_tile=Tile(8, 16), k_tile=Tile(8, 8),
-                      side_block=32, block=16)
-    q_tiles, k_tiles = 5 * 4, 5 * 7
-    side = math.ceil(20 / 32) + math.ceil(140 / 32)
-    image = int(visited_image_tiles(grid, radius, Tile(8, 16), Tile(8, 8)).sum())
-    glob = math.ceil(20 / 16) * math.ceil((20 + 40 * 56) / 16)
-    assert work.visited_tiles == q_tiles * side + image + glob
-    assert work.total_tiles == q_tiles * (side + k_tiles) + glob
-    assert work.computed_pairs == (q_tiles * side * 32 + image * 64) * 128 + glob * 16 * 16 >= work.allowed_pairs
+def brute_force_tiled_work(grid, radius, n_txt, n_ref, n_down, q_tile, k_tile, side_block, block):
+    """(visited tiles, all tiles, computed pairs) of the 2D-tiled kernel, counted on the dense mask:
+    image query tiles against text, reference and down-sampled key blocks of ``side_block`` and
+    against image key tiles; the global query rows (text, then reference) against ``block``-wide
+    blocks of the real tokens. A tile is visited when any of its pairs is allowed; a visited tile
+    computes its full area."""
+    mask = window_mask(grid, radius, n_txt, n_ref, n_down)
+    n_img = grid[0] * grid[1]
+    n_real = n_txt + n_img + n_ref
+    image = [n_txt + members for members in tile_members(grid, q_tile)]
+    blocks = lambda start, stop, size: [torch.arange(a, min(a + size, stop)) for a in range(start, stop, size)]  # noqa: E731
+    side = (blocks(0, n_txt, side_block) + blocks(n_txt + n_img, n_real, side_block)
+            + blocks(n_real, n_real + n_down, side_block))
+    keys = [(keys, side_block) for keys in side] + [(n_txt + k, k_tile.size) for k in tile_members(grid, k_tile)]
+    global_rows = torch.cat([torch.arange(n_txt), torch.arange(n_txt + n_img, n_real)])
+    rows = [global_rows[i:i + block] for i in range(0, len(global_rows), block)]
+    visited = total = computed = 0
+    for queries, q_size, key_groups in [(q, q_tile.size, keys) for q in image] + [
+            (r, block, [(k, block) for k in blocks(0, n_real, block)]) for r in rows]:
+        for key_group, k_size in key_groups:
+            total += 1
+            if mask[queries][:, key_group].any():
+                visited += 1
+                computed += q_size * k_size
+    return visited, total, computed
+
+
+@pytest.mark.parametrize("grid, radius, n_txt, n_ref, n_down, side_block, block", [
+    ((24, 40), 6, 20, 0, 60, 32, 16), ((13, 9), 3, 7, 5, 12, 4, 8), ((8, 24), 30, 3, 0, 0, 8, 16)])
+def test_the_2d_kernel_counts_equal_a_brute_force_over_the_dense_mask(grid, radius, n_txt, n_ref, n_down, side_block,
+                                                                      block):
+    work = tiled_work(grid, radius, n_txt, n_ref, n_down, Tile(8, 16), Tile(8, 8), side_block, block)
+    visited, total, computed = brute_force_tiled_work(grid, radius, n_txt, n_ref, n_down, Tile(8, 16), Tile(8, 8),
+                                                      side_block, block)
+    assert (work.visited_tiles, work.total_tiles, work.computed_pairs) == (visited, total, computed)
+    assert work.computed_pairs >= work.allowed_pairs
 
 
 def test_an_8k_flux_window_of_radius_16_holds_793_keys_and_3_tenths_of_a_percent_of_dense():
-    # 8K image = 512 x 512 tokens, 512 text tokens: the research note's numbers
-    assert sum(1 for y in range(-15, 16) for x in range(-15, 16) if x * x + y * y < 256) == 793
+    # 8K image = 512 x 512 tokens, 512 text tokens: the research note's numbers. A query in the
+    # middle of a 31 x 31 grid keeps its whole window: 793 keys.
+    assert int(window_mask((31, 31), 16, n_txt=0)[15 * 31 + 15].sum()) == 793
+    assert window_pairs((1, 1), 16) == 1 and window_pairs((31, 31), 16) < 31 * 31 * 793
     grid = (512, 512)
     share = window_pairs(grid, 16) / (512 * 512) ** 2
     assert 0.0029 < share < 0.0031

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
+from broken_files import CASES, PICKLE_CASES, break_file
 from comfy_harness import clear_released_state_dict
-from ultrares.models.clear.weights import ClearFileError, plan_weights, released_keys
+from ultrares.models.clear.weights import ClearWeightsError, plan_weights, read_clear_file, released_keys
 
 HIDDEN, DEPTH, DEPTH_SINGLE = 8, 2, 3
 
@@ -81,20 +83,21 @@ def test_spatial_weights_are_read_per_block_row_offset_first():
 
 
 def test_a_file_for_another_depth_is_refused_naming_the_keys():
-    with pytest.raises(ClearFileError, match=r"missing single_transformer_blocks\.2\.attn\.to_q\.weight"):
+    with pytest.raises(ClearWeightsError, match=r"^clear_test\.safetensors does not fit this Flux \(2 double \+ 3 single "
+                                               r"blocks\): missing CLEAR keys: .*single_transformer_blocks\.2\.attn\.to_q\.weight"):
         plan(clear_released_state_dict(DEPTH, DEPTH_SINGLE - 1, HIDDEN))
-    with pytest.raises(ClearFileError, match=r"\(2 double \+ 3 single blocks\): unexpected transformer_blocks\.2\."):
+    with pytest.raises(ClearWeightsError, match=r"\(2 double \+ 3 single blocks\): unexpected CLEAR keys: "
+                                               r"transformer_blocks\.2\..*Huage001/CLEAR"):
         plan(clear_released_state_dict(DEPTH + 1, DEPTH_SINGLE, HIDDEN))
     state = clear_released_state_dict(DEPTH, DEPTH_SINGLE, HIDDEN)
     state["transformer_blocks.0.attn.add_q_proj.weight"] = torch.zeros(HIDDEN, HIDDEN)
-    with pytest.raises(ClearFileError, match=r"unexpected transformer_blocks\.0\.attn\.add_q_proj\.weight"):
+    with pytest.raises(ClearWeightsError, match=r"unexpected CLEAR keys: transformer_blocks\.0\.attn\.add_q_proj\.weight"):
         plan(state)
 
 
 def test_a_file_for_another_width_is_refused_naming_the_first_shapes():
-    with pytest.raises(ClearFileError, match=r"transformer_blocks\.0\.attn\.to_q\.weight \(16, 16\) vs "
-                                             r"diffusion_model\.double_blocks\.0\.img_attn\.qkv\.weight\[dim 0: 0:8\] "
-                                             r"\(8, 8\).*\(\+\d+ more\)"):
+    with pytest.raises(ClearWeightsError, match=r"CLEAR keys of another shape: transformer_blocks\.0\.attn\.to_q\.weight "
+                                               r"\(16, 16\) \(expected \(8, 8\)\).*\(\+\d+ more\)"):
         plan(clear_released_state_dict(DEPTH, DEPTH_SINGLE, 2 * HIDDEN))
 
 
@@ -104,20 +107,20 @@ def test_keys_the_host_cannot_place_are_refused():
     del key_map["single_transformer_blocks.1.attn.to_k.bias"]
     shapes = flux_shapes(DEPTH, DEPTH_SINGLE, HIDDEN)
     shapes["diffusion_model.single_blocks.0.linear1.weight"] = (2 * HIDDEN, HIDDEN)
-    with pytest.raises(ClearFileError) as error:
+    with pytest.raises(ClearWeightsError) as error:
         plan_weights(state, key_map, shapes, DEPTH, DEPTH_SINGLE, "f")
-    assert "single_transformer_blocks.0.attn.to_v.weight (8, 8) vs diffusion_model.single_blocks.0.linear1.weight" \
-           "[dim 0: 16:24] (outside its shape (16, 8))" in str(error.value)
-    assert "single_transformer_blocks.1.attn.to_k.bias (no place on this model)" in str(error.value)
+    assert "CLEAR keys with no place on this model: single_transformer_blocks.0.attn.to_v.weight " \
+           "(diffusion_model.single_blocks.0.linear1.weight[dim 0: 16:24] is outside its shape (16, 8))" in str(error.value)
+    assert "single_transformer_blocks.1.attn.to_k.bias (not in the host's key map)" in str(error.value)
 
 
 def test_malformed_spatial_weights_are_refused():
     state = clear_released_state_dict(DEPTH, DEPTH_SINGLE, HIDDEN, down_factor=2)
     state["transformer_blocks.1.attn.processor.spatial_weight"] = torch.ones(1, 1, 1, 4, 1, 4, 1)
-    with pytest.raises(ClearFileError, match=r"sizes differ between layers: \[2, 4\]"):
+    with pytest.raises(ClearWeightsError, match=r"sizes differ between layers: \[2, 4\]"):
         plan(state)
     state["transformer_blocks.1.attn.processor.spatial_weight"] = torch.ones(3, 5)
-    with pytest.raises(ClearFileError, match=r"transformer_blocks\.1\.attn\.processor\.spatial_weight has shape \(3, 5\)"):
+    with pytest.raises(ClearWeightsError, match=r"transformer_blocks\.1\.attn\.processor\.spatial_weight has shape \(3, 5\)"):
         plan(state)
 
 
@@ -132,3 +135,27 @@ def test_planning_reports_progress_and_can_be_cancelled():
 
     with pytest.raises(InterruptedError):
         plan(state, check_interrupt=cancel)
+
+
+def test_a_released_file_reads_with_its_metadata(tmp_path):
+    state = clear_released_state_dict(DEPTH, DEPTH_SINGLE, HIDDEN, down_factor=2)
+    save_file(state, str(tmp_path / "clear_local_8_down_2.safetensors"), metadata={"window_size": "8"})
+    read, metadata = read_clear_file(tmp_path / "clear_local_8_down_2.safetensors")
+    assert read.keys() == state.keys() and metadata == {"window_size": "8"}
+    assert plan(read).spatial_size == 2
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_broken_file_is_refused_naming_it_and_where_good_ones_come_from(tmp_path, case):
+    path = tmp_path / "clear_local_8.safetensors"
+    save_file(clear_released_state_dict(DEPTH, DEPTH_SINGLE, HIDDEN), str(path))
+    with pytest.raises(ClearWeightsError, match=rf"^clear_local_8\.safetensors {CASES[case]}.*Huage001/CLEAR"):
+        read_clear_file(break_file(path, case))
+
+
+@pytest.mark.parametrize("case", list(PICKLE_CASES))
+def test_a_broken_torch_file_is_refused_the_same_way(tmp_path, case):
+    path = tmp_path / "clear_local_8.pt"
+    torch.save(clear_released_state_dict(DEPTH, DEPTH_SINGLE, HIDDEN), path)
+    with pytest.raises(ClearWeightsError, match=rf"^clear_local_8\.pt {PICKLE_CASES[case]}.*Huage001/CLEAR"):
+        read_clear_file(break_file(path, case))

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from gspn_standin import StandInHost, TinyUNet
+from gspn_standin import StandInHost, TinyUNet, held_out_loss
 from ultrares.models.gspn import GSPNConfig, GSPNLayers, find_attn1_layers, load_gspn_weights, save_gspn_weights
-from ultrares.models.gspn.distill import (DistillSettings, distill, evaluate, layer_matching_backward,
+from ultrares.models.gspn.distill import (DistillSettings, distill, layer_matching_backward,
                                          layer_matching_loss, trajectory_points)
 from ultrares.models.gspn.optimizer_state import (load_optimizer_state, make_optimizer, optimizer_path,
                                                   save_optimizer_state)
@@ -47,16 +47,16 @@ class Stop(Exception):
 
 def test_distillation_brings_attn1_matching_loss_well_below_random_gspn_weights(host, tmp_path):
     student = _student(host)
-    random_loss = evaluate(student, host, points=6, seed=HELD_OUT_SEED)
+    random_loss = held_out_loss(student, host, points=6, seed=HELD_OUT_SEED)
     save, saves = _saver(tmp_path / "gspn.safetensors", student)
     record = distill(host, student, DistillSettings(steps=50, learning_rate=1e-2, save_every=20), save=save)
-    trained_loss = evaluate(student, host, points=6, seed=HELD_OUT_SEED)
+    trained_loss = held_out_loss(student, host, points=6, seed=HELD_OUT_SEED)
     assert trained_loss < 0.5 * random_loss, (random_loss, trained_loss)
     assert record.steps == 50 and record.finished and len(record.layer_losses) == 50
     assert saves == [20, 40, 50]
     loaded, saved_record = load_gspn_weights(tmp_path / "gspn.safetensors", FAMILY, student.specs)
     assert saved_record.finished and saved_record.steps == 50
-    assert evaluate(loaded, host, points=6, seed=HELD_OUT_SEED) == pytest.approx(trained_loss, rel=1e-5)
+    assert held_out_loss(loaded, host, points=6, seed=HELD_OUT_SEED) == pytest.approx(trained_loss, rel=1e-5)
 
 
 def test_layer_by_layer_backward_gives_the_gradients_of_the_whole_layer_loss(host):
@@ -84,11 +84,13 @@ def test_trajectories_follow_the_teacher_and_cycle_through_the_prompts(host):
     assert (capture.height, capture.width) == (4, 6) and capture.q.shape == (1, 24, 32)
 
 
-def test_interruption_still_saves_a_checkpoint_that_loads_and_resumes(host, tmp_path):
+def test_interruption_still_saves_a_checkpoint_of_the_steps_done(host, tmp_path):
+    # Resuming such a checkpoint through the node (cancel after 3, resume to 5) is tested in
+    # integration/test_gspn_nodes.py; resuming the loop itself, exactly, in the test below.
     path = tmp_path / "gspn.safetensors"
     student = _student(host)
     save, saves = _saver(path, student)
-    calls = []
+    calls, progress = [], []
 
     def check_interrupt():
         calls.append(1)
@@ -97,20 +99,12 @@ def test_interruption_still_saves_a_checkpoint_that_loads_and_resumes(host, tmp_
 
     with pytest.raises(Stop):
         distill(host, student, DistillSettings(steps=10, learning_rate=1e-2, save_every=0), save=save,
-                check_interrupt=check_interrupt)
-    assert saves == [3]
+                on_progress=lambda done, total: progress.append((done, total)), check_interrupt=check_interrupt)
+    assert saves == [3] and progress == [(1, 10), (2, 10), (3, 10)]
     resumed, record = load_gspn_weights(path, FAMILY, student.specs)
     assert record.steps == 3 and not record.finished and len(record.layer_losses) == 3
     for key, value in student.named_state().items():
         torch.testing.assert_close(resumed.named_state()[key], value, rtol=0, atol=0)
-
-    progress = []
-    save, _ = _saver(path, resumed)
-    record = distill(host, resumed, DistillSettings(steps=2, learning_rate=1e-2, save_every=0), record=record,
-                     save=save, on_progress=lambda done, total: progress.append((done, total)))
-    assert progress == [(1, 2), (2, 2)]
-    assert record.steps == 5 and record.finished and len(record.layer_losses) == 5
-    assert load_gspn_weights(path)[1].steps == 5
 
 
 def test_a_run_resumed_with_its_saved_optimizer_state_continues_exactly_like_an_unbroken_run(host, tmp_path):

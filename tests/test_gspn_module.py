@@ -33,17 +33,24 @@ def _permute_directions(module, order, mirrored_rows=()):
     in ``mirrored_rows`` the row - 1 and row + 1 neighbour weights trade places."""
     other = GSPNAttention(module.dim, module.proxy_dim, module.chunk).double()
     other.load_state_dict(module.state_dict())
-    dim = module.dim
     with torch.no_grad():
-        for name, width in (("to_weights", 3 * dim), ("to_lambda", dim), ("to_gate", dim), ("to_skip", dim)):
-            weight = getattr(module, name).weight
-            blocks = [weight[o * width:(o + 1) * width] for o in order]
-            if name == "to_weights":
-                blocks = [b.reshape(3, dim, -1).flip(0).reshape(b.shape) if d in mirrored_rows else b
-                          for d, b in enumerate(blocks)]
-            getattr(other, name).weight.copy_(torch.cat(blocks))
+        for d, o in enumerate(order):
+            other.directions[d].load_state_dict(module.directions[o].state_dict())
+            if d in mirrored_rows:
+                weights = other.directions[d].to_weights.weight
+                weights.copy_(weights.reshape(3, module.dim, -1).flip(0).reshape(weights.shape))
         other.merge.copy_(module.merge[list(order)])
     return other
+
+
+class CastingOperations:
+    """An ``operations`` namespace shaped like ``comfy.ops.manual_cast``: each Linear keeps its
+    weights in their own dtype and casts them to the input's on every call."""
+
+    class Linear(torch.nn.Linear):
+        def forward(self, x):
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)
 
 
 def test_finds_every_unet_self_attention_with_its_patch_key_width_and_level():
@@ -62,7 +69,42 @@ def test_layers_get_the_configured_proxy_width_and_chunk():
     layers = GSPNLayers(find_attn1_layers(TinyUNet()), GSPNConfig(chunk=2, proxy_ratio=4))
     module = layers["middle_block.1.transformer_blocks.0.attn1"]
     assert (module.dim, module.proxy_dim, module.chunk) == (32, 8, 2)
-    assert module.to_weights.weight.shape == (4 * 3 * 32, 8)
+    assert module.directions[3].to_weights.weight.shape == (3 * 32, 8)
+    stored = layers.named_state()["middle_block.1.transformer_blocks.0.attn1.to_weights.weight"]
+    assert stored.shape == (4 * 3 * 32, 8)  # the file keeps one matrix over the four directions
+    assert torch.equal(stored[3 * 3 * 32:], module.directions[3].to_weights.weight)
+
+
+def test_every_linear_layer_is_built_from_the_given_operations_and_runs_through_its_forward():
+    plain = _module()
+    cast = GSPNAttention(6, 3, 4, operations=CastingOperations)
+    linears = [m for m in cast.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 2 + 4 * 4 and all(isinstance(m, CastingOperations.Linear) for m in linears)
+    cast.load_state_dict(plain.state_dict())
+    for layer in linears:  # weights kept in float64: only the operations' own forward can use them
+        layer.double()
+    q, k, v = (t.float() for t in _tokens(2, 3, 5, 6))
+    assert torch.equal(cast(q, k, v, 3, 5), plain(q, k, v, 3, 5))
+
+
+def test_a_seed_draws_the_same_modules_in_the_files_layout_whatever_the_operations_skip():
+    class SkippingOperations:  # like comfy.ops.disable_weight_init: the layers draw nothing themselves
+        class Linear(torch.nn.Linear):
+            def reset_parameters(self):
+                return None
+
+    torch.manual_seed(5)
+    plain = GSPNAttention(6, 3)
+    torch.manual_seed(5)
+    skipping = GSPNAttention(6, 3, operations=SkippingOperations)
+    for key, value in plain.state_dict().items():
+        assert torch.equal(skipping.state_dict()[key], value), key
+    torch.manual_seed(5)
+    fused = torch.empty(4 * 3 * 6, 3)
+    torch.nn.init.kaiming_uniform_(torch.empty(3, 6), a=5 ** 0.5)  # to_proxy is drawn first
+    torch.nn.init.kaiming_uniform_(fused, a=5 ** 0.5)
+    assert torch.equal(torch.cat([d.to_weights.weight for d in plain.directions]), fused)
+    torch.testing.assert_close(plain.to_out.weight, torch.eye(6), rtol=0, atol=0)
 
 
 def test_transposing_the_map_swaps_horizontal_and_vertical_directions_on_a_non_square_map():

@@ -10,7 +10,8 @@ import torch
 from ultrares.kernels._gspn_reference import from_scan_frame, normalized_gates, scan_reference, to_scan_frame
 from ultrares.kernels.gspn_scan import gspn_scan
 
-# (N, H, W, C, chunk): W % chunk != 0, H = 1, H = 2, chunk = 1, chunk >= W, H != W.
+# (N, H, W, C, chunk): W % chunk != 0 (a ragged last chunk, which the original CUDA backward gets
+# wrong; reversed in directions 2 and 3), H = 1, H = 2, chunk = 1, chunk >= W, H != W.
 SHAPES = [
     (2, 3, 5, 3, 2),
     (1, 1, 4, 2, 3),
@@ -94,21 +95,6 @@ def test_triton_tiles_of_rows_and_channel_blocks_cover_the_map(direction, triton
         torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("shape, direction", [
-    ((1, 2, 5, 1, 2), 0),   # W % L != 0 (the case the original CUDA backward gets wrong), H = 2
-    ((1, 3, 5, 1, 2), 2),   # reversed, ragged last chunk
-    ((1, 1, 3, 1, 2), 0),   # H = 1
-    ((1, 3, 2, 1, 1), 1),   # L = 1 (no propagation), vertical
-    ((1, 3, 3, 1, 5), 3),   # L >= scan length
-], ids=["W%L!=0,H=2", "reversed", "H=1", "L=1", "L>=W"])
-def test_fp64_gradcheck(shape, direction, backend, triton_device):
-    n, h, w, c, chunk = shape
-    inputs = tuple(t.requires_grad_() for t in _inputs(n, h, w, c, seed=3, device=triton_device))
-    assert torch.autograd.gradcheck(lambda *t: gspn_scan(*t, direction, chunk, backend=backend), inputs,
-                                    fast_mode=backend == "triton")
-
-
 @pytest.mark.parametrize("rows", [1, 2, 3, 6])
 def test_normalized_weights_of_every_row_sum_to_one_including_the_edges(rows):
     # Large logits, but above -16: below it a single existing weight's sigmoid falls under the
@@ -164,7 +150,7 @@ def test_half_precision_inputs_are_accumulated_in_fp32(backend, triton_device):
     torch.testing.assert_close(got.double(), want, rtol=2**-7, atol=1e-5)
 
 
-def test_auto_backend_on_cpu_tensors_is_the_reference():
+def test_auto_backend_on_cpu_tensors_is_the_reference_even_when_triton_interprets():
     x, lam, logits = _inputs(1, 3, 4, 2)
     torch.testing.assert_close(gspn_scan(x, lam, logits, 1, 2), scan_reference(x, lam, logits, 1, 2),
                                rtol=0, atol=0)

@@ -5,20 +5,24 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
+import runpy
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from ultrares.models.infdit._full_reference import reference_evaluation, reference_rope_table
-from ultrares.models.infdit import convert
-from ultrares.models.infdit.checkpoint import ROPE_TABLES, CheckpointError, convert_checkpoint, load_infdit
+from ultrares.cli import infdit_convert as convert
+from ultrares.models.infdit.checkpoint import ROPE_TABLES, InfDiTCheckpointError, convert_checkpoint, load_infdit
 from ultrares.models.infdit.config import InfDiTConfig
 from ultrares.models.infdit.evaluate import ImageContext, LRContext, evaluate
 from ultrares.models.infdit.schedule import Placement, plan_batches, plan_schedule
 from ultrares.models.infdit.attention import table_diagonal
 from ultrares.models.infdit.tiny import TINY, TINY_CLIP, tiny_weights
+from broken_files import CASES, PICKLE_CASES, break_file
 from infdit_release import released_state_dict, save_released_layout
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
@@ -215,7 +219,7 @@ def bf16_tables(period, head_dim=TINY.head_dim):
 ], ids=["period-100", "head-dim", "sizes-differ", "dtypes-differ", "not-square", "not-separable", "integers", "missing"])
 def test_rope_tables_that_do_not_fit_the_configuration_are_refused_naming_the_key(released, tmp_path, tables, message):
     save_released_layout(with_tables(released, *tables), tmp_path / "odd.pt")
-    with pytest.raises(CheckpointError, match=message):
+    with pytest.raises(InfDiTCheckpointError, match=message):
         load_infdit(tmp_path / "odd.pt")
 
 
@@ -223,11 +227,11 @@ def test_a_converted_files_tables_must_fit_its_rope_period_and_an_old_file_witho
     tensors = load_file(str(convert_checkpoint_to(tmp_path, released)))
     short = {**tensors, "rope.cos": tensors["rope.cos"][:32], "rope.sin": tensors["rope.sin"][:32]}
     save_file(short, str(tmp_path / "short.safetensors"), metadata={"rope_period": "64"})
-    with pytest.raises(CheckpointError, match=r"rope\.cos \(32, 32\) \(expected \(64, 32\); rope_period 64 in the file's"):
+    with pytest.raises(InfDiTCheckpointError, match=r"rope\.cos \(32, 32\) \(expected \(64, 32\); rope_period 64 in the file's"):
         load_infdit(tmp_path / "short.safetensors")
     old = {k: v for k, v in tensors.items() if not k.startswith("rope.")}
     save_file(old, str(tmp_path / "old.safetensors"), metadata={"rope_period": "64"})
-    with pytest.raises(CheckpointError, match="no RoPE tables.*Convert the released checkpoint again"):
+    with pytest.raises(InfDiTCheckpointError, match="no RoPE tables.*Convert the released checkpoint again"):
         load_infdit(tmp_path / "old.safetensors")
 
 
@@ -300,19 +304,19 @@ def test_the_unused_key_layernorms_do_not_matter(released, tmp_path):
 def test_a_missing_key_is_named_in_the_files_own_naming(released, tmp_path):
     broken = {k: v for k, v in released.items() if k != "transformer.layers.1.mlp.dense_4h_to_h.bias"}
     save_released_layout(broken, tmp_path / "broken.pt")
-    with pytest.raises(CheckpointError, match=r"missing Inf-DiT keys: transformer\.layers\.1\.mlp\.dense_4h_to_h\.bias"):
+    with pytest.raises(InfDiTCheckpointError, match=r"missing Inf-DiT keys: transformer\.layers\.1\.mlp\.dense_4h_to_h\.bias"):
         load_infdit(tmp_path / "broken.pt")
 
 
 def test_unexpected_keys_are_named(released, tmp_path):
     extra = dict(released, **{"mixins.adaln_layer.extra_gate.weight": torch.zeros(3)})
     save_released_layout(extra, tmp_path / "extra.pt")
-    with pytest.raises(CheckpointError, match=r"unexpected keys in the SAT checkpoint: mixins\.adaln_layer\.extra_gate"):
+    with pytest.raises(InfDiTCheckpointError, match=r"^extra\.pt: unexpected Inf-DiT keys: mixins\.adaln_layer\.extra_gate"):
         load_infdit(tmp_path / "extra.pt")
     tensors = load_file(str(convert_checkpoint_to(tmp_path, released)))
     tensors["blocks.0.gate.weight"] = torch.zeros(2)
     save_file(tensors, str(tmp_path / "extra.safetensors"))
-    with pytest.raises(CheckpointError, match=r"unexpected Inf-DiT keys: blocks\.0\.gate\.weight"):
+    with pytest.raises(InfDiTCheckpointError, match=r"unexpected Inf-DiT keys: blocks\.0\.gate\.weight"):
         load_infdit(tmp_path / "extra.safetensors")
 
 
@@ -326,20 +330,20 @@ def test_a_shape_that_does_not_fit_the_inferred_sizes_is_named(released, tmp_pat
     wrong = dict(released)
     wrong["transformer.layers.1.attention.dense.weight"] = torch.zeros(64, 32, dtype=torch.bfloat16)
     save_released_layout(wrong, tmp_path / "wrong.pt")
-    with pytest.raises(CheckpointError, match=r"transformer\.layers\.1\.attention\.dense\.weight \(64, 32\) \(expected \(64, 64\)\)"):
+    with pytest.raises(InfDiTCheckpointError, match=r"transformer\.layers\.1\.attention\.dense\.weight \(64, 32\) \(expected \(64, 64\)\)"):
         load_infdit(tmp_path / "wrong.pt")
 
 
 def test_a_file_of_another_model_is_refused(tmp_path):
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2, 2)}, str(tmp_path / "flux.safetensors"))
-    with pytest.raises(CheckpointError, match="not an Inf-DiT checkpoint"):
+    with pytest.raises(InfDiTCheckpointError, match="not an Inf-DiT checkpoint"):
         load_infdit(tmp_path / "flux.safetensors")
 
 
 def test_an_unknown_pickled_object_is_refused_by_name_unless_allowed(released, tmp_path):
     path = tmp_path / "odd.pt"
     torch.save({"module": released, "elapsed": datetime.timedelta(hours=3)}, path)
-    with pytest.raises(CheckpointError, match=r"datetime\.timedelta.*--allow-global datetime\.timedelta"):
+    with pytest.raises(InfDiTCheckpointError, match=r"datetime\.timedelta.*--allow-global datetime\.timedelta"):
         load_infdit(path)
     assert load_infdit(path, allow_globals=("datetime.timedelta",)).net.cfg == TINY
 
@@ -363,12 +367,12 @@ def test_a_pickle_that_runs_commands_is_refused_by_name_without_advice_to_allow_
         name = "nt.system"
     path = tmp_path / "hostile.pt"
     torch.save({"module": released, "client_state": payload}, path)
-    with pytest.raises(CheckpointError) as refused:
+    with pytest.raises(InfDiTCheckpointError) as refused:
         load_infdit(path)
     text = str(refused.value)
     assert f"pickled call of {name}, which runs commands or code" in text
     assert not any(advice in text for advice in ("weights_only", "allow-global", "allow_globals", "safe_globals"))
-    with pytest.raises(CheckpointError, match="will not allow the pickled global"):
+    with pytest.raises(InfDiTCheckpointError, match="will not allow the pickled global"):
         load_infdit(path, allow_globals=(name,))
 
 
@@ -376,7 +380,7 @@ def test_a_pickle_that_runs_commands_is_refused_by_name_without_advice_to_allow_
 def test_a_pickle_the_safe_loader_cannot_read_is_refused_without_torchs_advice_to_load_it_unsafely(tmp_path):
     path = tmp_path / "protocol4.pt"
     path.write_bytes(pickle.dumps({"module": {}}, protocol=4))
-    with pytest.raises(CheckpointError, match=r"cannot read the file as a torch checkpoint \(Unsupported operand") as refused:
+    with pytest.raises(InfDiTCheckpointError, match=r"cannot read the file as a torch checkpoint \(Unsupported operand") as refused:
         load_infdit(path)
     assert "weights_only" not in str(refused.value)
 
@@ -398,7 +402,7 @@ def test_a_clip_file_with_foreign_keys_is_refused(weights, tmp_path):
     odd["decoder.weight"] = torch.zeros(2)
     save_file(odd, str(tmp_path / "clip.safetensors"))
     save_released_layout(released_state_dict(weights), tmp_path / "dit.pt")
-    with pytest.raises(CheckpointError, match=r"unexpected keys beside the CLIP image tower: decoder\.weight"):
+    with pytest.raises(InfDiTCheckpointError, match=r"^clip\.safetensors: unexpected CLIP image tower keys: decoder\.weight.*open_clip_pytorch_model\.bin"):
         load_infdit(tmp_path / "dit.pt", clip_path=tmp_path / "clip.safetensors")
 
 
@@ -409,3 +413,52 @@ def test_the_converter_command_reports_the_model_and_refusals(released_file, tmp
     save_file({"x": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
     assert convert.main([str(tmp_path / "bad.safetensors"), str(tmp_path / "o.safetensors")]) == 1
     assert "not an Inf-DiT checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "o.safetensors.partial").exists()
+
+
+def test_the_converter_runs_by_path_as_from_a_comfyui_install(released_file, tmp_path, monkeypatch, capsys):
+    # python custom_nodes/ComfyUI-UltraRes/cli/infdit_convert.py ...: cli/ is first on sys.path and
+    # the tool runs as ultrares.cli.infdit_convert (a fresh process loading the checkout as
+    # ultrares is tested with the GSPN command line, integration/test_gspn_cli.py).
+    script = Path(convert.__file__)
+    assert script.parent.name == "cli"
+    monkeypatch.syspath_prepend(str(script.parent))
+    monkeypatch.setattr(sys, "argv", [str(script), str(released_file), str(tmp_path / "by_path.safetensors")])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(str(script), run_name="__main__")
+    assert exited.value.code == 0 and "wrote" in capsys.readouterr().out
+    assert load_infdit(tmp_path / "by_path.safetensors").net.cfg == TINY
+
+
+@pytest.mark.parametrize("case", list(PICKLE_CASES))
+def test_a_broken_released_file_is_refused_naming_it_and_where_to_get_it(released_file, case):
+    with pytest.raises(InfDiTCheckpointError, match=rf"^{released_file.name} {PICKLE_CASES[case]}.*"
+                                                    r"mp_rank_00_model_states\.pt, linked from the THUDM/Inf-DiT README"):
+        load_infdit(break_file(released_file, case))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_broken_converted_file_is_refused_the_same_way(released, tmp_path, case):
+    converted = convert_checkpoint_to(tmp_path, released)
+    with pytest.raises(InfDiTCheckpointError, match=rf"^converted\.safetensors {CASES[case]}.*cli/infdit_convert\.py"):
+        load_infdit(break_file(converted, case))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_broken_clip_file_is_refused_naming_it_not_the_checkpoint(weights, tmp_path, case):
+    save_released_layout(released_state_dict(weights), tmp_path / "dit.pt")
+    clip = tmp_path / "open_clip.safetensors"
+    save_file({f"visual.{k}": v.contiguous() for k, v in weights.clip.state_dict().items()}, str(clip))
+    with pytest.raises(InfDiTCheckpointError, match=rf"^open_clip\.safetensors {CASES[case]}.*"
+                                                    r"laion/CLIP-ViT-L-14-DataComp\.XL-s13B-b90K"):
+        load_infdit(tmp_path / "dit.pt", clip_path=break_file(clip, case))
+
+
+def test_a_clip_tower_of_another_size_is_named_in_the_same_words(weights, tmp_path):
+    save_released_layout(released_state_dict(weights), tmp_path / "dit.pt")
+    state = {f"visual.{k}": v for k, v in weights.clip.state_dict().items()}
+    state["visual.ln_post.weight"] = torch.ones(3)
+    save_file(state, str(tmp_path / "clip.safetensors"))
+    with pytest.raises(InfDiTCheckpointError, match=r"^clip\.safetensors: CLIP image tower keys of another shape: "
+                                                    r"ln_post\.weight \(3,\) \(expected \(\d+,\)\)"):
+        load_infdit(tmp_path / "dit.pt", clip_path=tmp_path / "clip.safetensors")

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ultrares.models.infdit._full_reference import reference_gather, reference_rope_table
-from ultrares.models.infdit.attention import (SEGMENTS, RotaryTable, apply_rope, blocks_to_image, full_table,
-                                             gather_segments, table_diagonal, to_blocks, token_positions)
+from ultrares.models.infdit._full_reference import full_table, reference_gather, reference_rope_table
+from ultrares.models.infdit.attention import (SEGMENTS, RotaryTable, apply_rope, blocks_to_image, gather_segments,
+                                             table_diagonal, to_blocks, token_positions)
 from ultrares.models.infdit.network import modulate
 from ultrares.models.infdit.schedule import BlockBatch
 from ultrares.models.infdit.tiny import TINY, tiny_weights

@@ -5,10 +5,13 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import json
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+
+import pytest
 
 import ultrares
 
@@ -43,22 +46,47 @@ def test_core_source_never_imports_the_host():
     assert not offenders, "kernels/ and models/ must stay free of ComfyUI imports:\n" + "\n".join(offenders)
 
 
-def test_importing_the_core_loads_nothing_from_comfyui():
+@pytest.fixture(scope="module")
+def two_copies_of_the_core() -> dict:
+    """In a fresh process: the core imported as ``ultrares``, then again under the path-like name
+    ComfyUI's loader gives a custom node's module; what that process saw, as JSON."""
     script = (
-        "import importlib, importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('ultrares', {str(REPO_ROOT / '__init__.py')!r},"
+        "import importlib, importlib.util, json, sys, pkgutil, torch\n"
+        "def load(name, walk):\n"
+        f"    spec = importlib.util.spec_from_file_location(name, {str(REPO_ROOT / '__init__.py')!r},"
         f" submodule_search_locations=[{str(REPO_ROOT)!r}])\n"
-        "m = importlib.util.module_from_spec(spec); sys.modules['ultrares'] = m; spec.loader.exec_module(m)\n"
-        "import pkgutil\n"
-        "for pkg in ('ultrares.kernels', 'ultrares.models'):\n"
-        "    p = importlib.import_module(pkg)\n"
-        "    for info in pkgutil.walk_packages(p.__path__, pkg + '.'):\n"
-        "        importlib.import_module(info.name)\n"
+        "    m = importlib.util.module_from_spec(spec); sys.modules[name] = m; spec.loader.exec_module(m)\n"
+        "    for pkg in (name + '.kernels', name + '.models')[:2 if walk else 1]:\n"
+        "        p = importlib.import_module(pkg)\n"
+        "        for info in pkgutil.walk_packages(p.__path__, pkg + '.') if walk else ():\n"
+        "            importlib.import_module(info.name)\n"
+        "load('ultrares', walk=True)\n"
         f"host = {HOST_MODULES!r}\n"
-        "print(sorted(n for n in sys.modules if n.split('.')[0] in host))\n"
+        "loaded = sorted(n for n in sys.modules if n.split('.')[0] in host)\n"
+        "load('/custom_nodes/ComfyUI-UltraRes', walk=False)  # the ops register when kernels is imported\n"
+        "from ultrares.kernels import circular_window_attention\n"
+        "q = torch.randn(1, 2, 4 + 12, 8)\n"
+        "first = circular_window_attention(q, q, q, grid=(3, 4), n_txt=4, radius=2)\n"
+        "second = importlib.import_module('/custom_nodes/ComfyUI-UltraRes.kernels').circular_window_attention(\n"
+        "    q, q, q, grid=(3, 4), n_txt=4, radius=2)\n"
+        "ops = sorted(name for name in dir(torch.ops.ultrares) if not name.startswith('_'))\n"
+        "print(json.dumps({'host_modules': loaded, 'ops': ops, 'same': bool(torch.equal(first, second))}))\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "[]", result.stdout + result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_importing_the_core_loads_nothing_from_comfyui(two_copies_of_the_core):
+    assert two_copies_of_the_core["host_modules"] == []
+
+
+def test_a_second_copy_of_the_pack_registers_its_own_ops_and_leaves_the_first_copys_working(two_copies_of_the_core):
+    # ComfyUI imports the pack by path while tests (and command lines) import it as ultrares: a
+    # custom op registered again under the same name would destroy the first copy's operator.
+    ops = set(two_copies_of_the_core["ops"])
+    for op in ("clear_window_attention", "clear_window_attention_backward", "gspn_scan", "gspn_scan_backward"):
+        assert {op, f"{op}_2"} <= ops, op
+    assert two_copies_of_the_core["same"]
 
 
 def _packages_with_a_public_api() -> dict[str, object]:
@@ -89,25 +117,44 @@ def test_a_public_api_names_objects_that_say_what_they_are():
     assert not undocumented, "public names without a docstring: " + ", ".join(undocumented)
 
 
-IMPORTED_THROUGH_THEIR_API = ("ultrares.models.infdit",)
-"""Packages that nodes/ imports only through ``__all__``."""
+IMPORTED_THROUGH_THEIR_API = ("ultrares.kernels", "ultrares.models", "ultrares.models.clear", "ultrares.models.gspn",
+                              "ultrares.models.infdit", "ultrares.models.training", "ultrares.benchmarks")
+"""Host-free packages that the rest of the pack imports only through their ``__all__``."""
+CALLERS = {"nodes": IMPORTED_THROUGH_THEIR_API, "cli": IMPORTED_THROUGH_THEIR_API, "models": ("ultrares.kernels",)}
+"""Folder -> the packages it may import only through their public API (the ComfyUI glue and the
+command lines: all of them; the networks: the ops)."""
 
 
-def test_nodes_import_these_packages_only_through_their_public_api():
-    packages = {name: importlib.import_module(name) for name in IMPORTED_THROUGH_THEIR_API}
+def _imports(path: Path) -> list[tuple[str, list[str]]]:
+    """``(module, names)`` of every import in ``path``, relative imports resolved to ``ultrares.*``."""
+    package = ["ultrares", *path.parent.relative_to(REPO_ROOT).parts]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            found.append((module, [alias.name for alias in node.names]))
+        elif isinstance(node, ast.Import):
+            found += [(alias.name, []) for alias in node.names]
+    return found
+
+
+@pytest.mark.parametrize("folder", list(CALLERS))
+def test_packages_are_imported_only_through_their_public_api(folder):
+    packages = {name: importlib.import_module(name) for name in CALLERS[folder]}
+    assert all(hasattr(package, "__all__") for package in packages.values())
     offenders = []
-    for path in sorted((REPO_ROOT / "nodes").glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-            if not isinstance(node, ast.ImportFrom) or node.level == 0:
+    for path in sorted((REPO_ROOT / folder).rglob("*.py")):
+        where = path.relative_to(REPO_ROOT)
+        for module, names in _imports(path):
+            owners = [name for name in packages if module == name or module.startswith(name + ".")]
+            if not owners:
                 continue
-            base = ["ultrares", "nodes"][:max(2 - node.level + 1, 1)]
-            module = ".".join([*base, *(node.module or "").split(".")]).rstrip(".")
-            for name, package in packages.items():
-                if module.startswith(name + "."):
-                    offenders.append(f"{path.name} imports {module}")
-                elif module == name:
-                    offenders += [f"{path.name} imports {alias.name}, not in {name}.__all__"
-                                  for alias in node.names if alias.name not in package.__all__]
+            owner = max(owners, key=len)
+            if module != owner:
+                offenders.append(f"{where} imports {module}, not {owner}'s public API")
+            offenders += [f"{where} imports {name}, not in {owner}.__all__"
+                          for name in names if name not in packages[owner].__all__]
     assert not offenders, "\n".join(offenders)
 
 

@@ -189,9 +189,9 @@ def _literal_options(item: ast.Call) -> dict:
 
 def _schemas_in_source() -> dict[str, tuple[list[str], list[str], int, dict[str, dict]]]:
     """``node_id -> (required inputs, optional inputs, output count, literal widget options)``
-    read from ``nodes/*.py``."""
+    read from ``nodes/``."""
     schemas = {}
-    for path in sorted(NODES_DIR.glob("*.py")):
+    for path in sorted(NODES_DIR.rglob("*.py")):
         for call in ast.walk(ast.parse(path.read_text())):
             if not (isinstance(call, ast.Call) and getattr(call.func, "attr", None) == "Schema"):
                 continue

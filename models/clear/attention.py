@@ -8,8 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...kernels.backend import Backend
-from ...kernels.clear_attention import circular_window_attention
+from ...kernels import Backend, circular_window_attention
 from .downsample import down_sample, mean_spatial_weight
 from .pattern import ClearPattern, softmax_scale
 from .weights import Block

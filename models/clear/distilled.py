@@ -20,17 +20,21 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
+from ..weight_files import SAFETENSORS, FileKind, read_weights, save_safetensors
 from .distill import ClearTrainingRecord
 from .pattern import METADATA_DOWN_FACTOR, METADATA_RADIUS, ClearPattern
 from .student import ClearStudent
-from .weights import ClearFileError
+from .weights import CLEAR_WEIGHTS, ClearWeightsError
 
 FORMAT = "ultrares.clear.distilled"
 OPTIMIZER_FORMAT = "ultrares.clear.optimizer"
 FILE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CLEAR_OPTIMIZER_STATE = FileKind(
+    name="the optimizer state of a CLEAR distillation", error=ClearWeightsError, formats=(SAFETENSORS,),
+    remedy=("Delete it to resume with a fresh optimizer (its first steps then move every weight by about the "
+            "learning rate), or put back an intact copy."),
+    holds=f"an optimizer state file carries '{OPTIMIZER_FORMAT}' metadata")
 
 
 def file_dtype(model_dtype: torch.dtype) -> torch.dtype:
@@ -41,8 +45,7 @@ def file_dtype(model_dtype: torch.dtype) -> torch.dtype:
 
 def save_distilled(path: str | os.PathLike, student: ClearStudent, base_model: str, record: ClearTrainingRecord,
                    dtype: torch.dtype = torch.float32) -> None:
-    """Write ``student`` as a released-layout CLEAR file with its metadata (atomically: a temporary
-    file renamed over the old one)."""
+    """Write ``student`` as a released-layout CLEAR file with its metadata (atomically)."""
     metadata = {
         "format": FORMAT,
         METADATA_RADIUS: str(student.pattern.radius),
@@ -50,11 +53,7 @@ def save_distilled(path: str | os.PathLike, student: ClearStudent, base_model: s
         "base_model": base_model,
         "training": json.dumps(asdict(record)),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    save_file(student.file_tensors(dtype), str(partial), metadata=metadata)
-    os.replace(partial, path)
+    save_safetensors(student.file_tensors(dtype), path, metadata)
 
 
 def read_distilled(path: str | os.PathLike, pattern: ClearPattern | None = None
@@ -65,20 +64,14 @@ def read_distilled(path: str | os.PathLike, pattern: ClearPattern | None = None
     record to continue) and, when ``pattern`` is given, files made for another window.
     """
     path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()} if meta.get("format") == FORMAT else {}
-    except SafetensorError as error:
-        raise ClearFileError(f"{path.name} is not a safetensors file ({error}); choose another output name or "
-                             "delete it") from None
+    tensors, meta = read_weights(path, CLEAR_WEIGHTS)
     if meta.get("format") != FORMAT:
-        raise ClearFileError(f"{path.name} was not written by CLEAR Distill (no '{FORMAT}' metadata, e.g. a released "
-                             "file): it has no training to continue. Choose another output name, or turn resume off "
-                             "to start from the model's own weights")
+        raise ClearWeightsError(f"{path.name} was not written by CLEAR Distill (no '{FORMAT}' metadata, e.g. a "
+                                "released file): it has no training to continue. Choose another output name, or turn "
+                                "resume off to start from the model's own weights")
     found = ClearPattern(int(meta[METADATA_RADIUS]), int(meta[METADATA_DOWN_FACTOR]))
     if pattern is not None and found != pattern:
-        raise ClearFileError(f"{path.name} was distilled for window radius {found.radius} and down factor "
+        raise ClearWeightsError(f"{path.name} was distilled for window radius {found.radius} and down factor "
                              f"{found.down_factor}, not radius {pattern.radius} and down factor {pattern.down_factor}: "
                              "resume it with its own settings, or choose another output name")
     return tensors, found, meta.get("base_model", ""), ClearTrainingRecord(**json.loads(meta["training"]))

@@ -13,6 +13,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ...kernels import covering_radius
+
 RELEASED_NAME = re.compile(r"clear_local_(\d+)(?:_down_(\d+))?", re.IGNORECASE)
 METADATA_RADIUS = "window_size"
 METADATA_DOWN_FACTOR = "down_factor"
@@ -38,8 +40,7 @@ class ClearPattern:
 
     def covers(self, grid: tuple[int, int]) -> bool:
         """True when every window holds the whole grid (the pattern is then dense on images)."""
-        h, w = grid
-        return self.radius * self.radius > (h - 1) ** 2 + (w - 1) ** 2
+        return self.radius >= covering_radius(grid)
 
 
 def _metadata_int(metadata: Mapping[str, str] | None, key: str, filename: str) -> int | None:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from ..weight_files import save_safetensors
 
 RECIPE = "recipe.json"
 SUFFIX = ".latent"
@@ -69,11 +70,8 @@ class FolderSamples:
             return None
 
     def put(self, index: int, latent: torch.Tensor) -> None:
-        """Write sample ``index`` (a temporary file renamed into place)."""
-        path = self._path(index)
-        partial = path.with_name(path.name + ".partial")
-        save_file({KEY: latent.detach().to("cpu").contiguous()}, str(partial))
-        os.replace(partial, path)
+        """Write sample ``index`` (atomically)."""
+        save_safetensors({KEY: latent.detach().to("cpu").contiguous()}, self._path(index))
 
     def __len__(self) -> int:
         return sum(1 for _ in self.folder.glob("*" + SUFFIX))

@@ -60,6 +60,8 @@ class DistillHost(Protocol):
 
 @dataclass
 class DistillSettings:
+    """One distillation run's settings (the node's and the command line's inputs)."""
+
     steps: int = 1000                 # optimiser steps in this run
     learning_rate: float = 1e-3
     prediction_weight: float = 0.0    # weight of the final-prediction term (0 = layer outputs only)
@@ -125,14 +127,6 @@ def trajectory_points(host: DistillHost, seed: int) -> Iterator[_Point]:
             yield _Point(x, sigma, prompt, denoised, captures)
             x = euler_step(x, denoised, sigma, sigma_next)
         index += 1
-
-
-def evaluate(gspn: GSPNLayers, host: DistillHost, points: int, seed: int) -> float:
-    """Mean layer-matching loss of ``gspn`` over the first ``points`` trajectory points from ``seed``."""
-    with torch.no_grad():
-        losses = [layer_matching_loss(gspn, p.captures).item()
-                  for _, p in zip(range(points), trajectory_points(host, seed))]
-    return sum(losses) / len(losses)
 
 
 def distill(host: DistillHost, student: GSPNLayers, settings: DistillSettings,

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .module import GSPNAttention
+from .module import GSPNAttention, Operations, file_layout, module_layout
 
 _ATTN1 = re.compile(r"^(?:(input|output)_blocks\.(\d+)|(middle)_block)\.\d+\.transformer_blocks\.(\d+)\.attn1$")
 
@@ -90,14 +90,15 @@ def find_attn1_layers(diffusion_model: nn.Module) -> list[LayerSpec]:
 
 
 class GSPNLayers(nn.Module):
-    """One :class:`GSPNAttention` per host layer, looked up by the layer's module path."""
+    """One :class:`GSPNAttention` per host layer, looked up by the layer's module path; their
+    Linear layers come from ``operations`` (default ``torch.nn``)."""
 
-    def __init__(self, specs: Sequence[LayerSpec], config: GSPNConfig):
+    def __init__(self, specs: Sequence[LayerSpec], config: GSPNConfig, operations: Operations = nn):
         super().__init__()
         self.specs = list(specs)
         self.config = config
         self.modules_list = nn.ModuleList(
-            GSPNAttention(s.dim, config.proxy_dim(s.dim), config.chunk) for s in self.specs)
+            GSPNAttention(s.dim, config.proxy_dim(s.dim), config.chunk, operations) for s in self.specs)
         self._index = {s.name: i for i, s in enumerate(self.specs)}
 
     def __getitem__(self, name: str) -> GSPNAttention:
@@ -107,11 +108,12 @@ class GSPNLayers(nn.Module):
         return zip(self.specs, self.modules_list)
 
     def named_state(self) -> dict[str, torch.Tensor]:
-        """Parameters keyed ``<layer module path>.<parameter>``, the weight file's key names."""
+        """Parameters keyed ``<layer module path>.<parameter>`` in the weight file's layout."""
         return {f"{spec.name}.{key}": value for spec, module in self.items()
-                for key, value in module.state_dict().items()}
+                for key, value in file_layout(module.state_dict()).items()}
 
     def load_named_state(self, state: dict[str, torch.Tensor]) -> None:
+        """The inverse of :meth:`named_state`."""
         for spec, module in self.items():
             prefix = spec.name + "."
-            module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+            module.load_state_dict(module_layout({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}))

@@ -1,14 +1,14 @@
 """Inf-DiT (arXiv 2405.04312): a pixel-space DiT upsampler evaluated block batch by block batch.
 
-Host-free. The nodes (``nodes/infdit.py``) load weights with :func:`load_infdit`, ask the host
+Host-free. The nodes (``nodes/infdit/``) load weights with :func:`load_infdit`, ask the host
 for :func:`working_memory`, plan with :func:`plan_budget` once the model is loaded, and run
 :func:`upscale` with callbacks for progress and interruption. One evaluation can also be run
 piece by piece: :func:`plan_schedule` describes it as plain data (the batches, their
 dependencies, each batch's cache steps) and :func:`evaluate` carries a schedule out.
 
 Modules: ``network`` (the DiT; ``attention``: block layout, UniBA gather, RoPE), ``clip_vision``
-(its CLIP tower), ``config`` (sizes), ``checkpoint`` (weight files; ``convert``: the command
-line), ``schedule`` (batches, cache policy, placement), ``evaluate`` (one evaluation: the
+(its CLIP tower), ``config`` (sizes), ``checkpoint`` (weight files; ``cli/infdit_convert.py``
+converts them), ``schedule`` (batches, cache policy, placement), ``evaluate`` (one evaluation: the
 neighbour cache, layer 0's LR keys), ``memory`` (the memory model), ``budget`` (a request and
 free memory to a plan), ``sampler`` (EDM Heun), ``preprocess`` (the reference's resizing),
 ``upscale`` (the pipeline), ``tiny`` (built-in tiny models) and ``_full_reference`` (the
@@ -20,7 +20,7 @@ result's pixels, the stop flag), ``pipeline`` (the modelled fill and traffic), `
 
 from .budget import (BudgetPlan, UpscaleOptions, allocator_headroom, plan_budget, plan_stage, total_batches,
                      weight_bytes, working_memory)
-from .checkpoint import CheckpointError, InfDiTWeights, WeightSource, convert_checkpoint, load_infdit
+from .checkpoint import DTYPES, InfDiTCheckpointError, InfDiTWeights, WeightSource, convert_checkpoint, load_infdit
 from .clip_vision import ClipVisionConfig, ClipVisionEncoder
 from .config import RELEASED, InfDiTConfig
 from .evaluate import Exchange, ImageContext, LRContext, evaluate
@@ -34,13 +34,15 @@ from .schedule import (SCAN_ORDERS, BlockBatch, CacheSteps, HostObserver, Placem
 from .shard import ImageShard
 from .tiny import TINY, TINY_CLIP, tiny_weights
 from .upscale import upscale
+from .worker import host_free_bytes, upscale_job
 
 __all__ = [
     # Weight files
     "InfDiTWeights",        # the DiT and its CLIP tower, loaded
     "load_infdit",          # a released .pt or converted .safetensors -> InfDiTWeights
     "convert_checkpoint",   # the released .pt -> a verified safetensors in the pack's names
-    "CheckpointError",      # a weight file the loader refuses, with the reason
+    "DTYPES",               # the precisions to load or convert in: "bf16", "fp16", "fp32"
+    "InfDiTCheckpointError",  # a weight file the loader refuses, with the reason and what to do
     "WeightSource",         # a weight file (or the tiny model) as plain data, for processes to load
     # Upscaling
     "UpscaleOptions",       # scale, steps, seed, budget, batch size, scan order, offloading
@@ -52,6 +54,8 @@ __all__ = [
     "run_ranks",            # run a function on one local process per device, with stop and progress
     "RankFailed",           # a rank raised: which one, on which device, and its error
     "join",                 # a torchrun / store rendezvous -> this process's RankGroup
+    "upscale_job",          # what one rank runs of an upscale (weights, images, options as plain data)
+    "host_free_bytes",      # host RAM available, to plan a CPU rank with
     "RankGroup",            # a rank's process groups, stop flag and progress counter
     "Stopped",              # raised in a rank when the run's stop flag is set
     "BlockExchange",        # a rank's sends and receives of boundary K/V (torch.distributed P2P)

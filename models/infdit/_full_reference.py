@@ -35,6 +35,14 @@ def reference_rope_table(period: int, head_dim: int) -> tuple[torch.Tensor, torc
     return table.cos(), table.sin()
 
 
+def full_table(diagonal: torch.Tensor) -> torch.Tensor:
+    """The reference's ``[period, period, head_dim]`` layout of a table diagonal (the network keeps
+    the diagonal, :func:`.attention.table_diagonal`): row part at the row, column part at the column."""
+    period, half = diagonal.shape[0], diagonal.shape[1] // 2
+    return torch.cat([diagonal[:, None, :half].expand(-1, period, -1),
+                      diagonal[None, :, half:].expand(period, -1, -1)], dim=-1)
+
+
 def reference_gather(x: torch.Tensor) -> torch.Tensor:
     """The released full-mode gather: pad with the first row/column, then [self, TL, L, T]."""
     rows, cols = x.shape[1:3]

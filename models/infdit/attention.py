@@ -99,13 +99,6 @@ def rope_table(period: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     return angles.cos(), angles.sin()
 
 
-def full_table(diagonal: torch.Tensor) -> torch.Tensor:
-    """The reference's ``[period, period, head_dim]`` layout of a table diagonal."""
-    period, half = diagonal.shape[0], diagonal.shape[1] // 2
-    return torch.cat([diagonal[:, None, :half].expand(-1, period, -1),
-                      diagonal[None, :, half:].expand(period, -1, -1)], dim=-1)
-
-
 def table_diagonal(table: torch.Tensor) -> torch.Tensor:
     """The diagonal of a ``[period, period, head_dim]`` table that is exactly a row part and a
     column part (every table the reference builds is); ``ValueError`` otherwise."""

@@ -22,6 +22,10 @@ build the numpy types DeepSpeed stores its RNG state with. Any other pickled glo
 refused by name (running it could execute code from the file), unless the caller names it
 in ``allow_globals`` after deciding to trust the file; globals that run commands or code
 (``os.system``, ``eval``, ``subprocess`` ...) are never allowed and never suggested.
+
+Files (the checkpoint and a separate CLIP tower) are opened through :mod:`..weight_files`:
+an empty, incomplete or misnamed file and a model of another kind are refused naming the
+file, and every refusal raised while a file is loaded names it.
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ from __future__ import annotations
 import _compat_pickle
 import importlib
 import math
-import pickle
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,17 +40,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from ..key_lists import name_first
+from ..weight_files import (SAFETENSORS_SUFFIXES, FileKind, Loader, WeightFileError, key_sections, name_first, naming,
+                            natural_order, read_safetensors, read_weights, save_safetensors, state_dict_of)
 from .clip_vision import ClipVisionConfig, ClipVisionEncoder
 from .config import InfDiTConfig
 from .network import InfDiT, Operations
-from .attention import full_table, table_diagonal
+from .attention import table_diagonal
 
 PACK_FORMAT = "ultrares-infdit"
-SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+"""The precisions weights are loaded or converted in, by the names the loader node and the converter offer."""
 CLIP_PREFIX = "clip."
 SAT_CLIP_PREFIX = "image_encoder.model.visual."
 SAT_BLOCK_BIAS = "mixins.adaln_layer.re_pos_embed"
@@ -94,8 +97,23 @@ SAT_IGNORED: tuple[str, ...] = (
 OPENCLIP_TEXT = r"(token_embedding\.weight|positional_embedding|text_projection|logit_scale|attn_mask|ln_final\..*|transformer\..*)"
 
 
-class CheckpointError(ValueError):
-    """A weight file that is not (or not entirely) what the loader needs; the message says why."""
+class InfDiTCheckpointError(WeightFileError):
+    """An Inf-DiT weight file (or CLIP tower) that is broken, of another kind, or not entirely what the
+    loader needs; the message says why and what to do."""
+
+
+INFDIT_CHECKPOINT = FileKind(
+    name="an Inf-DiT checkpoint", error=InfDiTCheckpointError,
+    remedy=("The Inf-DiT checkpoint is mp_rank_00_model_states.pt, linked from the THUDM/Inf-DiT README: download it "
+            "(again) into models/infdit, or convert it (again) with cli/infdit_convert.py."),
+    holds="Inf-DiT files hold keys such as transformer.layers.0.attention.query_key_value.weight (as released) or "
+          "blocks.0.qkv.weight (converted)")
+CLIP_TOWER = FileKind(
+    name="an OpenCLIP image tower", error=InfDiTCheckpointError, also_accepts=("an Inf-DiT checkpoint",),
+    remedy=("Inf-DiT's CLIP tower is open_clip_pytorch_model.bin of the Hugging Face repo "
+            "laion/CLIP-ViT-L-14-DataComp.XL-s13B-b90K: download it (again) into models/infdit or models/clip_vision, "
+            "or choose 'from checkpoint'."),
+    holds="OpenCLIP files hold keys such as visual.conv1.weight")
 
 
 def _template_regex(template: str) -> re.Pattern[str]:
@@ -153,13 +171,13 @@ def _allowed_pickle_globals(extra: tuple[str, ...]) -> list:
     allowed += [cls for name in dir(np.dtypes) if isinstance(cls := getattr(np.dtypes, name), type)]
     for name in extra:
         if _runs_code(name):
-            raise CheckpointError(f"will not allow the pickled global {name!r}: it can run commands or code, which "
+            raise InfDiTCheckpointError(f"will not allow the pickled global {name!r}: it can run commands or code, which "
                                   "a weights file never needs")
         module, _, attr = name.rpartition(".")
         try:
             allowed.append((getattr(importlib.import_module(module), attr), name))
         except (ImportError, AttributeError) as error:
-            raise CheckpointError(f"cannot allow pickled global {name!r}: {error}") from error
+            raise InfDiTCheckpointError(f"cannot allow pickled global {name!r}: {error}") from error
     return allowed
 
 
@@ -171,16 +189,10 @@ def _refused_global(error: Exception) -> str | None:
     return match.group(1) if match else None
 
 
-def _unpickling_reason(error: Exception) -> str:
-    """What torch's safe unpickler objected to, without its advice to load the file unsafely."""
-    text = str(error)
-    if not isinstance(error, pickle.UnpicklingError) and "weights_only" not in text:
-        return text
-    match = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
-    return match.group(1).strip() if match else "its pickle is not one the safe loader reads"
-
-
-def _load_pickle(path: Path, allow_globals: tuple[str, ...]) -> dict:
+def _load_pickle(path: Path, allow_globals: tuple[str, ...]) -> object:
+    """``torch.load(weights_only=True)`` allowing DeepSpeed's numpy types and ``allow_globals``; a
+    refused global is named (and never suggested when it runs code). Other failures are left
+    to :func:`..weight_files.read_weights` to word."""
     with torch.serialization.safe_globals(_allowed_pickle_globals(allow_globals)):
         try:
             try:
@@ -192,42 +204,35 @@ def _load_pickle(path: Path, allow_globals: tuple[str, ...]) -> dict:
         except Exception as error:
             name = _refused_global(error)
             if name is None:
-                raise CheckpointError(f"{path.name}: cannot read the file as a torch checkpoint "
-                                      f"({_unpickling_reason(error)})") from error
+                raise
             if _runs_code(name):
-                raise CheckpointError(
+                raise InfDiTCheckpointError(
                     f"{path.name} was refused: it contains a pickled call of {_python3_name(name)}, which runs "
                     "commands or code on the machine that opens the file. A weights file never needs it; do not "
                     "open this file with any loader that runs pickled code.") from error
-            raise CheckpointError(
+            raise InfDiTCheckpointError(
                 f"{path.name} contains the pickled Python object {name}, which is not on the list of types "
                 "this loader builds (tensors, and the numpy types DeepSpeed stores its RNG state with). "
                 "Loading it would run code from the file. If you trust the file, convert it with "
-                f"'python -m {__package__}.convert --allow-global {name} ...'.") from error
+                f"'cli/infdit_convert.py --allow-global {name} ...'.") from error
 
 
-def read_state_dict(path: str | Path, allow_globals: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors of a weight file and its metadata (safetensors only).
+def read_state_dict(path: str | Path, allow_globals: tuple[str, ...] = (),
+                    kind: FileKind = INFDIT_CHECKPOINT) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors of a weight file of ``kind`` and its metadata (safetensors only).
 
     DeepSpeed/SAT pickles keep the weights under ``'module'`` (also accepted: ``'state_dict'``
     or a bare state dict); everything else in them (optimizer and RNG states) is dropped.
     """
-    path = Path(path)
-    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
-        with safe_open(str(path), framework="pt") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})
-    data = _load_pickle(path, allow_globals)
-    for wrapper in ("module", "state_dict"):
-        if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
-            data = data[wrapper]
-            break
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path.name}: expected a state dict, found {type(data).__name__}")
-    tensors = {key: value for key, value in data.items() if isinstance(value, torch.Tensor)}
-    others = sorted(key for key in data if key not in tensors)
-    if others:
-        raise CheckpointError(f"{path.name}: entries that are not tensors in the state dict: {name_first(others, 8)}")
-    return tensors, {}
+    return read_weights(path, kind, _reader(allow_globals, kind))
+
+
+def _reader(allow_globals: tuple[str, ...], kind: FileKind) -> Loader:
+    def read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+        if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+            return read_safetensors(path)
+        return state_dict_of(_load_pickle(path, allow_globals), path, kind), {}
+    return read
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,9 +255,9 @@ def _check_rope_pair(state: dict[str, torch.Tensor], names: tuple[str, str]) -> 
     tables = [(name, state[name]) for name in names if name in state]
     for name, table in tables:
         if not table.is_floating_point():
-            raise CheckpointError(f"the RoPE table {name} holds {table.dtype} values, not floating-point ones")
+            raise InfDiTCheckpointError(f"the RoPE table {name} holds {table.dtype} values, not floating-point ones")
     if len(tables) == 2 and (tables[0][1].shape != tables[1][1].shape or tables[0][1].dtype != tables[1][1].dtype):
-        raise CheckpointError("the RoPE tables do not match each other: " + ", ".join(
+        raise InfDiTCheckpointError("the RoPE tables do not match each other: " + ", ".join(
             f"{name} {tuple(table.shape)} {str(table.dtype).removeprefix('torch.')}" for name, table in tables))
 
 
@@ -260,7 +265,7 @@ def _sat_rope_diagonal(key: str, table: torch.Tensor) -> torch.Tensor:
     try:
         return table_diagonal(table)
     except ValueError as error:
-        raise CheckpointError(f"the RoPE table {key} {tuple(table.shape)} cannot be used: {error}") from error
+        raise InfDiTCheckpointError(f"the RoPE table {key} {tuple(table.shape)} cannot be used: {error}") from error
 
 
 def _period(dit: dict[str, torch.Tensor]) -> int:
@@ -289,7 +294,8 @@ def split_sat(state: dict[str, torch.Tensor]) -> SplitCheckpoint:
         elif not any(regex.match(key) for regex in _SAT_IGNORED):
             unknown.append(key)
     if unknown:
-        raise CheckpointError(f"unexpected keys in the SAT checkpoint: {name_first(sorted(unknown), 8)}")
+        raise InfDiTCheckpointError(f"unexpected Inf-DiT keys: {name_first(sorted(unknown, key=natural_order), 8)}. "
+                                    f"{INFDIT_CHECKPOINT.remedy}")
     return SplitCheckpoint(dit, clip, _period(dit), sat=True)
 
 
@@ -300,36 +306,12 @@ def sat_name(key: str) -> str:
     return ROPE_TABLES.get(key) or _rename(key, _PACK_TO_SAT) or key
 
 
-def pack_to_sat(dit: dict[str, torch.Tensor], clip: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The inverse naming (pack -> SAT), e.g. to write a file in the released layout."""
-    state: dict[str, torch.Tensor] = {}
-    biases = {}
-    for key, value in dit.items():
-        if match := re.fullmatch(r"blocks\.(\d+)\.block_bias", key):
-            biases[int(match.group(1))] = value
-        elif key in ROPE_TABLES:
-            state[ROPE_TABLES[key]] = full_table(value)
-        elif (name := _rename(key, _PACK_TO_SAT)) is not None:
-            state[name] = value
-        else:
-            raise CheckpointError(f"no SAT name for {key!r}")
-    if biases:
-        state[SAT_BLOCK_BIAS] = torch.stack([biases[i] for i in range(len(biases))])
-    state.update({SAT_CLIP_PREFIX + key: value for key, value in (clip or {}).items()})
-    return state
-
-
 def split_checkpoint(state: dict[str, torch.Tensor], metadata: dict) -> SplitCheckpoint:
-    """Tensors in either naming -> :class:`SplitCheckpoint`; refuses a file that is not Inf-DiT."""
+    """Tensors in either naming (the released SAT names, or this pack's) -> :class:`SplitCheckpoint`."""
     if any(key.startswith(("transformer.layers.", "mixins.")) for key in state):
         return split_sat(state)
-    if not any(key.startswith("blocks.") for key in state):
-        raise CheckpointError(
-            "this is not an Inf-DiT checkpoint: it has neither the released (SAT) keys such as "
-            "'transformer.layers.0.attention.query_key_value.weight' nor this pack's 'blocks.0.qkv.weight' "
-            f"(first keys: {name_first(sorted(state))})")
     if not any(key in state for key in ROPE_TABLES):
-        raise CheckpointError(
+        raise InfDiTCheckpointError(
             "this converted file has no RoPE tables (rope.cos, rope.sin): an earlier version of the converter "
             "dropped them, but the release's own (bf16) tables are what the model computes with. Convert the "
             "released checkpoint again.")
@@ -338,7 +320,7 @@ def split_checkpoint(state: dict[str, torch.Tensor], metadata: dict) -> SplitChe
     clip = {key[len(CLIP_PREFIX):]: value for key, value in state.items() if key.startswith(CLIP_PREFIX)}
     period = metadata.get("rope_period")
     if period is not None and not period.isdigit():
-        raise CheckpointError(f"the file's metadata gives rope_period {period!r}, not a whole number")
+        raise InfDiTCheckpointError(f"the file's metadata gives rope_period {period!r}, not a whole number")
     return SplitCheckpoint(dit, clip, _period(dit) if period is None else int(period))
 
 
@@ -353,12 +335,13 @@ def clip_state_from_file(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
             rest = [key for key in state if not key.startswith(prefix)
                     and not re.match(OPENCLIP_TEXT + r"\Z", key.removeprefix("image_encoder.model."))]
             if rest:
-                raise CheckpointError(f"unexpected keys beside the CLIP image tower: {name_first(sorted(rest), 8)}")
+                raise InfDiTCheckpointError(f"unexpected CLIP image tower keys: "
+                                            f"{name_first(sorted(rest, key=natural_order), 8)}. {CLIP_TOWER.remedy}")
             return tower
     if "conv1.weight" in state:
         return dict(state)
-    raise CheckpointError("this is not an OpenCLIP ViT image tower: no 'visual.conv1.weight' or 'conv1.weight' "
-                          f"(first keys: {name_first(sorted(state))})")
+    raise InfDiTCheckpointError("it holds no OpenCLIP ViT image tower: no 'visual.conv1.weight' or 'conv1.weight' "
+                                f"(first keys: {name_first(sorted(state, key=natural_order))}). {CLIP_TOWER.remedy}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,7 +350,7 @@ def clip_state_from_file(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 def _shape(state: dict[str, torch.Tensor], key: str) -> tuple[int, ...]:
     if key not in state:
-        raise CheckpointError(f"missing key {key!r}: cannot infer the model size")
+        raise InfDiTCheckpointError(f"missing key {key!r}: cannot infer the model size")
     return tuple(state[key].shape)
 
 
@@ -376,13 +359,13 @@ def infer_config(dit: dict[str, torch.Tensor], rope_period: int = DEFAULT_ROPE_P
     hidden, in_channels, patch, _ = _shape(dit, "patch_embed.weight")
     layer_ids = {int(m.group(1)) for key in dit if (m := re.match(r"blocks\.(\d+)\.", key))}
     if layer_ids != set(range(len(layer_ids))) or not layer_ids:
-        raise CheckpointError(f"layers are not numbered 0..n-1: found {sorted(layer_ids)}")
+        raise InfDiTCheckpointError(f"layers are not numbered 0..n-1: found {sorted(layer_ids)}")
     head_dim = _shape(dit, "blocks.0.qk_norm.weight")[0]
     block_tokens = _shape(dit, "lr_xattn.query_pos")[1]
     window_tokens = _shape(dit, "lr_xattn.key_pos")[1]
     block, window = math.isqrt(block_tokens), math.isqrt(window_tokens)
     if block * block != block_tokens or window * window != window_tokens or window % 3:
-        raise CheckpointError(f"LR position embeddings {block_tokens} / {window_tokens} tokens are not square blocks")
+        raise InfDiTCheckpointError(f"LR position embeddings {block_tokens} / {window_tokens} tokens are not square blocks")
     try:
         return InfDiTConfig(
             hidden=hidden, layers=len(layer_ids), heads=hidden // head_dim, patch=patch, block=block,
@@ -391,7 +374,7 @@ def infer_config(dit: dict[str, torch.Tensor], rope_period: int = DEFAULT_ROPE_P
             in_channels=in_channels, out_channels=_shape(dit, "final.linear.weight")[0] // (patch * patch),
             mlp_ratio=_shape(dit, "blocks.0.fc1.weight")[0] // hidden, rope_period=rope_period)
     except ValueError as error:
-        raise CheckpointError(f"inconsistent sizes in the checkpoint: {error}") from error
+        raise InfDiTCheckpointError(f"inconsistent sizes in the checkpoint: {error}") from error
 
 
 def infer_clip_config(clip: dict[str, torch.Tensor]) -> ClipVisionConfig:
@@ -412,31 +395,25 @@ def _check_rope_tables(parts: SplitCheckpoint, cfg: InfDiTConfig) -> None:
     for key in ROPE_TABLES:
         if key in parts.dit and tuple(parts.dit[key].shape) != expected:
             source = "" if parts.sat else f"; rope_period {cfg.rope_period} in the file's metadata"
-            raise CheckpointError(f"Inf-DiT shapes that do not fit the inferred configuration: {name(key)} "
-                                  f"{shown(parts.dit[key].shape)} (expected {shown(expected)}{source})")
+            raise InfDiTCheckpointError(f"Inf-DiT keys of another shape: {name(key)} {shown(parts.dit[key].shape)} "
+                                        f"(expected {shown(expected)}{source})")
     if cfg.rope_period % 8:
-        raise CheckpointError(
+        raise InfDiTCheckpointError(
             f"{name('rope.cos')} has {cfg.rope_period} RoPE positions per axis, but the reference builds its tables "
             "with 8 x image_size / patch of them (1024 for the release: 512-px crops, 4-px patches), a multiple of "
             "8: no Inf-DiT configuration has this table")
 
 
-def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str,
+def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, kind: FileKind,
                 source_name: Callable[[str], str] = str) -> None:
     """Copy ``state`` into ``module``; every key must exist on both sides with the same shape.
 
     ``source_name`` renders a key as the file names it (e.g. the SAT name), for the messages.
     """
-    expected = module.state_dict()
-    missing = [source_name(key) for key in sorted(set(expected) - set(state))]
-    unexpected = [source_name(key) for key in sorted(set(state) - set(expected))]
-    wrong = [f"{source_name(key)} {tuple(state[key].shape)} (expected {tuple(expected[key].shape)})"
-             for key in sorted(set(state) & set(expected)) if state[key].shape != expected[key].shape]
-    problems = ([f"missing {what} keys: {name_first(missing, 8)}"] if missing else []) + \
-               ([f"unexpected {what} keys: {name_first(unexpected, 8)}"] if unexpected else []) + \
-               ([f"{what} shapes that do not fit the inferred configuration: {name_first(wrong, 8)}"] if wrong else [])
-    if problems:
-        raise CheckpointError("; ".join(problems))
+    sections = key_sections({key: value.shape for key, value in state.items()},
+                            {key: value.shape for key, value in module.state_dict().items()}, what, 8, source_name)
+    if sections:
+        raise kind.error(f"{'; '.join(sections)}. {kind.remedy}")
     module.load_state_dict(state, assign=True)
 
 
@@ -463,20 +440,20 @@ def _in_dtype(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return value.to(dtype, copy=value.data_ptr() % ALIGNMENT != 0)
 
 
-def _build(cls, cfg, state: dict[str, torch.Tensor], what: str, dtype: torch.dtype, operations: Operations,
-           source_name: Callable[[str], str] = str) -> torch.nn.Module:
+def _build(cls, cfg, state: dict[str, torch.Tensor], what: str, kind: FileKind, dtype: torch.dtype,
+           operations: Operations, source_name: Callable[[str], str] = str) -> torch.nn.Module:
     """``cls(cfg, operations)`` holding ``state`` in ``dtype``: every tensor is cast, the RoPE tables
     too, as the reference casts its buffers with the model before loading the stored values into them."""
     with torch.device("meta"):
         module = cls(cfg, operations)
-    load_strict(module, {key: _in_dtype(value, dtype) for key, value in state.items()}, what, source_name)
+    load_strict(module, {key: _in_dtype(value, dtype) for key, value in state.items()}, what, kind, source_name)
     return module.eval().requires_grad_(False)
 
 
 def load_clip(state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
               operations: Operations = torch.nn) -> ClipVisionEncoder:
     """An OpenCLIP image tower from its tensors (sizes read from their shapes)."""
-    return _build(ClipVisionEncoder, infer_clip_config(state), state, "CLIP image tower", dtype, operations)
+    return _build(ClipVisionEncoder, infer_clip_config(state), state, "CLIP image tower", CLIP_TOWER, dtype, operations)
 
 
 def load_infdit(path: str | Path, dtype: torch.dtype = torch.float32, clip_path: str | Path | None = None,
@@ -487,13 +464,19 @@ def load_infdit(path: str | Path, dtype: torch.dtype = torch.float32, clip_path:
     one; otherwise :attr:`InfDiTWeights.clip` is ``None``. Both networks are built from
     ``operations`` (e.g. a ``comfy.ops`` class).
     """
-    state, metadata = read_state_dict(path, allow_globals)
-    parts = split_checkpoint(state, metadata)
-    cfg = infer_config(parts.dit, parts.rope_period)
-    _check_rope_tables(parts, cfg)
-    net = _build(InfDiT, cfg, parts.dit, "Inf-DiT", dtype, operations, sat_name if parts.sat else str)
-    clip_state = clip_state_from_file(read_state_dict(clip_path)[0]) if clip_path is not None else parts.clip
-    return InfDiTWeights(net, load_clip(clip_state, dtype, operations) if clip_state else None)
+    with naming(path, INFDIT_CHECKPOINT):
+        state, metadata = read_state_dict(path, allow_globals)
+        parts = split_checkpoint(state, metadata)
+        cfg = infer_config(parts.dit, parts.rope_period)
+        _check_rope_tables(parts, cfg)
+        net = _build(InfDiT, cfg, parts.dit, "Inf-DiT", INFDIT_CHECKPOINT, dtype, operations,
+                     sat_name if parts.sat else str)
+        clip = load_clip(parts.clip, dtype, operations) if parts.clip and clip_path is None else None
+    if clip_path is not None:
+        with naming(clip_path, CLIP_TOWER):
+            clip = load_clip(clip_state_from_file(read_state_dict(clip_path, kind=CLIP_TOWER)[0]), dtype,
+                             operations)
+    return InfDiTWeights(net, clip)
 
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -538,5 +521,5 @@ def convert_checkpoint(source: str | Path, target: str | Path, dtype: torch.dtyp
     tensors = {key: value.contiguous() for key, value in weights.net.state_dict().items()}
     if weights.clip is not None:
         tensors.update({CLIP_PREFIX + key: value.contiguous() for key, value in weights.clip.state_dict().items()})
-    save_file(tensors, str(target), metadata={"format": PACK_FORMAT, "rope_period": str(weights.net.cfg.rope_period)})
+    save_safetensors(tensors, target, {"format": PACK_FORMAT, "rope_period": str(weights.net.cfg.rope_period)})
     return weights.net.cfg

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..weight_files import write_atomically
 from .budget import BudgetPlan, UpscaleOptions, plan_budget, total_batches
 from .checkpoint import InfDiTWeights, WeightSource
 from .exchange import RankGroup, Stopped, join
@@ -128,9 +129,8 @@ def main(target: str, job_dir: str) -> int:
         job = torch.load(Path(job_dir) / JOB_FILE, weights_only=True)
         result = resolve(target)(group, **job)
         if rank == 0:
-            partial = Path(job_dir) / (RESULT_FILE + ".partial")
-            torch.save(result, partial)
-            os.replace(partial, Path(job_dir) / RESULT_FILE)
+            with write_atomically(Path(job_dir) / RESULT_FILE) as partial:
+                torch.save(result, partial)
         group.close()
         return 0
     except Stopped:

@@ -21,8 +21,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+
+from ..weight_files import FileKind, read_weights, save_safetensors
 
 SUFFIX = ".optimizer"  # not a model-file extension, so ComfyUI's file lists do not show it
 MASTER = "master"      # the entry holding a parameter's own float32 value
@@ -37,38 +37,35 @@ def optimizer_path(weights: str | os.PathLike) -> Path:
 def save_optimizer_state(path: str | os.PathLike, parameters: Mapping[str, torch.nn.Parameter],
                          optimizer: torch.optim.Optimizer, steps: int, file_format: str,
                          masters: bool = False) -> None:
-    """Write the per-parameter state of ``optimizer`` after ``steps`` steps (atomically: a
-    temporary file renamed over the old one), with ``file_format`` in the metadata; ``masters``
-    adds the parameters' own values (for weight files saved in lower precision)."""
+    """Write the per-parameter state of ``optimizer`` after ``steps`` steps (atomically), with
+    ``file_format`` in the metadata; ``masters`` adds the parameters' own values (for weight
+    files saved in lower precision)."""
     tensors = {f"{name}.{entry}": torch.as_tensor(value).detach().to("cpu").contiguous()
                for name, parameter in parameters.items()
                for entry, value in optimizer.state.get(parameter, {}).items()}
     if masters:
         tensors.update({f"{name}.{MASTER}": parameter.detach().to("cpu", torch.float32).contiguous()
                         for name, parameter in parameters.items()})
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    save_file(tensors, str(partial), metadata={"format": file_format, "steps": str(steps)})
-    os.replace(partial, path)
+    save_safetensors(tensors, path, {"format": file_format, "steps": str(steps)})
 
 
 def load_optimizer_state(path: str | os.PathLike, parameters: Mapping[str, torch.nn.Parameter],
-                         optimizer: torch.optim.Optimizer, steps: int, file_format: str) -> bool:
-    """Put the saved state into ``optimizer`` if ``path`` holds it, in ``file_format``, for exactly
-    these parameters after ``steps`` steps; returns whether it did (nothing changes otherwise).
-    Saved ``master`` values are copied into the parameters. Hyperparameters such as the
-    learning rate stay those of ``optimizer``."""
+                         optimizer: torch.optim.Optimizer, steps: int, kind: FileKind) -> bool:
+    """Put the saved state into ``optimizer`` if ``path`` holds it for exactly these parameters
+    after ``steps`` steps; returns whether it did (nothing changes otherwise). A file that is
+    broken or not of ``kind`` is refused with ``kind``'s error. Saved ``master`` values are
+    copied into the parameters. Hyperparameters such as the learning rate stay those of
+    ``optimizer``."""
     path = Path(path)
     if not path.is_file():
         return False
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != file_format or meta.get("steps") != str(steps):
-            return False
-        saved: dict[str, dict[str, torch.Tensor]] = {}
-        for key in f.keys():
-            name, _, entry = key.rpartition(".")
-            saved.setdefault(name, {})[entry] = f.get_tensor(key)
+    tensors, meta = read_weights(path, kind)
+    if meta.get("steps") != str(steps):
+        return False
+    saved: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        name, _, entry = key.rpartition(".")
+        saved.setdefault(name, {})[entry] = value
     if set(saved) != set(parameters):
         return False
     states, values = {}, {}

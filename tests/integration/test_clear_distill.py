@@ -109,8 +109,8 @@ def test_a_file_for_another_window_is_refused_by_the_patch_node(pack_nodes, clea
 
 def _gradients(model, student, pattern, recompute: bool) -> dict[str, torch.Tensor]:
     from ultrares.models.clear.distill import attention_loss, mse
-    from ultrares.nodes.clear_distillation import ComfyClearHost, training_patcher
-    from ultrares.nodes.distillation import TrajectorySettings, inside_sampling
+    from ultrares.nodes.clear.distillation import ComfyClearHost, training_patcher
+    from ultrares.nodes.training import TrajectorySettings, inside_sampling
 
     training, mode = training_patcher(model, student)
     blocks = [("single", 2)]
@@ -154,8 +154,8 @@ def test_the_backward_recomputed_block_by_block_equals_the_whole_graphs(pack_nod
 def _run(model, path, steps, resume, **settings):
     from ultrares.models.clear.distill import ClearDistillSettings
     from ultrares.models.clear.pattern import ClearPattern
-    from ultrares.nodes.clear_distillation import run_clear_distillation
-    from ultrares.nodes.distillation import TrajectorySettings
+    from ultrares.nodes.clear.distillation import run_clear_distillation
+    from ultrares.nodes.training import TrajectorySettings
 
     values = dict(steps=steps, learning_rate=3e-4, samples=3, batch_size=2, flow_matching_weight=1.0, save_every=0)
     values.update(settings)
@@ -194,8 +194,8 @@ def test_a_cancelled_run_saves_a_file_the_patch_node_loads_and_resume_continues(
 
     from ultrares.models.clear.distill import ClearDistillSettings
     from ultrares.models.clear.pattern import ClearPattern
-    from ultrares.nodes.clear_distillation import run_clear_distillation
-    from ultrares.nodes.distillation import TrajectorySettings
+    from ultrares.nodes.clear.distillation import run_clear_distillation
+    from ultrares.nodes.training import TrajectorySettings
 
     path = clear_folder / "cancelled.safetensors"
     with pytest.raises(comfy.model_management.InterruptProcessingException):

@@ -263,7 +263,7 @@ def test_block_entries_of_other_packs_keep_running_under_the_block_tags(pack_nod
 
 
 def test_newer_comfyui_block_keys_are_understood():
-    from ultrares.nodes.clear import calling_block
+    from ultrares.nodes.clear.hooks import calling_block
 
     assert calling_block({"block_type": "single", "block_index": 3}) == ("single", 3)
     assert calling_block({"ultrares_clear_block": ("double", 1), "block_type": "single", "block_index": 3}) == ("double", 1)
@@ -280,10 +280,10 @@ def test_bad_inputs_are_refused_with_the_reason(pack_nodes, clear_dir):
     flux = comfy_harness.tiny_flux_patcher(seed=0)
     with pytest.raises(ValueError, match="FLUX models only.*SD15"):
         patch(pack_nodes, comfy_harness.tiny_sd15_patcher(seed=0), "clear_local_8.safetensors")
-    with pytest.raises(ValueError, match=r"transformer_blocks\.0\.attn\.to_q\.weight \(128, 128\) vs "
-                                         r"diffusion_model\.double_blocks\.0\.img_attn\.qkv\.weight\[dim 0: 0:64\] \(64, 64\)"):
+    with pytest.raises(ValueError, match=r"CLEAR keys of another shape: transformer_blocks\.0\.attn\.to_q\.weight "
+                                         r"\(128, 128\) \(expected \(64, 64\)\)"):
         patch(pack_nodes, flux, "clear_local_8_wide.safetensors")
-    with pytest.raises(ValueError, match=r"unexpected transformer_blocks\.2\.attn\.to_k\.bias"):
+    with pytest.raises(ValueError, match=r"unexpected CLEAR keys: transformer_blocks\.2\.attn\.to_k\.bias"):
         patch(pack_nodes, flux, "clear_local_8_deep.safetensors")
     with pytest.raises(ValueError, match="window radius.*mystery.safetensors.*set window_radius"):
         patch(pack_nodes, flux, "mystery.safetensors")
@@ -463,7 +463,7 @@ def test_the_override_is_tagged_memory_efficient_for_core_memory_estimates(pack_
 
 
 def test_overrides_are_described_by_the_node_that_installed_them(pack_nodes):
-    from ultrares.nodes.attention_override import describe_override
+    from ultrares.nodes.clear.override_slot import describe_override
 
     def sparse(func, *args, **kwargs):
         return func(*args, **kwargs)

@@ -26,7 +26,7 @@ def test_cli_distils_the_checkpoint_it_loads_and_resumes(comfy_nodes, pack_nodes
                                                         monkeypatch, capsys):
     import comfy.sd
     from ultrares.models.gspn import load_gspn_weights
-    from ultrares.nodes import gspn_cli
+    from ultrares.cli import gspn_distill as gspn_cli
 
     loaded = []
 
@@ -52,7 +52,7 @@ def test_cli_distils_the_checkpoint_it_loads_and_resumes(comfy_nodes, pack_nodes
 
 def test_cli_started_as_a_script_boots_comfyui_and_imports_the_pack(comfyui_path, tmp_path):
     result = subprocess.run(
-        [sys.executable, str(comfy_harness.REPO_ROOT / "nodes" / "gspn_cli.py"), "--comfyui", str(comfyui_path),
+        [sys.executable, str(comfy_harness.REPO_ROOT / "cli" / "gspn_distill.py"), "--comfyui", str(comfyui_path),
          "--cpu", "--checkpoint", str(tmp_path / "missing.safetensors"), "--prompt", "a cat",
          "--out", str(tmp_path / "out.safetensors")],
         capture_output=True, text=True, timeout=300)

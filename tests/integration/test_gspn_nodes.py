@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import comfy_harness
+from gspn_standin import held_out_loss
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -44,8 +45,13 @@ def _attn1_patches(model):
 
 def test_distilled_weights_match_attn1_far_better_than_random_ones_and_sample_end_to_end(pack_nodes, gspn_folder):
     from ultrares.models.gspn import GSPNConfig, GSPNLayers, load_gspn_weights
-    from ultrares.nodes.gspn_patch import unet_layers
-    from ultrares.nodes.gspn_training import TrajectorySettings, evaluate_gspn
+    from ultrares.nodes.gspn.patch import unet_layers
+    from ultrares.nodes.gspn.distillation import TrajectorySettings, with_host
+
+    def evaluate_gspn(model, positive, negative, gspn, trajectory, points, seed):
+        with torch.inference_mode(False):
+            return with_host(model, positive, negative, trajectory, seed,
+                             lambda host: held_out_loss(gspn, host, points, seed))
 
     model = comfy_harness.tiny_sd15_patcher(seed=1)
     trajectory = TrajectorySettings(width=64, height=48, sampling_steps=4, cfg=1.0)
@@ -73,7 +79,7 @@ def test_distilled_weights_match_attn1_far_better_than_random_ones_and_sample_en
 
 def test_patch_replaces_every_attn1_on_a_clone_and_manages_the_gspn_modules(pack_nodes, gspn_folder):
     from ultrares.models.gspn import GSPNConfig, GSPNLayers, TrainingRecord, save_gspn_weights
-    from ultrares.nodes.gspn_patch import ADDITIONAL_MODELS_KEY, unet_layers
+    from ultrares.nodes.gspn.patch import ADDITIONAL_MODELS_KEY, unet_layers
 
     model = comfy_harness.tiny_sd15_patcher(seed=1)
     specs = unet_layers(model)
@@ -103,7 +109,7 @@ def test_patch_replaces_every_attn1_on_a_clone_and_manages_the_gspn_modules(pack
 def test_layers_where_gspn_steps_aside_run_the_patches_other_packs_set(pack_nodes, gspn_folder):
     import comfy.ldm.modules.attention as comfy_attention
     from ultrares.models.gspn import GSPNConfig, GSPNLayers, TrainingRecord, save_gspn_weights
-    from ultrares.nodes.gspn_patch import unet_layers
+    from ultrares.nodes.gspn.patch import unet_layers
 
     model = comfy_harness.tiny_sd15_patcher(seed=1)
     specs = unet_layers(model)
@@ -137,7 +143,7 @@ def test_layers_where_gspn_steps_aside_run_the_patches_other_packs_set(pack_node
 
 def test_sdxl_shaped_unet_is_distilled_and_patched_at_every_transformer_block_index(pack_nodes, gspn_folder):
     from ultrares.models.gspn import load_gspn_weights
-    from ultrares.nodes.gspn_patch import layer_label, unet_layers
+    from ultrares.nodes.gspn.patch import layer_label, unet_layers
 
     model = comfy_harness.tiny_sdxl_patcher(seed=1)
     specs = unet_layers(model)
@@ -165,7 +171,7 @@ def test_sdxl_shaped_unet_is_distilled_and_patched_at_every_transformer_block_in
 
 def test_patch_refuses_weights_for_another_family_and_models_without_a_unet(pack_nodes, gspn_folder):
     from ultrares.models.gspn import GSPNConfig, GSPNLayers, TrainingRecord, save_gspn_weights
-    from ultrares.nodes.gspn_patch import unet_layers
+    from ultrares.nodes.gspn.patch import unet_layers
 
     model = comfy_harness.tiny_sd15_patcher()
     save_gspn_weights(gspn_folder / "xl.safetensors", GSPNLayers(unet_layers(model), GSPNConfig()), "SDXL",
@@ -207,7 +213,7 @@ def test_cancelled_distillation_leaves_a_checkpoint_that_resumes(pack_nodes, gsp
         if len(checks) > 3:
             raise interrupt_class()
 
-    import ultrares.nodes.gspn as gspn_nodes
+    import ultrares.nodes.gspn.nodes as gspn_nodes
 
     never_cancelled = gspn_nodes.check_interrupt
     monkeypatch.setattr(gspn_nodes, "check_interrupt", cancel_after_three)
@@ -247,8 +253,8 @@ def test_prediction_matching_trains_through_a_unet_loaded_in_inference_mode(pack
 
 def test_prediction_matching_sends_gradients_through_the_unet_to_every_gspn_layer(pack_nodes):
     from ultrares.models.gspn import GSPNConfig, GSPNLayers
-    from ultrares.nodes.gspn_patch import unet_layers
-    from ultrares.nodes.gspn_training import TrajectorySettings, with_host, with_weight_copies
+    from ultrares.nodes.gspn.patch import unet_layers
+    from ultrares.nodes.gspn.distillation import TrajectorySettings, with_host, with_weight_copies
 
     with torch.inference_mode():  # as ComfyUI loads checkpoints
         model = comfy_harness.tiny_sd15_patcher(seed=3)
@@ -273,7 +279,7 @@ def test_the_gspn_modules_get_the_patcher_class_comfyui_builds_its_models_with(p
     # its non-dynamic path; 0.3.64 has no CoreModelPatcher at all.
     import comfy.model_patcher
     from ultrares.models.gspn import GSPNConfig, GSPNLayers, TrainingRecord, save_gspn_weights
-    from ultrares.nodes.gspn_patch import ADDITIONAL_MODELS_KEY, unet_layers
+    from ultrares.nodes.gspn.patch import ADDITIONAL_MODELS_KEY, unet_layers
 
     if host == "Dynamic VRAM":
         expected = comfy_harness.dynamic_patcher_standin()
@@ -320,8 +326,8 @@ class SharedCastBuffer:
 
 def _prediction_matching_gradients(model) -> dict[str, torch.Tensor]:
     from ultrares.models.gspn import GSPNConfig, GSPNLayers
-    from ultrares.nodes.gspn_patch import unet_layers
-    from ultrares.nodes.gspn_training import TrajectorySettings, with_host, with_weight_copies
+    from ultrares.nodes.gspn.patch import unet_layers
+    from ultrares.nodes.gspn.distillation import TrajectorySettings, with_host, with_weight_copies
 
     trajectory = TrajectorySettings(width=64, height=48, sampling_steps=2, cfg=2.0)
     with torch.inference_mode(False), torch.enable_grad():

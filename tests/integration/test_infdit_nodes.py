@@ -9,9 +9,6 @@ run one per GPU.
 
 from __future__ import annotations
 
-import asyncio
-import json
-
 import pytest
 import torch
 
@@ -50,20 +47,6 @@ def model_folder(pack_nodes, tmp_path_factory):
     folder_paths.filename_list_cache.pop("infdit", None)
 
 
-class RecordingServer:
-    """What ``PromptExecutor`` needs from the server: it records the messages sent to the UI."""
-
-    def __init__(self) -> None:
-        self.client_id = self.last_node_id = self.last_prompt_id = None
-        self.messages: list[tuple[str, dict]] = []
-
-    def send_sync(self, event: str, data: dict, sid=None) -> None:
-        self.messages.append((event, data))
-
-    def queue_updated(self) -> None:
-        pass
-
-
 def upscale_prompt(checkpoint: str, image: torch.Tensor, **upscale_inputs) -> dict:
     inputs = dict(scale="4", steps=2, seed=3, init_noise=True, vram_budget_gb=0.0, scan="auto", offload_cache=False)
     inputs.update(upscale_inputs)
@@ -78,48 +61,18 @@ def upscale_prompt(checkpoint: str, image: torch.Tensor, **upscale_inputs) -> di
 
 def run_prompt(comfy_nodes, prompt: dict, image: torch.Tensor, on_progress=None):
     """Validate and execute ``prompt`` like the server does; returns (executor, server, upscaled image)."""
-    import comfy.utils
-    import execution
     from comfy_api.latest import io
 
     results = {}
-
-    class UltraResTestImage(io.ComfyNode):  # feeds the test image (ComfyUI's LoadImage needs a file)
-        @classmethod
-        def define_schema(cls):
-            return io.Schema(node_id="UltraResTestImage", inputs=[], outputs=[io.Image.Output()])
-
-        @classmethod
-        def execute(cls):
-            return io.NodeOutput(image)
-
-    class UltraResCapture(io.ComfyNode):
-        @classmethod
-        def define_schema(cls):
-            return io.Schema(node_id="UltraResCapture", inputs=[io.Image.Input("images")], outputs=[], is_output_node=True)
-
-        @classmethod
-        def execute(cls, images):
-            results["image"] = images
-            return io.NodeOutput()
-
-    prompt = dict(prompt, **{"5": {"class_type": "UltraResCapture", "inputs": {"images": ["3", 0]}}})
-    comfy_nodes.NODE_CLASS_MAPPINGS.update(UltraResTestImage=UltraResTestImage, UltraResCapture=UltraResCapture)
-    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("test", prompt, None))
-    assert valid, json.dumps([error, node_errors], default=str)
-    server = RecordingServer()
-    executor = comfy_harness.prompt_executor(server)
-    comfy.utils.set_progress_bar_global_hook(
-        (lambda value, total, preview, node_id=None: on_progress(value, total)) if on_progress else None)
-    try:
-        executor.execute(prompt, "test", {"client_id": "tests"}, outputs)
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
-    return executor, server, results.get("image")
+    prompt = dict(prompt, **{"5": {"class_type": "UltraResCapture", "inputs": {"value": ["3", 0]}}})
+    test_nodes = {"UltraResTestImage": comfy_harness.source_node("UltraResTestImage", io.Image, image),
+                  "UltraResCapture": comfy_harness.sink_node("UltraResCapture", results)}
+    executor, server = comfy_harness.execute_prompt(prompt, test_nodes, on_progress)
+    return executor, server, results.get("value")
 
 
-def events(server: RecordingServer) -> list[str]:
-    return [event for event, _ in server.messages]
+def events(server) -> list[str]:
+    return server.events()
 
 
 def test_the_upscaler_runs_the_released_file_with_progress_per_evaluation_and_batch(comfy_nodes, model_folder):
@@ -232,7 +185,7 @@ def test_errors_name_the_problem(comfy_nodes, model_folder, checkpoint, budget, 
     image = torch.rand(1, 32, 32, 3)
     executor, server, _ = run_prompt(comfy_nodes, upscale_prompt(checkpoint, image, vram_budget_gb=budget), image)
     assert not executor.success
-    (error,) = [data for event, data in server.messages if event == "execution_error"]
+    error = server.execution_error()
     assert __import__("re").search(message, error["exception_message"]), error["exception_message"]
 
 
@@ -354,5 +307,5 @@ def test_a_device_list_that_cannot_work_is_refused_naming_the_problem(comfy_node
     image = torch.rand(1, 12, 20, 3)
     executor, server, _ = run_prompt(comfy_nodes, upscale_prompt(RELEASED, image, devices=devices), image)
     assert not executor.success
-    (error,) = [data for event, data in server.messages if event == "execution_error"]
+    error = server.execution_error()
     assert message in error["exception_message"], error["exception_message"]

@@ -8,14 +8,11 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
-from ..models.gspn import GSPNConfig, TrainingRecord, load_gspn_weights
-from ..models.gspn.distill import DistillSettings
-from ..models.training import draw_loss_plot
-from .category import CATEGORY
-from .gspn_patch import apply_gspn, model_family, unet_layers
-from .distillation import TrajectorySettings, output_path
-from .gspn_training import run_distillation
-from .runtime import check_interrupt, progress_callback
+from ...models.gspn import DistillSettings, GSPNConfig, TrainingRecord, draw_loss_plot, load_gspn_weights
+from ..category import CATEGORY
+from .patch import apply_gspn, model_family, unet_layers
+from .distillation import TrajectorySettings, output_path, run_distillation
+from ..runtime import check_interrupt, progress_callback
 
 GSPN_CATEGORY = f"{CATEGORY}/GSPN"
 FOLDER = "gspn"

@@ -1,8 +1,10 @@
 """Convert the released Inf-DiT checkpoint to a safetensors file with this pack's key names.
 
-    python -m models.infdit.convert mp_rank_00_model_states.pt ../../models/infdit/infdit.safetensors
+    python custom_nodes/ComfyUI-UltraRes/cli/infdit_convert.py \\
+        models/infdit/mp_rank_00_model_states.pt models/infdit/infdit.safetensors
 
-(from the pack's folder; ``python -m ultrares.models.infdit.convert`` where the pack is installed).
+(from the ComfyUI folder, with ComfyUI's Python; ``python -m ultrares.cli.infdit_convert ...``
+where the pack is installed). It needs no ComfyUI.
 
 The source is verified first (every DiT key present, every shape consistent); its RoPE tables
 are kept as stored; the CLIP tower is taken from the checkpoint, or from
@@ -11,18 +13,20 @@ are kept as stored; the CLIP tower is taken from the checkpoint, or from
 
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:  # run by path: run as ultrares.cli.infdit_convert
+    import _pack
+
+    _pack.run(__file__)
+
 import argparse
 import sys
 
-import torch
-
-from .checkpoint import CheckpointError, convert_checkpoint
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from ..models.infdit import DTYPES, InfDiTCheckpointError, convert_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m {__package__}.convert", description=__doc__,
+    """Parse the arguments and convert; returns the exit status (1 with the reason when refused)."""
+    parser = argparse.ArgumentParser(prog="cli/infdit_convert.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="released mp_rank_00_model_states.pt (or any Inf-DiT file)")
     parser.add_argument("target", help="output .safetensors")
@@ -34,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = convert_checkpoint(args.source, args.target, DTYPES[args.dtype], args.clip, tuple(args.allow_global))
-    except CheckpointError as error:
+    except InfDiTCheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"wrote {args.target}: {cfg.layers} layers, width {cfg.hidden}, {cfg.heads} heads, "

@@ -15,8 +15,8 @@ import comfy.ldm.modules.attention as comfy_attention
 import comfy.model_patcher
 import torch
 
-from ..models.gspn import GSPNAttention, GSPNLayers, LayerSpec, find_attn1_layers
-from .patchers import new_patcher
+from ...models.gspn import GSPNAttention, GSPNLayers, LayerSpec, find_attn1_layers
+from ..patchers import new_patcher
 
 ADDITIONAL_MODELS_KEY = "ultrares_gspn"
 LATENT_SCALE = 8  # SD1.5/SDXL latents are 1/8 of the image size
@@ -81,7 +81,8 @@ def _gated(gspn: Attn1, fallback: Attn1, min_pixels: int) -> Attn1:
     return attn1
 
 
-def _compute_dtype(model: comfy.model_patcher.ModelPatcher) -> torch.dtype:
+def model_compute_dtype(model: comfy.model_patcher.ModelPatcher) -> torch.dtype:
+    """The dtype ``model`` computes in (its manual-cast dtype where it has one): the GSPN modules run in it."""
     dtype = getattr(model.model, "manual_cast_dtype", None) or model.model_dtype()
     return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
 
@@ -91,7 +92,7 @@ def apply_gspn(model: comfy.model_patcher.ModelPatcher, gspn: GSPNLayers, keep_l
     """A clone of ``model`` whose self-attention layers run ``gspn`` (the caller's model is untouched)."""
     patched = model.clone()
     keep = kept_layers(gspn.specs, keep_levels, keep_labels)
-    gspn.to(dtype=_compute_dtype(model)).eval().requires_grad_(False)
+    gspn.to(dtype=model_compute_dtype(model)).eval().requires_grad_(False)
     patched.set_additional_models(ADDITIONAL_MODELS_KEY, [new_patcher(gspn, model.load_device, model.offload_device)])
     before = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
     for spec, module in gspn.items():

@@ -25,18 +25,17 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..models.infdit import (SCAN_ORDERS, GiB, BudgetTooSmall, InfDiTWeights, RankFailed, UpscaleOptions,
-                             WeightSource, allocator_headroom, load_infdit, parse_devices, plan_budget, upscale,
-                             upscale_on_ranks, weight_bytes, working_memory)
-from .category import CATEGORY
-from .patchers import free_device_memory, new_patcher
-from .runtime import check_interrupt, progress_callback
+from ...models.infdit import (DTYPES, SCAN_ORDERS, GiB, BudgetTooSmall, InfDiTWeights, RankFailed, UpscaleOptions,
+                              WeightSource, allocator_headroom, load_infdit, parse_devices, plan_budget, upscale,
+                              upscale_on_ranks, weight_bytes, working_memory)
+from ..category import CATEGORY
+from ..patchers import free_device_memory, new_patcher
+from ..runtime import check_interrupt, progress_callback
 
 INFDIT_CATEGORY = f"{CATEGORY}/Inf-DiT"
 InfDiTModel = io.Custom("INFDIT_MODEL")
 FROM_CHECKPOINT = "from checkpoint"
 CLIP_VISION_PREFIX = "clip_vision/"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 AUTO_DEVICES = "auto"
 
 
@@ -65,7 +64,9 @@ def _clip_options() -> list[str]:
             + [CLIP_VISION_PREFIX + name for name in folder_paths.get_filename_list("clip_vision")])
 
 
-def _compute_dtype(choice: str, device: torch.device) -> str:
+def weight_dtype(choice: str, device: torch.device) -> str:
+    """The loader's ``dtype`` choice on ``device``, a key of ``DTYPES``: ``auto`` is bf16 where
+    supported (as trained), else fp16 on GPUs that have it, else fp32."""
     if choice != "auto":
         return choice
     if mm.should_use_bf16(device):
@@ -97,7 +98,7 @@ class UltraResInfDiTLoader(io.ComfyNode):
             display_name="Load Inf-DiT upsampler",
             category=INFDIT_CATEGORY,
             description=("Loads an Inf-DiT upsampler from models/infdit: the released mp_rank_00_model_states.pt "
-                         "or a file converted with 'python -m ultrares.models.infdit.convert'. Sizes are read from "
+                         "or a file converted with cli/infdit_convert.py. Sizes are read from "
                          "the weights; a file with missing or unexpected keys is refused with their names."),
             inputs=[
                 io.Combo.Input("checkpoint", options=folder_paths.get_filename_list("infdit"),
@@ -123,7 +124,7 @@ class UltraResInfDiTLoader(io.ComfyNode):
             clip_path = folder_paths.get_full_path_or_raise("clip_vision", clip_vision[len(CLIP_VISION_PREFIX):])
         else:
             clip_path = folder_paths.get_full_path_or_raise("infdit", clip_vision)
-        source = WeightSource(path=path, clip_path=clip_path, dtype=_compute_dtype(dtype, device))
+        source = WeightSource(path=path, clip_path=clip_path, dtype=weight_dtype(dtype, device))
         weights = load_infdit(path, DTYPES[source.dtype], clip_path)
         if weights.clip is None:
             raise ValueError(f"{checkpoint} has no CLIP image tower: choose the OpenCLIP ViT-L/14 DataComp-XL file "

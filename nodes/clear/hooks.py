@@ -1,4 +1,4 @@
-"""CLEAR in ComfyUI: the patch node and the hooks it puts on a clone of a Flux model.
+"""The hooks the CLEAR node puts on a clone of a Flux model (no ComfyUI module is modified).
 
 - Weights: the file's fine-tuned projections become ModelPatcher "set" weight patches placed
   in front of the clone's other patches, so LoRAs on the same tensors still add on top
@@ -28,20 +28,15 @@ import comfy.patcher_extension
 import comfy.utils
 import folder_paths
 import torch
-from comfy_api.latest import io
 
-from ..kernels.backend import BACKENDS
-from ..models.clear.attention import ClearAttention, TokenLayout
-from ..models.clear.pattern import ClearPattern, ntk_theta, resolve_pattern
-from ..models.clear.weights import Block, ClearWeights, plan_weights
-from .attention_override import OVERRIDE_KEY, describe_override
-from .category import CATEGORY
-from .runtime import check_interrupt, progress_callback
+from ...models.clear import (Block, ClearAttention, ClearPattern, ClearWeights, TokenLayout, ntk_theta, plan_weights,
+                            read_clear_file)
+from .override_slot import OVERRIDE_KEY, describe_override
+from ..runtime import check_interrupt, progress_callback
 
 WRAPPER_KEY = "ultrares_clear"
 LAYOUT_KEY = "ultrares_clear_layout"
 BLOCK_KEY = "ultrares_clear_block"
-NO_FILE = "none"
 THETA_ATTRIBUTE = "diffusion_model.pe_embedder.theta"
 # FLUX.1's block layout as ``FluxParams`` of newer ComfyUI spells it (fields absent on older hosts
 # take these values): per-block modulation, GELU MLPs, biased projections, no text norm.
@@ -87,7 +82,7 @@ def load_clear_file(model: comfy.model_patcher.ModelPatcher, filename: str) -> t
     the file's metadata."""
     network = flux_module(model)
     path = folder_paths.get_full_path_or_raise("clear", filename)
-    state_dict, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
+    state_dict, metadata = read_clear_file(path, load=_host_reader)
     depth, depth_single = len(network.double_blocks), len(network.single_blocks)
     key_map = comfy.utils.flux_to_diffusers(
         {"depth": depth, "depth_single_blocks": depth_single, "hidden_size": network.hidden_size},
@@ -95,7 +90,13 @@ def load_clear_file(model: comfy.model_patcher.ModelPatcher, filename: str) -> t
     shapes = {key: tuple(value.shape) for key, value in model.model.state_dict().items()}
     weights = plan_weights(state_dict, key_map, shapes, depth, depth_single, filename,
                            on_progress=progress_callback(len(state_dict)), check_interrupt=check_interrupt)
-    return weights, metadata or {}
+    return weights, metadata
+
+
+def _host_reader(path) -> tuple[dict, dict]:
+    """ComfyUI's own file reader (on newer hosts it memory-maps safetensors for Dynamic VRAM)."""
+    state_dict, metadata = comfy.utils.load_torch_file(str(path), safe_load=True, return_metadata=True)
+    return state_dict, metadata or {}
 
 
 def add_weights_first(model: comfy.model_patcher.ModelPatcher, weights: ClearWeights) -> None:
@@ -259,72 +260,3 @@ def apply_clear(model: comfy.model_patcher.ModelPatcher, pattern: ClearPattern, 
     if attention.needs_block():
         tag_blocks(patched, len(network.double_blocks), len(network.single_blocks))
     return patched
-
-
-class UltraResClearPatch(io.ComfyNode):
-    """Patch a FLUX model with CLEAR's circular-window attention and its fine-tuned weights."""
-
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="UltraResClearPatch",
-            display_name="CLEAR attention (FLUX)",
-            category=f"{CATEGORY}/CLEAR",
-            description=(
-                "CLEAR (arXiv 2412.16112): every image token attends only to the image tokens inside a "
-                "circle around it, to all text tokens and, in the _down_ variants, to a learned down-sampled "
-                "copy of the image; attention cost then grows linearly with the image size. Loads the "
-                "fine-tuned attention weights from models/clear. For 2K-8K: generate at ~1K, upscale, then "
-                "img2img with this patch (the reference uses ntk_factor 10 and proportional attention there)."),
-            inputs=[
-                io.Model.Input("model", tooltip="A FLUX model (FLUX.1-dev, the model CLEAR was distilled from)."),
-                io.Combo.Input("clear_weights", options=[NO_FILE] + folder_paths.get_filename_list("clear"),
-                               default=NO_FILE,
-                               tooltip="A released CLEAR file (clear_local_<r>[_down_<d>].safetensors) from "
-                                       "models/clear. 'none' applies the window without the fine-tuned weights: "
-                                       "the model was not trained for it and quality drops; use the weights."),
-                io.Int.Input("window_radius", default=0, min=0, max=1024,
-                             tooltip="Radius r in image tokens (16 px each): a token sees the tokens with "
-                                     "dy^2 + dx^2 < r^2. 0 = the file's radius (needed with 'none' and files that do "
-                                     "not say theirs); a file made for another radius is refused."),
-                io.Int.Input("down_factor", default=0, min=0, max=64,
-                             tooltip="Size d of the d x d cells of the down-sampled keys; 1 = none. "
-                                     "0 = the file's factor (1 with 'none'); a file made for another is refused."),
-                io.Float.Input("ntk_factor", default=1.0, min=1.0, max=100.0, step=0.5,
-                               tooltip="Multiplies the RoPE base (theta) of every axis for every call of this "
-                                       "model; the reference's high-resolution recipe uses 10. 1 = unchanged."),
-                io.Boolean.Input("proportional_attention", default=False,
-                                 tooltip="Softmax scale sqrt(log_4608(N) / head_dim) with N the number of tokens "
-                                         "(x10 with down-sampled keys), as in the reference's high-resolution "
-                                         "recipe; off = 1/sqrt(head_dim)."),
-                io.Int.Input("min_image_tokens", default=0, min=0, max=1 << 24,
-                             tooltip="Use CLEAR attention only when the image has more than this many tokens "
-                                     "(width/16 x height/16); smaller images get the model's full attention, "
-                                     "with the file's weights and the NTK factor still applied (the weights were "
-                                     "tuned for the window, so results there differ from CLEAR's). CLEAR saves "
-                                     "little below ~2K: at 1024x1024 (4096 tokens) radius 16 still costs a third "
-                                     "of full attention. 0 = CLEAR at every size, as in the reference."),
-                io.Combo.Input("backend", options=list(BACKENDS), default="auto",
-                               tooltip="auto: the Triton kernel for bfloat16/float16 models on the GPUs it was "
-                                       "built and checked for (RTX 30/40, A100, L4/L40, H100), the exact tiled "
-                                       "PyTorch path elsewhere (float32, older GPUs, CPU); torch/triton force one "
-                                       "(triton says why when it cannot run)."),
-            ],
-            outputs=[io.Model.Output(tooltip="The patched FLUX model.")],
-        )
-
-    @classmethod
-    def execute(cls, model, clear_weights: str, window_radius: int, down_factor: int, ntk_factor: float,
-                proportional_attention: bool, min_image_tokens: int, backend: str) -> io.NodeOutput:
-        flux_module(model)
-        weights, metadata, filename = None, {}, None
-        if clear_weights != NO_FILE:
-            filename = clear_weights
-            weights, metadata = load_clear_file(model, clear_weights)
-        pattern = resolve_pattern(filename, metadata, weights.spatial_size if weights else None,
-                                  radius=window_radius, down_factor=down_factor)
-        return io.NodeOutput(apply_clear(model, pattern, weights, ntk_factor, proportional_attention,
-                                         min_image_tokens, backend))
-
-
-NODES: list[type[io.ComfyNode]] = [UltraResClearPatch]

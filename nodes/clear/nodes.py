@@ -1,5 +1,5 @@
-"""The CLEAR Distill node: CLEAR weights for any FLUX.1-layout model, made the way the paper
-made the released ones (distilled from the model itself)."""
+"""The CLEAR nodes: their inputs, tooltips and what they do with them (the patch node's hooks are
+in :mod:`.hooks`, the distillation's ComfyUI host in :mod:`.distillation`)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,85 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
-from ..models.clear.distill import ATTENTION, FLOW_MATCHING, PREDICTION, ClearDistillSettings, ClearTrainingRecord
-from ..models.clear.pattern import ClearPattern
-from ..models.training import draw_loss_plot
-from .category import CATEGORY
-from .clear import apply_clear, load_clear_file
-from .clear_distillation import run_clear_distillation
-from .distillation import TrajectorySettings, output_path
-from .runtime import check_interrupt, progress_callback
+from ...models.clear import (ATTENTION, BACKENDS, FLOW_MATCHING, PREDICTION, ClearDistillSettings, ClearPattern,
+                             ClearTrainingRecord, resolve_pattern)
+from ...models.training import draw_loss_plot
+from ..category import CATEGORY
+from ..runtime import check_interrupt, progress_callback
+from ..training import TrajectorySettings, output_path
+from .distillation import run_clear_distillation
+from .hooks import apply_clear, flux_module, load_clear_file
 
+NO_FILE = "none"
 FOLDER = "clear"
 SCHEDULER = "simple"  # ComfyUI's FLUX workflows sample with the simple scheduler
+
+
+class UltraResClearPatch(io.ComfyNode):
+    """Patch a FLUX model with CLEAR's circular-window attention and its fine-tuned weights."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="UltraResClearPatch",
+            display_name="CLEAR attention (FLUX)",
+            category=f"{CATEGORY}/CLEAR",
+            description=(
+                "CLEAR (arXiv 2412.16112): every image token attends only to the image tokens inside a "
+                "circle around it, to all text tokens and, in the _down_ variants, to a learned down-sampled "
+                "copy of the image; attention cost then grows linearly with the image size. Loads the "
+                "fine-tuned attention weights from models/clear. For 2K-8K: generate at ~1K, upscale, then "
+                "img2img with this patch (the reference uses ntk_factor 10 and proportional attention there)."),
+            inputs=[
+                io.Model.Input("model", tooltip="A FLUX model (FLUX.1-dev, the model CLEAR was distilled from)."),
+                io.Combo.Input("clear_weights", options=[NO_FILE] + folder_paths.get_filename_list("clear"),
+                               default=NO_FILE,
+                               tooltip="A released CLEAR file (clear_local_<r>[_down_<d>].safetensors) or one the "
+                                       "CLEAR Distill node made, from models/clear. 'none' applies the window "
+                                       "without the fine-tuned weights: the model was not trained for it and "
+                                       "quality drops; use the weights."),
+                io.Int.Input("window_radius", default=0, min=0, max=1024,
+                             tooltip="Radius r in image tokens (16 px each): a token sees the tokens with "
+                                     "dy^2 + dx^2 < r^2. 0 = the file's radius (needed with 'none' and files that do "
+                                     "not say theirs); a file made for another radius is refused."),
+                io.Int.Input("down_factor", default=0, min=0, max=64,
+                             tooltip="Size d of the d x d cells of the down-sampled keys; 1 = none. "
+                                     "0 = the file's factor (1 with 'none'); a file made for another is refused."),
+                io.Float.Input("ntk_factor", default=1.0, min=1.0, max=100.0, step=0.5,
+                               tooltip="Multiplies the RoPE base (theta) of every axis for every call of this "
+                                       "model; the reference's high-resolution recipe uses 10. 1 = unchanged."),
+                io.Boolean.Input("proportional_attention", default=False,
+                                 tooltip="Softmax scale sqrt(log_4608(N) / head_dim) with N the number of tokens "
+                                         "(x10 with down-sampled keys), as in the reference's high-resolution "
+                                         "recipe; off = 1/sqrt(head_dim)."),
+                io.Int.Input("min_image_tokens", default=0, min=0, max=1 << 24,
+                             tooltip="Use CLEAR attention only when the image has more than this many tokens "
+                                     "(width/16 x height/16); smaller images get the model's full attention, "
+                                     "with the file's weights and the NTK factor still applied (the weights were "
+                                     "tuned for the window, so results there differ from CLEAR's). CLEAR saves "
+                                     "little below ~2K: at 1024x1024 (4096 tokens) radius 16 still costs a third "
+                                     "of full attention. 0 = CLEAR at every size, as in the reference."),
+                io.Combo.Input("backend", options=list(BACKENDS), default="auto",
+                               tooltip="auto: the Triton kernel for bfloat16/float16 models on the GPUs it was "
+                                       "built and checked for (RTX 30/40, A100, L4/L40, H100), the exact tiled "
+                                       "PyTorch path elsewhere (float32, older GPUs, CPU); torch/triton force one "
+                                       "(triton says why when it cannot run)."),
+            ],
+            outputs=[io.Model.Output(tooltip="The patched FLUX model.")],
+        )
+
+    @classmethod
+    def execute(cls, model, clear_weights: str, window_radius: int, down_factor: int, ntk_factor: float,
+                proportional_attention: bool, min_image_tokens: int, backend: str) -> io.NodeOutput:
+        flux_module(model)
+        weights, metadata, filename = None, {}, None
+        if clear_weights != NO_FILE:
+            filename = clear_weights
+            weights, metadata = load_clear_file(model, clear_weights)
+        pattern = resolve_pattern(filename, metadata, weights.spatial_size if weights else None,
+                                  radius=window_radius, down_factor=down_factor)
+        return io.NodeOutput(apply_clear(model, pattern, weights, ntk_factor, proportional_attention,
+                                         min_image_tokens, backend))
 
 
 class UltraResClearDistill(io.ComfyNode):
@@ -126,4 +194,4 @@ def loss_image(record: ClearTrainingRecord) -> torch.Tensor:
     return torch.from_numpy(plot.astype(np.float32) / 255.0)[None]
 
 
-NODES: list[type[io.ComfyNode]] = [UltraResClearDistill]
+NODES: list[type[io.ComfyNode]] = [UltraResClearPatch, UltraResClearDistill]

@@ -1,9 +1,10 @@
 """CLEAR distillation inside ComfyUI: the host-free loop of ``models/clear/distill.py`` driven
-through ComfyUI's own sampling of the FLUX model (the node and the command line share this).
+through ComfyUI's own sampling of the FLUX model (:mod:`..training`; the node and the command
+line share this).
 
 One ModelPatcher runs teacher and student, both through the guider:
 
-- It is the CLEAR patch node's clone (:func:`.clear.apply_clear`, the same attention override,
+- It is the CLEAR patch node's clone (:func:`.hooks.apply_clear`, the same attention override,
   ``APPLY_MODEL`` wrapper and block tags), with the student's ``spatial_weight`` parameters as
   the layers' spatial weights. A teacher call drops the CLEAR wrapper from that call's model
   options, so the override sees no token layout and hands every call to the model's own
@@ -41,17 +42,14 @@ import comfy.utils
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..models.clear.distill import (ClearDistillSettings, ClearTrainingRecord, Prediction, distill, make_optimizer,
-                                    optimized_tensors)
-from ..models.clear.distilled import OPTIMIZER_FORMAT, file_dtype, read_distilled, save_distilled
-from ..models.clear.pattern import ClearPattern
-from ..models.clear.samples import FolderSamples
-from ..models.clear.student import ClearStudent, assemble
-from ..models.clear.weights import Block, ClearWeights, plan_weights, released_keys
-from ..models.training import OffloadedAdamW, load_optimizer_state, optimizer_path, save_optimizer_state
-from .attention_override import OVERRIDE_KEY
-from .clear import WRAPPER_KEY, apply_clear, flux_module
-from .distillation import SamplingContext, TrajectorySettings, inside_sampling, options_clone, with_weight_copies
+from ...models.clear import (CLEAR_OPTIMIZER_STATE, OPTIMIZER_FORMAT, Block, ClearDistillSettings, ClearPattern,
+                             ClearStudent, ClearTrainingRecord, ClearWeights, FolderSamples, Prediction, assemble,
+                             distill, file_dtype, make_optimizer, optimized_tensors, plan_weights, read_distilled,
+                             released_keys, save_distilled)
+from ...models.training import OffloadedAdamW, load_optimizer_state, optimizer_path, save_optimizer_state
+from ..training import SamplingContext, TrajectorySettings, inside_sampling, options_clone, with_weight_copies
+from .hooks import WRAPPER_KEY, apply_clear, flux_module
+from .override_slot import OVERRIDE_KEY
 
 log = logging.getLogger(__name__)
 
@@ -351,7 +349,8 @@ def run_clear_distillation(model: comfy.model_patcher.ModelPatcher, positive: li
         student.to(model.load_device, compute_dtype(model) if settings.optimizer_on_cpu else torch.float32)
         optimizer = make_optimizer(student, settings)
         optimized = optimized_tensors(student, optimizer)
-        if record.steps and not load_optimizer_state(state_path, optimized, optimizer, record.steps, OPTIMIZER_FORMAT):
+        if record.steps and not load_optimizer_state(state_path, optimized, optimizer, record.steps,
+                                                     CLEAR_OPTIMIZER_STATE):
             log.warning("CLEAR distill: no optimizer state saved with %s at step %d (%s); the optimizer starts "
                         "afresh from the file's weights", path.name, record.steps, state_path.name)
         if isinstance(optimizer, OffloadedAdamW):

@@ -1,7 +1,7 @@
 """GSPN distillation inside ComfyUI: the host-free loop of ``models/gspn/distill.py`` driven
 through ComfyUI's own sampling machinery (the node and the command line share this).
 
-The loop runs inside ComfyUI's sampling of the model (:mod:`.distillation`, shared with CLEAR's
+The loop runs inside ComfyUI's sampling of the model (:mod:`..training`, shared with CLEAR's
 distillation). Each entry of the positive CONDITIONING is one prompt; trajectories take them in
 turn.
 """
@@ -18,11 +18,15 @@ import comfy.model_management
 import comfy.model_patcher
 import torch
 
-from ..models.gspn import GSPNConfig, GSPNLayers, LayerSpec, TrainingRecord, load_gspn_weights, save_gspn_weights
-from ..models.gspn.distill import Capture, DistillSettings, distill, evaluate
-from ..models.gspn.optimizer_state import load_optimizer_state, make_optimizer, optimizer_path, save_optimizer_state
-from .distillation import SamplingContext, TrajectorySettings, inside_sampling, options_clone, with_weight_copies
-from .gspn_patch import comfy_attention_call, gspn_call, model_family, unet_layers
+from ...models.gspn import (Capture, DistillSettings, GSPNConfig, GSPNLayers, LayerSpec, TrainingRecord, distill,
+                           load_gspn_weights, load_optimizer_state, make_optimizer, optimizer_path, save_gspn_weights,
+                           save_optimizer_state)
+from ..training import (SamplingContext, TrajectorySettings, inside_sampling, options_clone, output_path,
+                        with_weight_copies)
+from .patch import comfy_attention_call, gspn_call, model_family, unet_layers
+
+__all__ = ["ComfyDistillHost", "TrajectorySettings", "output_path", "run_distillation", "with_host",
+           "with_weight_copies"]
 
 
 T = TypeVar("T")
@@ -123,9 +127,3 @@ def run_distillation(model: comfy.model_patcher.ModelPatcher, positive: list, ne
     student.to(comfy.model_management.intermediate_device())
     return student, record
 
-
-def evaluate_gspn(model: comfy.model_patcher.ModelPatcher, positive: list, negative: list | None, gspn: GSPNLayers,
-                  trajectory: TrajectorySettings, points: int, seed: int) -> float:
-    """Mean attn1-matching loss of ``gspn`` on ``points`` points of the model's own trajectories."""
-    with torch.inference_mode(False):
-        return with_host(model, positive, negative, trajectory, seed, lambda host: evaluate(gspn, host, points, seed))

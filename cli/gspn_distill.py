@@ -3,28 +3,32 @@
 It needs ComfyUI: the checkpoint is loaded and the prompts are encoded by ComfyUI's own
 loaders, so any SD1.5/SDXL checkpoint ComfyUI reads works. Run it with ComfyUI's Python:
 
-    python custom_nodes/ComfyUI-UltraRes/nodes/gspn_cli.py --comfyui . \\
+    python custom_nodes/ComfyUI-UltraRes/cli/gspn_distill.py --comfyui . \\
         --checkpoint models/checkpoints/sd15.safetensors --prompts prompts.txt \\
         --out models/gspn/gspn_sd15.safetensors --steps 20000
 
-``--comfyui`` (or ``COMFYUI_PATH``) names the ComfyUI folder. Ctrl-C stops the run and saves
-what was trained; ``--resume`` continues a file.
+(or ``python -m ultrares.cli.gspn_distill ...`` where the pack is installed). ``--comfyui`` (or
+``COMFYUI_PATH``) names the ComfyUI folder. Ctrl-C stops the run and saves what was trained;
+``--resume`` continues a file.
 """
 
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:  # run by path: run as ultrares.cli.gspn_distill
+    import _pack
+
+    _pack.run(__file__)
+
 import argparse
-import importlib
-import importlib.util
 import os
 import sys
 from pathlib import Path
 
-PACK_ROOT = Path(__file__).resolve().parents[1]
+from ..models.gspn import DistillSettings, GSPNConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="cli/gspn_distill.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", "."), help="ComfyUI folder (default: "
                    "$COMFYUI_PATH or the current folder)")
     p.add_argument("--checkpoint", required=True, help="SD1.5/SDXL checkpoint with its text encoder")
@@ -75,10 +79,7 @@ def run(args: argparse.Namespace) -> int:
     """Load the teacher with ComfyUI and distil; returns the process exit status."""
     import comfy.sd
 
-    from ..models.gspn import GSPNConfig
-    from ..models.gspn.distill import DistillSettings
-    from .distillation import TrajectorySettings
-    from .gspn_training import run_distillation
+    from ..nodes.gspn.distillation import TrajectorySettings, run_distillation
 
     model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=False, output_clip=True)
     if clip is None:
@@ -105,17 +106,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse the arguments, boot ComfyUI and distil; returns the exit status."""
     args = parse_args(argv)
     _boot_comfyui(args.comfyui, args.cpu)
-    if __package__:
-        return run(args)
-    # Started as a script: import the pack under the name ``ultrares`` so its relative imports work.
-    spec = importlib.util.spec_from_file_location("ultrares", PACK_ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(PACK_ROOT)])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["ultrares"] = pack
-    spec.loader.exec_module(pack)
-    return importlib.import_module("ultrares.nodes.gspn_cli").run(args)
+    return run(args)
 
 
 if __name__ == "__main__":
