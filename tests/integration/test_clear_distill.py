@@ -82,7 +82,9 @@ def test_the_distilled_file_has_the_released_layout_and_brings_the_patched_model
 
     import json
     losses = json.loads(metadata["training"])["losses"]
-    for name in (PREDICTION, ATTENTION):  # a short run lowers both losses (noisy per step: compare tenths)
+    # A short run lowers both losses (measured, mean of the first / last 6 steps: prediction 0.24 / 0.045,
+    # attention 0.52 / 0.074; noisy per step, a random noise level each).
+    for name in (PREDICTION, ATTENTION):
         assert sum(losses[name][-6:]) < 0.5 * sum(losses[name][:6]), (name, losses[name])
 
     loaded = patch_node(pack_nodes, model, "clear_local_3_tiny.safetensors")
@@ -91,7 +93,7 @@ def test_the_distilled_file_has_the_released_layout_and_brings_the_patched_model
         teacher = sample(model, seed)
         distilled = sample(loaded, seed)
         torch.testing.assert_close(sample(patched, seed), distilled, rtol=0, atol=0)
-        # Measured: window alone 2.56 / 2.44, distilled 0.55 / 0.49 (mean squared latent distance).
+        # Measured: window alone 2.56 / 2.44, distilled 0.49 / 0.44 (mean squared latent distance).
         assert distance(distilled, teacher) < 0.4 * distance(sample(window_only, seed), teacher)
 
 
