@@ -15,10 +15,11 @@ __all__ = [
 
 BENCHMARKS: dict[str, str] = {
     "clear": ".clear_attention",
+    "clear-parallel": ".clear_parallel",
     "gspn": ".gspn",
     "infdit": ".infdit_memory",
     "infdit-distributed": ".infdit_distributed",
     "gpu": ".gpu",
 }
-DEFAULT: tuple[str, ...] = ("clear", "gspn", "infdit", "infdit-distributed")
+DEFAULT: tuple[str, ...] = ("clear", "clear-parallel", "gspn", "infdit", "infdit-distributed")
 """What runs without names: the CPU benchmarks (``gpu`` needs a GPU, or ``--dry``)."""

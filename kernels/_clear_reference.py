@@ -32,11 +32,16 @@ def window_mask(grid: tuple[int, int], radius: int, n_txt: int, n_ref: int = 0, 
 
 def dense_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: tuple[int, int], n_txt: int,
                     radius: int, n_ref: int = 0, down_k: torch.Tensor | None = None,
-                    down_v: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
-    """Attention with the full :func:`window_mask`, computed in float32."""
+                    down_v: torch.Tensor | None = None, scale: float | None = None,
+                    query_rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Attention with the full :func:`window_mask`, computed in float32. With ``query_rows``
+    (start, stop), ``q`` holds only the image queries of those grid rows and gets their rows of
+    the mask."""
     n_down = 0 if down_k is None else down_k.shape[2]
     keys = k if down_k is None else torch.cat([k, down_k], dim=2)
     values = v if down_v is None else torch.cat([v, down_v], dim=2)
     mask = window_mask(grid, radius, n_txt, n_ref, n_down, device=q.device)
+    if query_rows is not None:
+        mask = mask[n_txt + query_rows[0] * grid[1]:n_txt + query_rows[1] * grid[1]]
     out = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask, scale=scale)
     return out.to(q.dtype)

@@ -41,18 +41,22 @@ def tile_counts(grid: tuple[int, int], tile: Tile) -> tuple[int, int]:
     return math.ceil(grid[0] / tile.rows), math.ceil(grid[1] / tile.cols)
 
 
-def _interval_gaps(length: int, q_step: int, k_step: int) -> torch.Tensor:
-    """``gaps[i, j]``: distance between query interval ``i`` and key interval ``j`` on one axis."""
-    q_start = torch.arange(0, length, q_step)
-    q_end = torch.clamp(q_start + q_step, max=length) - 1
+def _interval_gaps(length: int, q_step: int, k_step: int, q_range: tuple[int, int] | None = None) -> torch.Tensor:
+    """``gaps[i, j]``: distance between query interval ``i`` and key interval ``j`` on one axis
+    (query intervals tile ``q_range``, by default the whole axis)."""
+    q_first, q_stop = q_range or (0, length)
+    q_start = torch.arange(q_first, q_stop, q_step)
+    q_end = torch.clamp(q_start + q_step, max=q_stop) - 1
     k_start = torch.arange(0, length, k_step)
     k_end = torch.clamp(k_start + k_step, max=length) - 1
     return torch.clamp(torch.maximum(k_start[None, :] - q_end[:, None], q_start[:, None] - k_end[None, :]), min=0)
 
 
-def visited_image_tiles(grid: tuple[int, int], radius: int, q_tile: Tile, k_tile: Tile) -> torch.Tensor:
-    """Per query tile (row-major over the tile grid): how many image key tiles it visits."""
-    gap_y = _interval_gaps(grid[0], q_tile.rows, k_tile.rows) ** 2
+def visited_image_tiles(grid: tuple[int, int], radius: int, q_tile: Tile, k_tile: Tile,
+                        query_rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Per query tile (row-major over the tile grid): how many image key tiles it visits. With
+    ``query_rows``, the query tiles cover only those grid rows (key tiles: the whole grid)."""
+    gap_y = _interval_gaps(grid[0], q_tile.rows, k_tile.rows, query_rows) ** 2
     gap_x = _interval_gaps(grid[1], q_tile.cols, k_tile.cols) ** 2
     counts = torch.empty(gap_y.shape[0], gap_x.shape[0], dtype=torch.int64)
     for qy in range(gap_y.shape[0]):  # one tile row at a time keeps 16K grids small in memory

@@ -8,7 +8,8 @@ squares at every edge are shifted inward, so all tiles have one shape and a row 
 through a single batched ``scaled_dot_product_attention`` call. Global query rows (text,
 reference tokens) run as dense attention over the real tokens in row chunks. No ``L x L``
 tensor is ever built; the largest temporaries are one chunk of tiles' key copies (bounded by
-:data:`KEY_COPY_BYTES`) and its mask.
+:data:`KEY_COPY_BYTES`) and its mask. With query rows given, the query tiles cover only those
+rows and no global row is computed; the key squares still come from the whole grid.
 """
 
 from __future__ import annotations
@@ -59,19 +60,26 @@ def _key_starts(query_starts: torch.Tensor, reach: int, span: int, length: int) 
 def window_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: tuple[int, int],
                            n_txt: int, radius: int, n_ref: int, down_k: torch.Tensor | None,
                            down_v: torch.Tensor | None, scale: float,
-                           check_interrupt: Callable[[], None] | None = None) -> torch.Tensor:
+                           check_interrupt: Callable[[], None] | None = None,
+                           query_rows: tuple[int, int] | None = None) -> torch.Tensor:
     """The tiled path; arguments as in :func:`ultrares.kernels.clear_attention.circular_window_attention`."""
     b, heads, _, dim = q.shape
     h, w = grid
     n_img = h * w
     img = slice(n_txt, n_txt + n_img)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    for rows in global_rows(q.shape[2], n_txt, n_img):
-        dense_rows(q, k, v, out, rows, scale)
+    if query_rows is None:
+        row0, row1 = 0, h
+        for rows in global_rows(q.shape[2], n_txt, n_img):
+            dense_rows(q, k, v, out, rows, scale)
+        q_img, out_img = q[:, :, img], out[:, :, img]
+    else:  # q holds only the image queries of rows row0..row1
+        row0, row1 = query_rows
+        q_img, out_img = q, out
     if radius >= covering_radius(grid):  # every window holds the whole grid
         keys = k if down_k is None else torch.cat([k, down_k.to(k.dtype)], dim=2)
         values = v if down_v is None else torch.cat([v, down_v.to(v.dtype)], dim=2)
-        dense_rows(q, keys, values, out, range(img.start, img.stop), scale)
+        dense_rows(q_img, keys, values, out_img, range(q_img.shape[2]), scale)
         return out
 
     side_k = [k[:, :, :n_txt], k[:, :, n_txt + n_img:]]
@@ -84,19 +92,19 @@ def window_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 
     side = query_tile_side(radius)
     reach = radius - 1
-    tile_h, tile_w = min(side, h), min(side, w)
+    tile_h, tile_w = min(side, row1 - row0), min(side, w)
     span_h, span_w = min(tile_h + 2 * reach, h), min(tile_w + 2 * reach, w)
-    q_y0 = _tile_starts(h, tile_h)
+    q_y0 = row0 + _tile_starts(row1 - row0, tile_h)
     q_x0 = _tile_starts(w, tile_w)
     k_y0 = _key_starts(q_y0, reach, span_h, h)
     k_x0 = _key_starts(q_x0, reach, span_w, w)
     q_cols = q_x0[:, None] + torch.arange(tile_w)  # [tiles_x, tile_w]
     k_cols = k_x0[:, None] + torch.arange(span_w)  # [tiles_x, span_w]
     dx2 = ((q_cols[:, :, None] - k_cols[:, None, :]) ** 2).to(q.device)  # [tiles_x, tile_w, span_w]
-    q_img = q[:, :, img].unflatten(2, (h, w))
+    q_img = q_img.unflatten(2, (row1 - row0, w))  # query rows row0..row1 of the grid
     k_img = k[:, :, img].unflatten(2, (h, w))
     v_img = v[:, :, img].unflatten(2, (h, w))
-    out_img = out[:, :, img].unflatten(2, (h, w))  # a view: results are written in place
+    out_img = out_img.unflatten(2, (row1 - row0, w))  # a view: results are written in place
 
     n_query, n_keys = tile_h * tile_w, n_side + span_h * span_w
     bytes_per_tile = 2 * b * heads * n_keys * dim * k.element_size()
@@ -119,7 +127,8 @@ def window_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         qy = torch.arange(y0, y0 + tile_h, device=q.device)
         ky = torch.arange(ky0, ky0 + span_h, device=q.device)
         dy2 = (qy[:, None] - ky[None, :]) ** 2  # [tile_h, span_h]
-        band_q, band_k, band_v = q_img[:, :, y0:y0 + tile_h], k_img[:, :, ky0:ky0 + span_h], v_img[:, :, ky0:ky0 + span_h]
+        band_q = q_img[:, :, y0 - row0:y0 - row0 + tile_h]
+        band_k, band_v = k_img[:, :, ky0:ky0 + span_h], v_img[:, :, ky0:ky0 + span_h]
         row = []
         for t0 in range(0, len(q_x0), chunk):
             xs = list(zip(q_x0[t0:t0 + chunk].tolist(), k_x0[t0:t0 + chunk].tolist()))
@@ -145,5 +154,5 @@ def window_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         # One write per tile row: its tiles side by side, the last one (shifted inward) only where
         # it does not overlap its neighbour; a shifted last row overwrites equal values.
         row[-1] = row[-1][..., tile_w - (w - (len(row) - 1) * tile_w):, :]
-        out_img[:, :, y0:y0 + tile_h] = torch.cat(row, dim=3)
+        out_img[:, :, y0 - row0:y0 - row0 + tile_h] = torch.cat(row, dim=3)
     return out

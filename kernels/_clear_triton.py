@@ -17,6 +17,9 @@ program attends, with an online softmax accumulated in float32, to:
    mask is the distance test alone: key columns outside the grid are moved far away instead of
    being tested separately.
 
+The query tiles cover every image row, or only a range of rows that the query tensor holds
+alone (a device's stripe under sequence parallelism); the key tiles always come from the whole grid.
+
 Scores stay unscaled until the exponential, where the scale and the running max combine into one
 fused multiply-add per score. Global query rows (text, reference tokens) attend to everything
 and run as dense attention.
@@ -164,7 +167,7 @@ def _window_fwd(
     Q, K, V, DK, DV, O, VISITS,
     sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d,
     sdk_b, sdk_h, sdk_l, sdk_d, sdv_b, sdv_h, sdv_l, sdv_d, so_b, so_h, so_l, so_d,
-    n_heads, head_dim, n_txt, n_ref, n_down, grid_h, grid_w, reach, r2, qk_scale, tiles_x,
+    n_heads, head_dim, n_txt, n_ref, n_down, grid_h, grid_w, q_row0, q_row1, q_start, reach, r2, qk_scale, tiles_x,
     QTH: tl.constexpr, QTW: tl.constexpr, KTH: tl.constexpr, KTW: tl.constexpr, BLOCK_D: tl.constexpr,
     SIDE: tl.constexpr, COUNT_VISITS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -176,11 +179,12 @@ def _window_fwd(
     ty = pid_t // tiles_x
     tx = pid_t % tiles_x
 
+    # Query rows q_row0..q_row1 of the grid; Q (and O) hold them from position q_start on.
     offs_m = tl.arange(0, QTH * QTW)
-    qy = ty * QTH + offs_m // QTW
+    qy = q_row0 + ty * QTH + offs_m // QTW
     qx = tx * QTW + offs_m % QTW
-    q_ok = (qy < grid_h) & (qx < grid_w)
-    q_pos = (n_txt + qy * grid_w + qx).to(tl.int64)
+    q_ok = (qy < q_row1) & (qx < grid_w)
+    q_pos = (q_start + (qy - q_row0) * grid_w + qx).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
 
@@ -205,8 +209,8 @@ def _window_fwd(
     # Image key tiles: the rows of key tiles within reach, in each row the span of tiles whose gap
     # to the query tile is below the radius (_row_span), walked as one flat loop so the compiler
     # software-pipelines it: the next tiles' keys and values load while this one's dots run.
-    qy0 = ty * QTH
-    qy1 = tl.minimum(qy0 + QTH, grid_h) - 1
+    qy0 = q_row0 + ty * QTH
+    qy1 = tl.minimum(qy0 + QTH, q_row1) - 1
     qx0 = tx * QTW
     qx1 = tl.minimum(qx0 + QTW, grid_w) - 1
     kty_first = tl.maximum(qy0 - reach, 0) // KTH
@@ -245,8 +249,9 @@ def _check_tile(tile: Tile, name: str) -> None:
 
 def _launch(launch: Launch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, down_k: torch.Tensor,
             down_v: torch.Tensor, out: torch.Tensor, visits: torch.Tensor | None, grid: tuple[int, int], n_txt: int,
-            n_ref: int, n_down: int, radius: int, scale: float) -> None:
-    """Run the kernel on the image query rows with one configuration."""
+            n_ref: int, n_down: int, radius: int, scale: float, query_rows: tuple[int, int] | None) -> None:
+    """Run the kernel on the image query rows (all of them, or ``query_rows`` of the grid, which
+    ``q`` then holds alone) with one configuration."""
     _check_tile(launch.q_tile, "q_tile")
     _check_tile(launch.k_tile, "k_tile")
     b, heads, _, dim = q.shape
@@ -257,7 +262,8 @@ def _launch(launch: Launch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d
     # A radius beyond the grid's diagonal lets every pair through, like the smallest such radius:
     # clamping keeps the kernel's integer distances far from overflow and below FAR.
     radius = min(radius, covering_radius(grid))
-    tiles_y, tiles_x = tile_counts(grid, launch.q_tile)
+    row0, row1, q_start = (0, h, n_txt) if query_rows is None else (*query_rows, 0)
+    tiles_y, tiles_x = tile_counts((row1 - row0, w), launch.q_tile)
     n_tiles = tiles_y * tiles_x
     count = visits is not None
     if count and (visits.dtype != torch.int32 or visits.numel() != n_tiles):
@@ -265,7 +271,8 @@ def _launch(launch: Launch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d
     _window_fwd[(n_tiles, b * heads)](
         q, k, v, down_k, down_v, out, visits if count else out,
         *q.stride(), *k.stride(), *v.stride(), *down_k.stride(), *down_v.stride(), *out.stride(),
-        heads, dim, n_txt, n_ref, n_down, h, w, radius - 1, radius * radius, scale * LOG2E, tiles_x,
+        heads, dim, n_txt, n_ref, n_down, h, w, row0, row1, q_start, radius - 1, radius * radius, scale * LOG2E,
+        tiles_x,
         QTH=launch.q_tile.rows, QTW=launch.q_tile.cols, KTH=launch.k_tile.rows, KTW=launch.k_tile.cols,
         BLOCK_D=max(16, triton.next_power_of_2(dim)), SIDE=SIDE_BLOCK, COUNT_VISITS=count,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
@@ -278,24 +285,28 @@ def _launch(launch: Launch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d
 def window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: tuple[int, int],
                             n_txt: int, radius: int, n_ref: int, down_k: torch.Tensor | None,
                             down_v: torch.Tensor | None, scale: float, launch: Launch | None = None,
-                            visits: torch.Tensor | None = None) -> torch.Tensor:
+                            visits: torch.Tensor | None = None,
+                            query_rows: tuple[int, int] | None = None) -> torch.Tensor:
     """The kernel path; arguments as in :func:`ultrares.kernels.clear_attention.circular_window_attention`.
 
-    ``launch`` fixes the configuration (default: the first of :data:`LAUNCHES` that fits the
-    GPU). ``visits``, given with ``launch``, is an int32 tensor with one slot per query tile that
+    ``query_rows`` (start, stop): ``q`` holds only the image queries of those grid rows, and only
+    they are computed. ``launch`` fixes the configuration (default: the first of :data:`LAUNCHES`
+    that fits the GPU). ``visits``, given with ``launch``, is an int32 tensor with one slot per query tile that
     receives the number of image key tiles the kernel visited for it (tests compare it with the
     counter). Not differentiable: the public op's backward recomputes on the torch path.
     """
     if visits is not None and launch is None:
         raise ValueError("visits counts per query tile: give the launch configuration with it")
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    for rows in global_rows(q.shape[2], n_txt, grid[0] * grid[1]):
-        dense_rows(q, k, v, out, rows, scale)
+    if query_rows is None:
+        for rows in global_rows(q.shape[2], n_txt, grid[0] * grid[1]):
+            dense_rows(q, k, v, out, rows, scale)
     if down_k is None:
         down_k, down_v, n_down = k, v, 0
     else:
         down_k, down_v, n_down = down_k.to(k.dtype), down_v.to(v.dtype), down_k.shape[2]
-    layout = dict(grid=grid, n_txt=n_txt, n_ref=n_ref, n_down=n_down, radius=radius, scale=scale)
+    layout = dict(grid=grid, n_txt=n_txt, n_ref=n_ref, n_down=n_down, radius=radius, scale=scale,
+                  query_rows=query_rows)
     if launch is not None:
         _launch(launch, q, k, v, down_k, down_v, out, visits, **layout)
         return out
@@ -344,7 +355,8 @@ def aot_builds() -> list:
         ptr = pointer(dtype)
         args = dict(Q=ptr, K=ptr, V=ptr, DK=ptr, DV=ptr, O=ptr, VISITS=ptr, **strides, n_heads=heads, head_dim=dim,
                     n_txt=c["n_txt"], n_ref=c["n_ref"], n_down=c["n_down"], grid_h=c["grid"][0],
-                    grid_w=c["grid"][1], reach=c["radius"] - 1, r2=c["radius"] ** 2, qk_scale=dim ** -0.5 * LOG2E,
+                    grid_w=c["grid"][1], q_row0=0, q_row1=c["grid"][0], q_start=c["n_txt"], reach=c["radius"] - 1,
+                    r2=c["radius"] ** 2, qk_scale=dim ** -0.5 * LOG2E,
                     tiles_x=tile_counts(c["grid"], launch.q_tile)[1], QTH=launch.q_tile.rows,
                     QTW=launch.q_tile.cols, KTH=launch.k_tile.rows, KTW=launch.k_tile.cols, BLOCK_D=dim,
                     SIDE=SIDE_BLOCK, COUNT_VISITS=False, PRECISION="ieee" if dtype == torch.float32 else "tf32",

@@ -196,6 +196,70 @@ def test_every_launch_visits_exactly_the_counted_tiles_and_equals_the_dense_refe
     assert visits.cpu().tolist() == visited_image_tiles(grid, radius, launch.q_tile, launch.k_tile).tolist()
 
 
+ROW_CASES = [  # grid, n_txt, n_ref, n_down, radius, query rows
+    ((13, 11), 3, 2, 6, 4, (4, 9)),  # an inner band; text, reference and down-sampled keys
+    ((13, 11), 2, 0, 0, 3, (0, 3)),  # the top rows: circles clipped by the grid's edge
+    ((13, 11), 2, 0, 0, 3, (12, 13)),  # the last row alone
+    ((9, 7), 0, 0, 0, 1, (2, 7)),  # no global token, one-token windows
+    ((5, 6), 2, 1, 3, 9, (1, 3)),  # the window holds the whole grid
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("grid, n_txt, n_ref, n_down, radius, rows", ROW_CASES)
+def test_query_rows_alone_equal_those_rows_of_the_dense_reference(triton_device, backend, grid, n_txt, n_ref, n_down,
+                                                                  radius, rows):
+    device = triton_device if backend == "triton" else "cpu"
+    q, k, v, dk, dv = [t if t is None else t.to(device)
+                       for t in layout_inputs(2, 2, 16, grid, n_txt, n_ref, n_down)]
+    layout = dict(grid=grid, n_txt=n_txt, radius=radius, n_ref=n_ref, down_k=dk, down_v=dv, scale=0.3)
+    band = slice(n_txt + rows[0] * grid[1], n_txt + rows[1] * grid[1])
+    expected = dense_reference(q, k, v, **layout)[:, :, band]
+    torch.testing.assert_close(dense_reference(q[:, :, band], k, v, query_rows=rows, **layout), expected)
+    out = circular_window_attention(q[:, :, band], k, v, query_rows=rows, backend=backend, **layout)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("launch", _clear_triton.LAUNCHES[-1:], ids=lambda launch: launch.name)
+def test_query_rows_visit_only_the_key_tiles_their_own_windows_reach(triton_device, launch):
+    grid, radius, rows = (29, 13), 4, (9, 22)  # 13 rows: the last query tile is clipped
+    q, k, v, _, _ = [t if t is None else t.to(triton_device) for t in layout_inputs(1, 1, 16, grid, 2, 0, 0)]
+    layout = dict(grid=grid, n_txt=2, radius=radius, n_ref=0, down_k=None, down_v=None, scale=0.25)
+    band = slice(2 + rows[0] * grid[1], 2 + rows[1] * grid[1])
+    counted = visited_image_tiles(grid, radius, launch.q_tile, launch.k_tile, query_rows=rows)
+    visits = torch.zeros(counted.numel(), dtype=torch.int32, device=triton_device)
+    out = window_attention_triton(q[:, :, band], k, v, launch=launch, visits=visits, query_rows=rows, **layout)
+    torch.testing.assert_close(out, dense_reference(q, k, v, **layout)[:, :, band], rtol=1e-5, atol=1e-5)
+    assert visits.cpu().tolist() == counted.tolist()
+    assert counted.sum() < visited_image_tiles(grid, radius, launch.q_tile, launch.k_tile).sum()
+
+
+def test_query_rows_are_differentiable_like_the_dense_reference():
+    grid, rows = (11, 9), (3, 8)
+    q, k, v, dk, dv = layout_inputs(1, 2, 8, grid, 3, 1, 4)
+    band = slice(3 + rows[0] * grid[1], 3 + rows[1] * grid[1])
+    inputs = [t.detach()[:, :, band].clone() if i == 0 else t.detach().clone() for i, t in enumerate((q, k, v, dk, dv))]
+    for t in inputs:
+        t.requires_grad_()
+    layout = dict(grid=grid, n_txt=3, radius=3, n_ref=1, scale=0.4, query_rows=rows)
+    grads = []
+    for attention in (lambda *t: circular_window_attention(*t[:3], down_k=t[3], down_v=t[4], backend="torch", **layout),
+                      lambda *t: dense_reference(*t[:3], down_k=t[3], down_v=t[4], **layout)):
+        out = attention(*inputs)
+        grads.append(torch.autograd.grad(out, inputs, torch.ones_like(out)))
+    for mine, reference in zip(*grads):
+        torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows, q_rows, message", [((3, 3), 0, "not a range"), ((0, 12), 12, "not a range"),
+                                                   ((1, 4), 2, "not the 27 image tokens")])
+def test_query_rows_that_do_not_fit_the_grid_or_q_are_refused(rows, q_rows, message):
+    q, k, v, _, _ = layout_inputs(1, 1, 8, (11, 9), 2, 0, 0)
+    with pytest.raises(ValueError, match=message):
+        circular_window_attention(q[:, :, :max(q_rows, 1) * 9], k, v, grid=(11, 9), n_txt=2, radius=2, query_rows=rows)
+
+
 def test_the_public_op_runs_the_triton_kernel_with_its_default_tiles(triton_device):
     q, k, v, dk, dv = [t.to(triton_device) for t in layout_inputs(1, 1, 16, (9, 18), 2, 1, 3)]
     layout = dict(grid=(9, 18), n_txt=2, radius=5, n_ref=1, down_k=dk, down_v=dv)
@@ -360,14 +424,16 @@ def test_the_kernel_function_alone_records_no_graph(triton_device):
     assert not out.requires_grad
 
 
-@pytest.mark.parametrize("n_down", [0, 3])
-def test_the_custom_op_and_its_fake_agree_under_opcheck(n_down):
+@pytest.mark.parametrize("n_down, query_rows", [(0, None), (3, None), (3, [1, 4])])
+def test_the_custom_op_and_its_fake_agree_under_opcheck(n_down, query_rows):
     # Schema, fake (meta) implementation, autograd registration and AOT dispatch, as torch.compile uses them.
     fused = torch.randn(2, 3 + 30, 3, 2, 8)
     q, k, v = fused.permute(2, 0, 3, 1, 4)  # strided views, as ComfyUI's Flux hands them over
+    if query_rows is not None:
+        q = q[:, :, 3 + query_rows[0] * 6:3 + query_rows[1] * 6]
     down = [t.requires_grad_() for t in qkv((2, 2, n_down, 8))[:2]] if n_down else [None, None]
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    layout = (5, 6, 3, 2, 0, 0.3)
+    layout = (5, 6, 3, 2, 0, 0.3, query_rows)
     torch.library.opcheck(torch.ops.ultrares.clear_window_attention.default, (q, k, v, *down, *layout, "torch"))
     # The backward op differentiates inside a functorch transform, which opcheck's schema and
     # cross-reference modes cannot look into: check its registration, then its fake by hand.

@@ -1,6 +1,9 @@
 """CLEAR for FLUX, host-free: the pattern settings of a released file, the down-sampled key
 branch, the released files' key layout and its mapping onto a Flux, and the per-call attention
-that ties them to :func:`ultrares.kernels.clear_attention.circular_window_attention`.
+that ties them to :func:`ultrares.kernels.clear_attention.circular_window_attention`; for
+several devices, the image's stripes and halos (``stripes``), the steps devices take together
+(``communicator``: torch.distributed or threads of one process) and the exact stripe-parallel
+attention call (``parallel``).
 
 The node (``nodes/clear/``) reads a file with :func:`read_clear_file`, checks it against the
 model with :func:`plan_weights`, picks the window with :func:`resolve_pattern` and runs
@@ -14,8 +17,11 @@ from .attention import ClearAttention, TokenLayout
 from .distill import (ATTENTION, FLOW_MATCHING, PREDICTION, ClearDistillHost, ClearDistillSettings, ClearTrainingRecord,
                       Prediction, attention_loss_blocks, distill, make_optimizer, optimized_tensors)
 from .distilled import CLEAR_OPTIMIZER_STATE, OPTIMIZER_FORMAT, file_dtype, read_distilled, save_distilled
+from .communicator import Communicator, MeteredCommunicator, PeerFailed, ProcessGroupCommunicator, ThreadGroup
+from .parallel import StripeLayout, call_payload
 from .pattern import ClearPattern, ntk_theta, resolve_pattern, softmax_scale
 from .samples import FolderSamples, MemorySamples
+from .stripes import StripeError, StripePlan
 from .student import ClearStudent, assemble
 from .training_cost import training_memory
 from .weights import (CLEAR_WEIGHTS, Block, ClearWeights, ClearWeightsError, WeightPatch, plan_weights, read_clear_file,
@@ -63,4 +69,14 @@ __all__ = [
     "OPTIMIZER_FORMAT",     # the optimiser state file's format
     "CLEAR_OPTIMIZER_STATE",  # what that file is, for the weight-file checks and messages
     "training_memory",      # the stated memory model of a distillation (estimates)
+    # Several devices
+    "StripePlan",           # the image's rows split into one stripe per device, with the halos each needs
+    "StripeError",          # a split that cannot be made (more devices than token rows)
+    "StripeLayout",         # one device's stripe of a forward pass: the layout its attention calls get
+    "call_payload",         # bytes one device sends in one stripe-parallel attention call
+    "Communicator",         # what devices do together: halo exchange, all-reduce, all-gather
+    "ProcessGroupCommunicator",  # that, on a torch.distributed process group
+    "ThreadGroup",          # that, for threads of one process (one per device)
+    "MeteredCommunicator",  # a communicator that counts bytes and time
+    "PeerFailed",           # another device stopped: this one stops too
 ]

@@ -10,6 +10,7 @@ import torch
 
 from ...kernels import Backend, circular_window_attention
 from .downsample import down_sample, mean_spatial_weight
+from .parallel import StripeLayout, stripe_attention
 from .pattern import ClearPattern, softmax_scale
 from .weights import Block
 
@@ -66,13 +67,19 @@ class ClearAttention:
             raise RuntimeError(f"no CLEAR spatial_weight for {block[0]} block {block[1]}")
         return self.spatial_weights[block]
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout | StripeLayout,
                  block: Block | None = None) -> torch.Tensor:
-        """``[B, heads, L, D]`` post-RoPE q/k/v of a joint ``[text | image | reference]`` call."""
+        """``[B, heads, L, D]`` post-RoPE q/k/v of a joint ``[text | image | reference]`` call; under
+        a :class:`StripeLayout` the image part is this device's stripe (:mod:`.parallel`)."""
         n_txt = layout.text_tokens(q.shape[2])
         if n_txt is None:
             raise ValueError(f"{q.shape[2]} tokens cannot hold a {layout.grid} image grid and {layout.n_ref} "
                              "reference tokens")
+        if isinstance(layout, StripeLayout):
+            down = self.pattern.down_factor > 1
+            scale = softmax_scale(q.shape[-1], layout.sequence_length(n_txt), self.proportional, down)
+            return stripe_attention(q, k, v, layout, n_txt, self.pattern.radius, scale,
+                                    self._spatial_weight(block) if down else None, self.backend, self.check_interrupt)
         down_k = down_v = None
         if self.pattern.down_factor > 1:
             weight = self._spatial_weight(block)

@@ -29,8 +29,8 @@ import comfy.utils
 import folder_paths
 import torch
 
-from ...models.clear import (Block, ClearAttention, ClearPattern, ClearWeights, TokenLayout, ntk_theta, plan_weights,
-                            read_clear_file)
+from ...models.clear import (Block, ClearAttention, ClearPattern, ClearWeights, StripeLayout, TokenLayout,
+                            ntk_theta, plan_weights, read_clear_file)
 from .override_slot import OVERRIDE_KEY, describe_override
 from ..runtime import check_interrupt, progress_callback
 
@@ -195,16 +195,27 @@ class ClearOverride:
             return self.previous(func, *args, **kwargs)
         return func(*args, **kwargs)
 
+    def decline(self, layout, func, *args, **kwargs):
+        """A call CLEAR does not take goes on to the attention below, except on one device's
+        stripe of the image (:mod:`.devices`), where that attention would see the stripe
+        alone: such a call is an error, never a silently different result."""
+        if isinstance(layout, StripeLayout):
+            shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+            raise RuntimeError(f"an attention call CLEAR cannot take (shapes {shapes}, mask "
+                               f"{'set' if kwargs.get('mask') is not None else 'none'}) came during a CLEAR run on "
+                               "several devices; only CLEAR's own joint text + image attention can be split")
+        return self.dense(func, *args, **kwargs)
+
     def __call__(self, func, *args, **kwargs):
         options = kwargs.get("transformer_options") or {}
         layout = options.get(LAYOUT_KEY)
         if layout is None or len(args) != 4 or not kwargs.get("skip_reshape") or kwargs.get("mask") is not None:
-            return self.dense(func, *args, **kwargs)
+            return self.decline(layout, func, *args, **kwargs)
         q, k, v, heads = args
         joint = (q.ndim == 4 and q.shape == k.shape == v.shape and q.shape[1] == heads
                  and layout.text_tokens(q.shape[2]) is not None)
-        if not joint or self.attention.is_plain_attention(layout):
-            return self.dense(func, *args, **kwargs)
+        if not joint or (isinstance(layout, TokenLayout) and self.attention.is_plain_attention(layout)):
+            return self.decline(layout, func, *args, **kwargs)
         out = self.attention(q, k, v, layout, calling_block(options))
         if kwargs.get("skip_output_reshape"):
             return out

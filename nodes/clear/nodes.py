@@ -1,7 +1,10 @@
-"""The CLEAR nodes: their inputs, tooltips and what they do with them (the patch node's hooks are
-in :mod:`.hooks`, the distillation's ComfyUI host in :mod:`.distillation`)."""
+"""The CLEAR nodes: their inputs, tooltips and what they do with them (the hooks are in :mod:`.hooks`,
+the split over several devices in :mod:`.devices`, the distillation's ComfyUI host in
+:mod:`.distillation`)."""
 
 from __future__ import annotations
+
+import logging
 
 import folder_paths
 import numpy as np
@@ -14,12 +17,15 @@ from ...models.training import draw_loss_plot
 from ..category import CATEGORY
 from ..runtime import check_interrupt, progress_callback
 from ..training import TrajectorySettings, output_path
+from .devices import clear_attention_of, parse_devices, split_over_devices
 from .distillation import run_clear_distillation
 from .hooks import apply_clear, flux_module, load_clear_file
 
 NO_FILE = "none"
 FOLDER = "clear"
 SCHEDULER = "simple"  # ComfyUI's FLUX workflows sample with the simple scheduler
+
+log = logging.getLogger(__name__)
 
 
 class UltraResClearPatch(io.ComfyNode):
@@ -87,6 +93,40 @@ class UltraResClearPatch(io.ComfyNode):
                                   radius=window_radius, down_factor=down_factor)
         return io.NodeOutput(apply_clear(model, pattern, weights, ntk_factor, proportional_attention,
                                          min_image_tokens, backend))
+
+
+class UltraResClearDevices(io.ComfyNode):
+    """Run a CLEAR-patched FLUX stripe-parallel on several GPUs during sampling."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="UltraResClearDevices",
+            display_name="CLEAR on several GPUs",
+            category=f"{CATEGORY}/CLEAR",
+            description=(
+                "Splits the image into horizontal stripes, one per GPU, for a FLUX patched by the CLEAR attention "
+                "node. Each GPU holds a copy of the model and computes its stripe; per attention layer the GPUs "
+                "exchange only the rows of keys within CLEAR's window of their stripe's edges and a few numbers per "
+                "text token, so the result is exactly the one-GPU result. Needs the full model's memory on every "
+                "GPU; the activation memory per GPU shrinks with the stripe."),
+            inputs=[
+                io.Model.Input("model", tooltip="A FLUX model from the CLEAR attention (FLUX) node."),
+                io.String.Input("devices", default="auto",
+                                tooltip="The GPUs to use, ComfyUI's own GPU first, e.g. cuda:0,cuda:1,cuda:2. "
+                                        "auto = every CUDA GPU. One device = the normal single-GPU run. "
+                                        "cpu,cpu runs two CPU ranks (for tests)."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model, sampling stripe-parallel on the listed devices.")],
+        )
+
+    @classmethod
+    def execute(cls, model, devices: str) -> io.NodeOutput:
+        clear_attention_of(model)
+        listed = parse_devices(devices, torch.device(model.load_device))
+        if len(listed) == 1:
+            log.info("CLEAR on several GPUs: one device (%s) listed, the model runs as it is", listed[0])
+        return io.NodeOutput(split_over_devices(model, listed))
 
 
 class UltraResClearDistill(io.ComfyNode):
@@ -194,4 +234,4 @@ def loss_image(record: ClearTrainingRecord) -> torch.Tensor:
     return torch.from_numpy(plot.astype(np.float32) / 255.0)[None]
 
 
-NODES: list[type[io.ComfyNode]] = [UltraResClearPatch, UltraResClearDistill]
+NODES: list[type[io.ComfyNode]] = [UltraResClearPatch, UltraResClearDevices, UltraResClearDistill]
