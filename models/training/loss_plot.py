@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 _MARGIN_LEFT, _MARGIN_RIGHT, _MARGIN_TOP, _MARGIN_BOTTOM = 64, 16, 28, 36
-_COLOURS = ((31, 119, 180), (255, 127, 14))
+_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40))
 
 
 def _smooth(values: Sequence[float], window: int) -> list[float]:
@@ -24,10 +24,12 @@ def _smooth(values: Sequence[float], window: int) -> list[float]:
 
 def draw_loss_plot(series: dict[str, Sequence[float]], width: int = 640, height: int = 360,
                    first_step: int = 1) -> np.ndarray:
-    """``(height, width, 3)`` uint8 plot of each named loss series (log scale, smoothed line).
+    """``(height, width, 3)`` uint8 plot of up to four named loss series (log scale, smoothed line).
 
     Step ``i`` of every series is plotted at ``first_step + i``.
     """
+    if len(series) > len(_COLOURS):
+        raise ValueError(f"at most {len(_COLOURS)} loss series fit one plot, got {len(series)}")
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     left, right = _MARGIN_LEFT, width - _MARGIN_RIGHT
