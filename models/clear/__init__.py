@@ -15,7 +15,7 @@ model with :func:`plan_weights`, picks the window with :func:`resolve_pattern` a
 from ...kernels import BACKENDS, Backend
 from .attention import ClearAttention, TokenLayout
 from .distill import (ATTENTION, FLOW_MATCHING, PREDICTION, ClearDistillHost, ClearDistillSettings, ClearTrainingRecord,
-                      Prediction, attention_loss_blocks, distill, make_optimizer, optimized_tensors)
+                      Prediction, attention_loss_blocks, derived_seed, distill, make_optimizer, optimized_tensors)
 from .distilled import CLEAR_OPTIMIZER_STATE, OPTIMIZER_FORMAT, file_dtype, read_distilled, save_distilled
 from .communicator import Communicator, MeteredCommunicator, PeerFailed, ProcessGroupCommunicator, ThreadGroup
 from .parallel import StripeLayout, call_payload
@@ -56,6 +56,7 @@ __all__ = [
     "ClearTrainingRecord",  # steps, every loss term per step, settings
     "distill",              # train the student as the reference does
     "attention_loss_blocks", # the layers whose attention output is distilled (single blocks 1, 5, ...)
+    "derived_seed",         # a seed from named parts: every draw of a run follows from its seed
     "make_optimizer",       # the reference's AdamW (or with its state in RAM)
     "optimized_tensors",    # the float32 tensors the optimiser updates, by file key
     "FLOW_MATCHING",        # the loss terms' names in the record

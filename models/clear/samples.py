@@ -12,6 +12,7 @@ another recipe is emptied before use, so samples of another run are never mixed 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +25,8 @@ from ..weight_files import save_safetensors
 RECIPE = "recipe.json"
 SUFFIX = ".latent"
 KEY = "latent"
+
+log = logging.getLogger(__name__)
 
 
 class MemorySamples:
@@ -51,8 +54,14 @@ class FolderSamples:
         recipe_path = self.folder / RECIPE
         found = json.loads(recipe_path.read_text()) if recipe_path.is_file() else None
         if found != wanted:
-            for stale in self.folder.glob("*" + SUFFIX):
-                stale.unlink()
+            stale = list(self.folder.glob("*" + SUFFIX))
+            if stale:
+                changed = sorted(key for key in set(wanted) | set(found or {})
+                                 if (found or {}).get(key) != wanted.get(key))
+                log.info("CLEAR distill: the %d teacher samples in %s were made with another %s; they are made "
+                         "again", len(stale), self.folder.name, ", ".join(changed))
+            for path in stale:
+                path.unlink()
             recipe_path.write_text(json.dumps(wanted, sort_keys=True, indent=1))
 
     def _path(self, index: int) -> Path:

@@ -44,8 +44,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ...models.clear import (CLEAR_OPTIMIZER_STATE, OPTIMIZER_FORMAT, Block, ClearDistillSettings, ClearPattern,
                              ClearStudent, ClearTrainingRecord, ClearWeights, FolderSamples, Prediction, assemble,
-                             distill, file_dtype, make_optimizer, optimized_tensors, plan_weights, read_distilled,
-                             released_keys, save_distilled)
+                             derived_seed, distill, file_dtype, make_optimizer, optimized_tensors, plan_weights,
+                             read_distilled, released_keys, save_distilled)
 from ...models.training import OffloadedAdamW, load_optimizer_state, optimizer_path, save_optimizer_state
 from ..training import SamplingContext, TrajectorySettings, inside_sampling, options_clone, with_weight_copies
 from .hooks import WRAPPER_KEY, apply_clear, flux_module
@@ -304,6 +304,22 @@ def sample_recipe(model: comfy.model_patcher.ModelPatcher, positive: list, negat
             "cfg": trajectory.cfg, "scheduler": trajectory.scheduler, "seed": settings.seed}
 
 
+def teacher_fingerprint(host: ComfyClearHost, seed: int) -> str:
+    """A digest of the teacher's guided prediction on one fixed noisy latent.
+
+    The family name, prompts and settings do not tell two models of one family apart (two
+    fine-tunes, a merge, the same model with a LoRA), and samples of one must never train a
+    student of the other; their predictions differ. One forward pass, against the thousands a
+    run's samples cost. Rounded to bfloat16 so that the digest does not hang on the last bits;
+    where it still differs (another GPU, another kernel), the samples are made again: slower,
+    never wrong.
+    """
+    with torch.no_grad():
+        denoised = host.guided(host.start(derived_seed(seed, "fingerprint")), host.sigmas()[0], 0)
+    values = denoised.detach().to("cpu", torch.float32).to(torch.bfloat16).view(torch.int16)
+    return hashlib.blake2b(values.contiguous().numpy().tobytes(), digest_size=16).hexdigest()
+
+
 def base_model_name(model: comfy.model_patcher.ModelPatcher) -> str:
     """ComfyUI's name for the model's family (``Flux``, ``FluxSchnell`` ...)."""
     return type(model.model.model_config).__name__
@@ -323,7 +339,8 @@ def run_clear_distillation(model: comfy.model_patcher.ModelPatcher, positive: li
     """Distil CLEAR weights for ``model`` into ``path`` (resuming it when asked); returns them.
 
     Beside ``path``: ``<path>.optimizer`` (AdamW's state and the float32 values, for an exact
-    resume) and ``<path>.samples/`` (the teacher's samples, reused while the recipe is the same).
+    resume) and ``<path>.samples/`` (the teacher's samples, reused while the recipe and the
+    teacher's :func:`teacher_fingerprint` are the same).
     With ``settings.optimizer_on_cpu`` the float32 values and AdamW's state stay in host memory
     and the device holds the student's tensors in the model's compute dtype.
     """
@@ -357,8 +374,6 @@ def run_clear_distillation(model: comfy.model_patcher.ModelPatcher, positive: li
             optimizer.push()  # the restored float32 values, if any, onto the device
         training, mode = training_patcher(model, student)
         dtype, base = file_dtype(compute_dtype(model)), base_model_name(model)
-        samples = FolderSamples(path.with_name(path.name + SAMPLES_SUFFIX),
-                                sample_recipe(model, positive, negative, trajectory, settings))
 
         def save(r: ClearTrainingRecord) -> None:
             save_distilled(path, student, base, r, dtype)
@@ -366,6 +381,9 @@ def run_clear_distillation(model: comfy.model_patcher.ModelPatcher, positive: li
 
         def run(context: SamplingContext) -> ClearTrainingRecord:
             host = ComfyClearHost(context, mode, depth, depth_single, recompute)
+            recipe = sample_recipe(model, positive, negative, trajectory, settings)
+            recipe["teacher"] = teacher_fingerprint(host, settings.seed)
+            samples = FolderSamples(path.with_name(path.name + SAMPLES_SUFFIX), recipe)
             if fresh:
                 recorded = host.teacher_weights()
                 with torch.no_grad():

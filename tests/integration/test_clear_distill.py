@@ -182,6 +182,20 @@ def test_a_resumed_run_equals_an_unbroken_one_and_reuses_the_teachers_samples(pa
         model, tmp_path / "other.safetensors", steps=2, resume=False)[0].by_key().items())
 
 
+def test_samples_of_another_model_of_the_same_family_are_made_again(pack_nodes, tmp_path, caplog):
+    path = tmp_path / "run.safetensors"
+    _run(tiny_flux(), path, steps=1, resume=False)
+    folder = tmp_path / "run.safetensors.samples"
+    made = {p.name: p.read_bytes() for p in folder.glob("*.latent")}
+    path.unlink()  # the same run again, from the start, for another fine-tune of the family
+    other = comfy_harness.tiny_flux_patcher(seed=2, std=STD, depth_single_blocks=DEPTH_SINGLE)
+    with caplog.at_level("INFO"):
+        _run(other, path, steps=1, resume=False)
+    assert "were made with another teacher" in caplog.text
+    remade = {p.name: p.read_bytes() for p in folder.glob("*.latent")}
+    assert set(remade) == set(made) and all(remade[name] != made[name] for name in made)
+
+
 def test_a_cancelled_run_saves_a_file_the_patch_node_loads_and_resume_continues(pack_nodes, clear_folder):
     import comfy.model_management
 
