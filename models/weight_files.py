@@ -256,7 +256,10 @@ _KINDS: tuple[tuple[re.Pattern[str], str, str], ...] = tuple((re.compile(pattern
 ))
 _FORMAT_KINDS = {"ultrares.gspn": ("GSPN weights made by this pack", "use it with the GSPN Patch node"),
                  "ultrares.gspn.optimizer": ("the optimizer state of a GSPN distillation",
-                                             "it stays beside its weights file, for resuming")}
+                                             "it stays beside its weights file, for resuming"),
+                 "ultrares.clear.distilled": ("CLEAR weights", "it goes into models/clear, for the CLEAR attention node"),
+                 "ultrares.clear.optimizer": ("the optimizer state of a CLEAR distillation",
+                                              "it stays beside its weights file, for resuming")}
 
 
 def identify(keys: Collection[str], metadata: Mapping[str, str] | None = None) -> tuple[str, str] | None:

@@ -4,7 +4,8 @@ One subpackage per method (``clear/``, ``gspn/``, ``infdit/``): ``nodes.py`` hol
 classes (inputs, tooltips, ``execute``), the modules beside it the ComfyUI hooks they install;
 all of them only convert between ComfyUI objects and the host-free core in ``kernels/`` and
 ``models/``. Shared by all: ``category`` (the menu), ``model_folders`` (``models/clear`` ...),
-``patchers`` (the pack's ModelPatchers and free memory) and ``runtime`` (progress and cancel).
+``patchers`` (the pack's ModelPatchers and free memory), ``runtime`` (progress and cancel) and
+``training`` (the teacher run through ComfyUI's sampling, for the distillation nodes).
 """
 
 from __future__ import annotations

@@ -284,24 +284,25 @@ def random_state_dict(module: torch.nn.Module, seed: int, std: float = 0.05) -> 
     return state
 
 
-def _patcher_from_config(model_config: Any, seed: int):
+def _patcher_from_config(model_config: Any, seed: int, std: float = 0.05):
     import comfy.model_management as mm
     import comfy.model_patcher
 
     model_config.set_inference_dtype(torch.float32, None)
     model = model_config.get_model({})
-    model.diffusion_model.load_state_dict(random_state_dict(model.diffusion_model, seed))
+    model.diffusion_model.load_state_dict(random_state_dict(model.diffusion_model, seed, std))
     return comfy.model_patcher.ModelPatcher(
         model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
     )
 
 
-def tiny_flux_patcher(seed: int = 0, **overrides: Any):
-    """A real ComfyUI Flux (``supported_models.Flux``) with hidden size 64, in a ModelPatcher."""
+def tiny_flux_patcher(seed: int = 0, std: float = 0.05, **overrides: Any):
+    """A real ComfyUI Flux (``supported_models.Flux``) with hidden size 64, in a ModelPatcher;
+    ``std`` is the spread of its random weights."""
     import comfy.model_detection
 
     config = flux_unet_config({**TINY_FLUX_CONFIG, **overrides})
-    return _patcher_from_config(comfy.model_detection.model_config_from_unet_config(config), seed)
+    return _patcher_from_config(comfy.model_detection.model_config_from_unet_config(config), seed, std)
 
 
 def tiny_sd15_patcher(seed: int = 0, **overrides: Any):

@@ -22,14 +22,26 @@ def test_the_released_names_give_their_window(name, radius, down):
     assert resolve_pattern(name, spatial_size=down if down > 1 else None) == ClearPattern(radius, down)
 
 
-def test_metadata_beats_the_name_and_overrides_beat_both():
+def test_metadata_beats_the_name_and_explicit_settings_fill_in_what_the_file_does_not_say():
     assert resolve_pattern("clear_local_8.safetensors", {"window_size": "12"}) == ClearPattern(12, 1)
     assert resolve_pattern("renamed.safetensors", {"window_size": "12", "down_factor": "2"},
                            spatial_size=2) == ClearPattern(12, 2)
-    assert resolve_pattern("clear_local_8_down_4.safetensors", spatial_size=4, radius=20) == ClearPattern(20, 4)
-    assert resolve_pattern("clear_local_8.safetensors", down_factor=2) == ClearPattern(8, 2)
+    assert resolve_pattern("clear_local_8_down_4.safetensors", spatial_size=4, radius=8, down_factor=4) == \
+        ClearPattern(8, 4)
     assert resolve_pattern(None, radius=5) == ClearPattern(5, 1)
     assert resolve_pattern("weights.safetensors", spatial_size=4, radius=5) == ClearPattern(5, 4)
+
+
+def test_explicit_settings_that_contradict_the_file_are_refused():
+    with pytest.raises(ValueError, match="made for window_radius 8 \\(its name says so\\), but window_radius is set "
+                                         "to 20: set it to 0 \\(the file's\\) or 8"):
+        resolve_pattern("clear_local_8_down_4.safetensors", spatial_size=4, radius=20)
+    with pytest.raises(ValueError, match="made for down_factor 1 \\(its name says so\\), but down_factor is set to 2"):
+        resolve_pattern("clear_local_8.safetensors", down_factor=2)
+    with pytest.raises(ValueError, match="made for window_radius 12 \\(its metadata says so\\)"):
+        resolve_pattern("clear_local_12.safetensors", {"window_size": "12"}, radius=16)
+    with pytest.raises(ValueError, match="made for down_factor 4 \\(its spatial_weight says so\\)"):
+        resolve_pattern("weights.safetensors", spatial_size=4, radius=5, down_factor=2)
 
 
 def test_a_pattern_that_cannot_be_known_or_contradicts_the_file_is_refused():
@@ -37,7 +49,7 @@ def test_a_pattern_that_cannot_be_known_or_contradicts_the_file_is_refused():
         resolve_pattern("mystery.safetensors")
     with pytest.raises(ValueError, match="no CLEAR weights file is selected"):
         resolve_pattern(None)
-    with pytest.raises(ValueError, match="trained with down factor 4.*down factor 2"):
+    with pytest.raises(ValueError, match="made for down_factor 4.*set to 2"):
         resolve_pattern("clear_local_8_down_4.safetensors", spatial_size=4, down_factor=2)
     with pytest.raises(ValueError, match="trained with down factor 4.*down factor 1"):
         resolve_pattern("clear_local_8.safetensors", spatial_size=4)

@@ -13,7 +13,7 @@ from ultrares.models.gspn.distill import (DistillSettings, distill, layer_matchi
                                          layer_matching_loss, trajectory_points)
 from ultrares.models.gspn.optimizer_state import (load_optimizer_state, make_optimizer, optimizer_path,
                                                   save_optimizer_state)
-from ultrares.models.gspn.loss_plot import draw_loss_plot
+from ultrares.models.training import draw_loss_plot
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 

@@ -118,7 +118,7 @@ def test_a_public_api_names_objects_that_say_what_they_are():
 
 
 IMPORTED_THROUGH_THEIR_API = ("ultrares.kernels", "ultrares.models", "ultrares.models.clear", "ultrares.models.gspn",
-                              "ultrares.models.infdit", "ultrares.benchmarks")
+                              "ultrares.models.infdit", "ultrares.models.training", "ultrares.benchmarks")
 """Host-free packages that the rest of the pack imports only through their ``__all__``."""
 CALLERS = {"nodes": IMPORTED_THROUGH_THEIR_API, "cli": IMPORTED_THROUGH_THEIR_API, "models": ("ultrares.kernels",)}
 """Folder -> the packages it may import only through their public API (the ComfyUI glue and the

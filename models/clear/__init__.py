@@ -7,15 +7,23 @@ attention call (``parallel``).
 
 The node (``nodes/clear/``) reads a file with :func:`read_clear_file`, checks it against the
 model with :func:`plan_weights`, picks the window with :func:`resolve_pattern` and runs
-:class:`ClearAttention` from its attention override.
+:class:`ClearAttention` from its attention override. The CLEAR Distill node (and
+``cli/clear_distill.py``) makes such files: it drives :func:`distill` through a
+:class:`ClearDistillHost` of its own, training a :class:`ClearStudent`.
 """
 
 from ...kernels import BACKENDS, Backend
 from .attention import ClearAttention, TokenLayout
+from .distill import (ATTENTION, FLOW_MATCHING, PREDICTION, ClearDistillHost, ClearDistillSettings, ClearTrainingRecord,
+                      Prediction, attention_loss_blocks, derived_seed, distill, make_optimizer, optimized_tensors)
+from .distilled import CLEAR_OPTIMIZER_STATE, OPTIMIZER_FORMAT, file_dtype, read_distilled, save_distilled
 from .communicator import Communicator, MeteredCommunicator, PeerFailed, ProcessGroupCommunicator, ThreadGroup
 from .parallel import StripeLayout, call_payload
 from .pattern import ClearPattern, ntk_theta, resolve_pattern, softmax_scale
+from .samples import FolderSamples, MemorySamples
 from .stripes import StripeError, StripePlan
+from .student import ClearStudent, assemble
+from .training_cost import training_memory
 from .weights import (CLEAR_WEIGHTS, Block, ClearWeights, ClearWeightsError, WeightPatch, plan_weights, read_clear_file,
                       released_keys)
 
@@ -39,6 +47,29 @@ __all__ = [
     "TokenLayout",          # the image grid and reference tokens of one forward pass
     "Backend",              # the backend= argument's values
     "BACKENDS",             # the backend choices, for a choice list
+    # Distillation (making a file for a model)
+    "ClearStudent",         # the trainable tensors of a released file, keyed like it
+    "assemble",             # a fused Flux weight with the student's slices in place of the teacher's
+    "ClearDistillHost",     # what the loop needs from the model being distilled
+    "Prediction",           # one forward pass: velocity and the distilled layers' attention outputs
+    "ClearDistillSettings", # steps, learning rate, batch, samples, loss weights, seed, save interval
+    "ClearTrainingRecord",  # steps, every loss term per step, settings
+    "distill",              # train the student as the reference does
+    "attention_loss_blocks", # the layers whose attention output is distilled (single blocks 1, 5, ...)
+    "derived_seed",         # a seed from named parts: every draw of a run follows from its seed
+    "make_optimizer",       # the reference's AdamW (or with its state in RAM)
+    "optimized_tensors",    # the float32 tensors the optimiser updates, by file key
+    "FLOW_MATCHING",        # the loss terms' names in the record
+    "PREDICTION",
+    "ATTENTION",
+    "MemorySamples",        # the teacher's samples in memory
+    "FolderSamples",        # the teacher's samples in a folder beside the file, for resuming
+    "save_distilled",       # a student -> a released-layout file with its metadata (atomic)
+    "read_distilled",       # a distilled file -> tensors, pattern, base model, record (to resume)
+    "file_dtype",           # the precision a file for a model is saved in
+    "OPTIMIZER_FORMAT",     # the optimiser state file's format
+    "CLEAR_OPTIMIZER_STATE",  # what that file is, for the weight-file checks and messages
+    "training_memory",      # the stated memory model of a distillation (estimates)
     # Several devices
     "StripePlan",           # the image's rows split into one stripe per device, with the halos each needs
     "StripeError",          # a split that cannot be made (more devices than token rows)

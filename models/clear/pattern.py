@@ -54,9 +54,10 @@ def _metadata_int(metadata: Mapping[str, str] | None, key: str, filename: str) -
 
 def resolve_pattern(filename: str | None, metadata: Mapping[str, str] | None = None, spatial_size: int | None = None,
                     radius: int = 0, down_factor: int = 0) -> ClearPattern:
-    """The pattern to run: ``radius``/``down_factor`` overrides (0 = take it from the file),
-    else the file's metadata, else its released name; ``spatial_size`` (the side of the
-    file's ``spatial_weight``, if any) gives the down factor last and must agree with it.
+    """The pattern to run: the file's metadata, else its released name, else (for the down
+    factor) the side ``spatial_size`` of its ``spatial_weight``; ``radius``/``down_factor``
+    (0 = the file's) are needed where the file does not say, and must agree with it where it
+    does: weights fine-tuned for one window are refused for another.
 
     ``filename=None`` means no weights file (window-only): the radius must then be given and the
     down factor defaults to 1.
@@ -64,8 +65,17 @@ def resolve_pattern(filename: str | None, metadata: Mapping[str, str] | None = N
     match = RELEASED_NAME.search(filename) if filename else None
     name_radius = int(match.group(1)) if match else None
     name_down = int(match.group(2)) if match and match.group(2) else (1 if match else None)
-    file_radius = _metadata_int(metadata, METADATA_RADIUS, filename or "") or name_radius
-    file_down = _metadata_int(metadata, METADATA_DOWN_FACTOR, filename or "") or name_down or spatial_size
+    meta_radius = _metadata_int(metadata, METADATA_RADIUS, filename or "")
+    meta_down = _metadata_int(metadata, METADATA_DOWN_FACTOR, filename or "")
+    file_radius = meta_radius or name_radius
+    file_down = meta_down or name_down or spatial_size
+    for setting, asked, stated, from_metadata in (("window_radius", radius, file_radius, meta_radius),
+                                                  ("down_factor", down_factor, file_down, meta_down)):
+        if asked and stated and asked != stated:
+            source = "its metadata" if from_metadata else "its name" if match else "its spatial_weight"
+            raise ValueError(f"{filename} holds CLEAR weights made for {setting} {stated} ({source} says so), but "
+                             f"{setting} is set to {asked}: set it to 0 (the file's) or {stated}, or choose a file "
+                             f"made for {asked} (CLEAR Distill makes one)")
     chosen_radius = radius or file_radius
     if not chosen_radius:
         source = f"{filename} has no {METADATA_RADIUS!r} metadata and no clear_local_<radius> name" if filename \

@@ -48,7 +48,8 @@ class ClearWeightsError(WeightFileError):
 CLEAR_WEIGHTS = FileKind(
     name="CLEAR weights", error=ClearWeightsError,
     remedy=("CLEAR weights are the clear_local_<r>[_down_<d>].safetensors files of the Hugging Face repo "
-            "Huage001/CLEAR: download the file (again) into models/clear."),
+            "Huage001/CLEAR, or files the CLEAR Distill node made: download or copy the file (again) into "
+            "models/clear."),
     holds="CLEAR files hold FLUX attention projections such as transformer_blocks.0.attn.to_q.weight")
 
 

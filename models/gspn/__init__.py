@@ -9,7 +9,7 @@ their own; ``cli/gspn_distill.py`` does the same.
 
 from .distill import Capture, DistillHost, DistillSettings, distill
 from .layers import GSPNConfig, GSPNLayers, LayerSpec, find_attn1_layers
-from .loss_plot import draw_loss_plot
+from ..training import draw_loss_plot
 from .module import GSPNAttention, Operations
 from .optimizer_state import load_optimizer_state, make_optimizer, optimizer_path, save_optimizer_state
 from .weights import GSPN_WEIGHTS, GSPNWeightsError, TrainingRecord, load_gspn_weights, save_gspn_weights

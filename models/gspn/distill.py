@@ -10,21 +10,22 @@ with no gradient through the frozen UNet. Optionally a final-prediction term run
 model with GSPN in every ``attn1`` and matches the teacher's prediction (the paper's recipe
 matches layer outputs and predictions; this term needs gradients through the UNet).
 The loop is host-free: a :class:`DistillHost` runs the model; the ComfyUI node and the
-command line both drive this same function.
+command line both drive this same function. Its optimisation loop (progress, interruption,
+saves) is the one every distillation of the pack shares (:func:`ultrares.models.training.train`).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import NamedTuple, Protocol
 
 import torch
 
+from ..training import TOTAL, euler_step, train
 from .layers import GSPNLayers
 from .optimizer_state import make_optimizer
-from .weights import TrainingRecord
+from .weights import LAYER, PREDICTION, TrainingRecord
 
 
 class Capture(NamedTuple):
@@ -124,7 +125,7 @@ def trajectory_points(host: DistillHost, seed: int) -> Iterator[_Point]:
         for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
             denoised, captures = host.teacher(x, sigma, prompt)
             yield _Point(x, sigma, prompt, denoised, captures)
-            x = x + (x - denoised) / sigma * (sigma_next - sigma)
+            x = euler_step(x, denoised, sigma, sigma_next)
         index += 1
 
 
@@ -143,47 +144,25 @@ def distill(host: DistillHost, student: GSPNLayers, settings: DistillSettings,
     previous run's; by default a fresh one is made.
     """
     record = record or TrainingRecord()
-    record.finished = False
     record.settings = asdict(settings)
-    student.train().requires_grad_(True)
-    params = list(student.parameters())
-    optimizer = optimizer or make_optimizer(student, settings.learning_rate)
     points = trajectory_points(host, settings.seed + 1_000_003 * record.steps)
-    done = 0
+
+    def step() -> dict[str, torch.Tensor]:
+        point = next(points)
+        layer_loss = layer_matching_backward(student, point.captures)
+        losses = {LAYER: layer_loss, TOTAL: layer_loss}
+        if settings.prediction_weight > 0:
+            prediction = host.student(point.x, point.sigma, point.prompt, student)
+            prediction_loss = relative_error(prediction, point.denoised)
+            (settings.prediction_weight * prediction_loss).backward()
+            losses[PREDICTION] = prediction_loss.detach()
+            losses[TOTAL] = layer_loss + settings.prediction_weight * losses[PREDICTION]
+        return losses
+
+    student.train().requires_grad_(True)
     try:
-        while done < settings.steps:
-            if check_interrupt is not None:
-                check_interrupt()
-            point = next(points)
-            optimizer.zero_grad(set_to_none=True)
-            layer_loss = layer_matching_backward(student, point.captures)
-            loss, prediction_loss = layer_loss, None
-            if settings.prediction_weight > 0:
-                prediction = host.student(point.x, point.sigma, point.prompt, student)
-                prediction_loss = relative_error(prediction, point.denoised)
-                (settings.prediction_weight * prediction_loss).backward()
-                loss = loss + settings.prediction_weight * prediction_loss.detach()
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"distillation loss became {loss.item()} at step {record.steps}; "
-                                         "lower the learning rate")
-            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-            optimizer.step()
-            record.layer_losses.append(layer_loss.item())
-            if prediction_loss is not None:
-                record.prediction_losses.append(prediction_loss.item())
-            record.steps += 1
-            done += 1
-            if on_progress is not None:
-                on_progress(done, settings.steps)
-            if save is not None and settings.save_every and record.steps % settings.save_every == 0:
-                save(record)
-    except BaseException:
-        if save is not None and done:
-            save(record)
-        raise
+        return train(step, student.parameters(), optimizer or make_optimizer(student, settings.learning_rate), record,
+                     settings.steps, settings.save_every, settings.max_grad_norm, save=save, on_progress=on_progress,
+                     check_interrupt=check_interrupt)
     finally:
         student.eval().requires_grad_(False)
-    record.finished = True
-    if save is not None:
-        save(record)
-    return record

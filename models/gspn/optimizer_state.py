@@ -17,24 +17,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..training.optimizer_state import optimizer_path
 from ..weight_files import SAFETENSORS, FileKind, read_weights, save_safetensors
 from .layers import GSPNLayers
 from .module import file_layout, module_layout
 from .weights import GSPNWeightsError
 
 FORMAT = "ultrares.gspn.optimizer"
-SUFFIX = ".optimizer"  # not a model-file extension, so ComfyUI's file lists do not show it
 OPTIMIZER_STATE = FileKind(
     name="the optimizer state of a GSPN distillation", error=GSPNWeightsError, formats=(SAFETENSORS,),
     remedy=("Delete it to resume with a fresh optimizer (its first steps then move every weight by about the "
             "learning rate), or put back an intact copy."),
     holds=f"an optimizer state file carries '{FORMAT}' metadata")
-
-
-def optimizer_path(weights: str | os.PathLike) -> Path:
-    """Where the optimiser state of the weight file ``weights`` lives: ``<weights>.optimizer``."""
-    weights = Path(weights)
-    return weights.with_name(weights.name + SUFFIX)
 
 
 def make_optimizer(student: GSPNLayers, learning_rate: float) -> torch.optim.Optimizer:

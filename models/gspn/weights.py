@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from .layers import GSPNConfig, GSPNLayers, LayerSpec
 
 FORMAT = "ultrares.gspn"
 FORMAT_VERSION = "1"
+LAYER, PREDICTION = "layer", "prediction"  # the loss terms a distillation step reports
 
 
 class GSPNWeightsError(WeightFileError):
@@ -46,6 +47,12 @@ class TrainingRecord:
     prediction_losses: list[float] = field(default_factory=list)
     finished: bool = False
     settings: dict = field(default_factory=dict)
+
+    def log(self, losses: Mapping[str, float]) -> None:
+        """Append one step's terms (``layer``, and ``prediction`` when that term is on)."""
+        self.layer_losses.append(losses[LAYER])
+        if PREDICTION in losses:
+            self.prediction_losses.append(losses[PREDICTION])
 
 
 def save_gspn_weights(path: str | os.PathLike, layers: GSPNLayers, base_model: str,

@@ -2,73 +2,56 @@
 through ComfyUI's own sampling machinery (the node and the command line share this), and what it tells the user while
 it runs (:class:`DistillReport`: losses now and then, every save with its path, how it ended).
 
-The loop runs inside a custom ``comfy.samplers.Sampler`` handed to a ``CFGGuider``, like
-ComfyUI's own LoRA trainer: the guider loads the model, turns the CONDITIONING into model
-inputs (SDXL's size conditioning included) and applies CFG; the loop only calls it. Each
-entry of the positive CONDITIONING is one prompt; trajectories take them in turn.
+The loop runs inside ComfyUI's sampling of the model (:mod:`..training`, shared with CLEAR's
+distillation). Each entry of the positive CONDITIONING is one prompt; trajectories take them in
+turn.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
 import comfy.model_management
 import comfy.model_patcher
-import comfy.samplers
 import torch
 
 from ...models.gspn import (Capture, DistillSettings, GSPNConfig, GSPNLayers, LayerSpec, TrainingRecord, distill,
                            load_gspn_weights, load_optimizer_state, make_optimizer, optimizer_path, save_gspn_weights,
                            save_optimizer_state)
+from ..training import (SamplingContext, TrajectorySettings, inside_sampling, options_clone, output_path,
+                        with_weight_copies)
 from .patch import comfy_attention_call, gspn_call, model_family, unet_layers
+
+__all__ = ["ComfyDistillHost", "TrajectorySettings", "output_path", "run_distillation", "with_host",
+           "with_weight_copies"]
 
 
 T = TypeVar("T")
 PAPER_PROXY_RATIOS = {"SD15": 8, "SDXL": 32}  # layer width / proxy width in the paper's models
 
 
-@dataclass
-class TrajectorySettings:
-    width: int = 512
-    height: int = 512
-    batch_size: int = 1
-    sampling_steps: int = 20
-    cfg: float = 7.0
-    scheduler: str = "normal"
-
-
 class ComfyDistillHost:
     """:class:`~ultrares.models.gspn.distill.DistillHost` over a ComfyUI guider (inside its sampler)."""
 
-    def __init__(self, guider: comfy.samplers.CFGGuider, sampler: comfy.samplers.Sampler, sigmas: torch.Tensor,
-                 extra_args: dict, noise: torch.Tensor, specs: list[LayerSpec]):
-        self.guider, self.extra_args, self.specs = guider, extra_args, specs
-        self.positive = list(guider.conds["positive"])
-        self.prompt_count = len(self.positive)
-        self._sigmas = sigmas
-        self._max_denoise = sampler.max_denoise(guider, sigmas)
-        self.shape, self.device = noise.shape, noise.device
+    def __init__(self, context: SamplingContext, specs: list[LayerSpec]):
+        self.context, self.specs = context, specs
+        self.prompt_count = len(context.positive)
 
     def sigmas(self) -> torch.Tensor:
-        return self._sigmas
+        return self.context.sigmas
 
     def start(self, seed: int) -> torch.Tensor:
-        noise = torch.randn(self.shape, generator=torch.Generator().manual_seed(seed)).to(self.device)
-        return self.guider.inner_model.model_sampling.noise_scaling(self._sigmas[0], noise, torch.zeros_like(noise),
-                                                                    self._max_denoise)
+        return self.context.start(seed)
 
     def _run(self, x: torch.Tensor, sigma: torch.Tensor, prompt: int, calls: dict[LayerSpec, Callable]):
-        self.guider.conds["positive"] = [self.positive[prompt]]
-        options = comfy.model_patcher.create_model_options_clone(self.extra_args["model_options"])
+        options = options_clone(self.context.model_options)
         for spec, call in calls.items():
             options = comfy.model_patcher.set_model_options_patch_replace(options, call, "attn1", *spec.block)
-        return self.guider(x, x.new_full((x.shape[0],), float(sigma)), model_options=options,
-                           seed=self.extra_args.get("seed"))
+        return self.context.denoise(x, sigma, prompt, options)
 
     def teacher(self, x: torch.Tensor, sigma: torch.Tensor, prompt: int) -> tuple[torch.Tensor, dict[str, Capture]]:
         calls: dict[str, list[Capture]] = {spec.name: [] for spec in self.specs}
@@ -90,72 +73,12 @@ class ComfyDistillHost:
         return self._run(x, sigma, prompt, {spec: gspn_call(module) for spec, module in gspn.items()})
 
 
-class _HostSampler(comfy.samplers.Sampler):
-    """Calls ``run(host)`` where a sampler would sample (the guider calls it) and keeps the result."""
-
-    def __init__(self, run: Callable[[ComfyDistillHost], object], specs: list[LayerSpec]):
-        self.run, self.specs = run, specs
-        self.result = None
-
-    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
-               disable_pbar=False):
-        self.result = self.run(ComfyDistillHost(model_wrap, self, sigmas, extra_args, noise, self.specs))
-        return torch.zeros_like(noise)
-
-
-def _zeroed(conditioning: list) -> list:
-    """An empty-prompt stand-in for a missing negative: the first positive entry, all zeros."""
-    cond, extras = conditioning[0]
-    return [[torch.zeros_like(cond), {k: torch.zeros_like(v) if torch.is_tensor(v) else v for k, v in extras.items()}]]
-
-
 def with_host(model: comfy.model_patcher.ModelPatcher, positive: list, negative: list | None,
               trajectory: TrajectorySettings, seed: int, run: Callable[[ComfyDistillHost], T]) -> T:
     """Run ``run(host)`` inside ComfyUI's sampling of ``model`` with these prompts; returns its result."""
     specs = unet_layers(model)
-    sampler = _HostSampler(run, specs)
-    guider = comfy.samplers.CFGGuider(model)
-    guider.set_conds(positive, negative if negative else _zeroed(positive))
-    guider.set_cfg(trajectory.cfg)
-    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), trajectory.scheduler,
-                                             trajectory.sampling_steps)
-    channels = model.get_model_object("latent_format").latent_channels
-    latent = torch.zeros(trajectory.batch_size, channels, trajectory.height // 8, trajectory.width // 8)
-    guider.sample(torch.zeros_like(latent), latent, sampler, sigmas, disable_pbar=True, seed=seed)
-    return sampler.result
-
-
-def with_weight_copies(model: comfy.model_patcher.ModelPatcher) -> comfy.model_patcher.ModelPatcher:
-    """A clone whose layers use a fresh copy of each weight on every call, owned by autograd.
-
-    The final-prediction term back-propagates through the frozen UNet, which keeps each layer's
-    weight for the backward pass. ComfyUI's weights cannot be kept as they are: those created
-    under ``torch.inference_mode`` are refused by autograd, and the weights ComfyUI's ops cast
-    for a call may live in a cast buffer that the next layer's cast overwrites (the shared
-    per-stream buffers of low-VRAM offloading and of Dynamic VRAM, where nothing tells autograd
-    the memory changed: the gradients would silently be wrong). A weight wrapper makes ComfyUI's
-    ops run it on every cast weight; it returns a copy of its own, made here outside inference
-    mode. The wrappers live on the clone only, so the caller's model is untouched.
-    """
-    copying = model.clone()
-    for name, module in model.get_model_object("diffusion_model").named_modules():
-        if hasattr(module, "weight_function"):
-            for kind in ("weight", "bias"):
-                if getattr(module, kind, None) is not None:
-                    copying.add_weight_wrapper(f"diffusion_model.{name}.{kind}", _own_copy)
-    return copying
-
-
-def _own_copy(weight: torch.Tensor) -> torch.Tensor:
-    return weight.clone()
-
-
-def output_path(folder: str | os.PathLike, name: str) -> Path:
-    """``<folder>/<name>.safetensors``; refuses names that would leave the folder."""
-    name = name.strip()
-    if not name or Path(name).name != name or name in (".", ".."):
-        raise ValueError(f"output name {name!r} must be a plain file name (no folders)")
-    return Path(folder) / (name if name.endswith(".safetensors") else name + ".safetensors")
+    return inside_sampling(model, positive, negative, trajectory, seed,
+                           lambda context: run(ComfyDistillHost(context, specs)))
 
 
 LOG_LINES = 20

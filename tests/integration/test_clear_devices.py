@@ -60,7 +60,7 @@ def relative(out: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def down_sampled_file(clear_dir) -> str:
-    name = "clear_local_2_down_2.safetensors"
+    name = "clear_local_3_down_2.safetensors"  # made for the radius clear() asks for
     save_file(comfy_harness.clear_released_state_dict(DEPTH, DEPTH_SINGLE, HIDDEN, down_factor=2, seed=4),
               str(clear_dir / name))
     return name

@@ -342,8 +342,10 @@ def test_metadata_and_overrides_choose_the_pattern(pack_nodes, clear_dir):
     flux = comfy_harness.tiny_flux_patcher(seed=0)
     from_metadata = run(patch(pack_nodes, flux, name))
     torch.testing.assert_close(from_metadata, run(patch(pack_nodes, flux, "clear_local_3.safetensors")), rtol=0, atol=0)
-    overridden = run(patch(pack_nodes, flux, name, radius=13))
-    assert not torch.equal(overridden, from_metadata)
+    torch.testing.assert_close(run(patch(pack_nodes, flux, name, radius=3)), from_metadata, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="renamed.safetensors holds CLEAR weights made for window_radius 3 \\(its "
+                                         "metadata says so\\), but window_radius is set to 13"):
+        patch(pack_nodes, flux, name, radius=13)
 
 
 def count_attention_calls(model, latent_shape=LATENT) -> int:
