@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     """Load the teacher with ComfyUI and distil; returns the process exit status."""
     import comfy.sd
 
-    from ..nodes.gspn.distillation import DistillReport, TrajectorySettings, run_distillation
+    from ..nodes.gspn.distillation import TrajectorySettings, distill_report, run_distillation
 
     model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=False, output_clip=True)
     if clip is None:
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     trajectory = TrajectorySettings(width=args.width, height=args.height, batch_size=args.batch_size,
                                     sampling_steps=args.sampling_steps, cfg=args.cfg)
 
-    report = DistillReport(args.out, args.steps, lambda text: print(text, flush=True))
+    report = distill_report(args.out, args.steps, lambda text: print(text, flush=True))
     try:
         run_distillation(model, positive, _encode(clip, args.negative), args.out, settings, trajectory,
                          GSPNConfig(chunk=args.chunk, proxy_ratio=args.proxy_ratio), args.resume, report=report)

@@ -245,6 +245,12 @@ class ClearOverride:
         self.previous = previous
         self.notes = notes
 
+    def __deepcopy__(self, memo: dict) -> ClearOverride:
+        # ModelPatcher.clone deep-copies model_options but not its wrappers: a copy here would hold
+        # a copy of the weights the wrapper no longer recognises as its own (it would stack CLEAR on
+        # top of its copy and say another node displaced it). Clones share it, as they share weights.
+        return self
+
     def dense(self, func, *args, **kwargs):
         if self.previous is not None:
             return self.previous(func, *args, **kwargs)

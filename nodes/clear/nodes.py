@@ -13,13 +13,14 @@ from comfy_api.latest import io
 
 from ...models.clear import (ATTENTION, BACKENDS, FLOW_MATCHING, PREDICTION, ClearDistillSettings, ClearPattern,
                              ClearTrainingRecord, resolve_pattern)
-from ...models.training import draw_loss_plot
+from ...models.training import TOTAL, draw_loss_plot
 from ..category import CATEGORY
 from ..choices import check_choices, refuse_unlisted
-from ..runtime import check_interrupt, progress_callback
+from ..distill_report import report_stop
+from ..runtime import NodeFeedback, check_interrupt
 from ..training import TrajectorySettings, output_path
 from .devices import clear_attention_of, parse_devices, split_over_devices
-from .distillation import run_clear_distillation
+from .distillation import distill_report, loss_text, run_clear_distillation
 from .hooks import apply_clear, flux_module, load_clear_file
 
 NO_FILE = "none"
@@ -167,73 +168,91 @@ class UltraResClearDistill(io.ComfyNode):
             node_id="UltraResClearDistill",
             display_name="CLEAR Distill (make CLEAR weights)",
             category=f"{CATEGORY}/CLEAR",
-            description="Fine-tunes the attention projections of a FLUX model (FLUX.1-dev/schnell, fine-tunes, merges) "
-                        "so that it works with CLEAR's circular-window attention, as the CLEAR paper made its "
-                        "released weights: the model itself samples your prompts, and the student (the same model "
-                        "with CLEAR attention) learns to match its predictions and attention outputs. Saves "
-                        "models/clear/<output_name>.safetensors in the released files' layout every few steps, at "
-                        "the end and when cancelled, and can resume it. Outputs the patched model and the loss curve.",
+            description="Makes CLEAR weights for your own FLUX model (FLUX.1-dev/schnell, a fine-tune, a merge, with "
+                        "its LoRAs), for models the released files do not fit: the model draws your prompts as usual "
+                        "and a copy of it that looks only at each part's neighbourhood learns to draw the same (the "
+                        "model is its own teacher; no images are needed). Saves models/clear/<file name>.safetensors "
+                        "in the released files' layout every few steps, at the end and if you cancel, and can "
+                        "continue it later. Shows the loss as it goes (lower is better) and outputs the patched "
+                        "model and the loss curve. Real models need thousands of steps and a large GPU. "
+                        "Technical: the CLEAR paper's distillation (flow-matching, prediction and attention losses).",
             inputs=[
-                io.Model.Input("model", tooltip="The FLUX model to distil: the teacher, and the student's starting "
-                                                "point (its LoRAs and other patches included)."),
-                io.Conditioning.Input("positive", tooltip="Training prompts. Each entry is one prompt: join several "
-                                                          "with Conditioning (Combine); the teacher's samples take "
-                                                          "them in turn. FLUX.1-dev wants its guidance set with "
-                                                          "FluxGuidance (3.5, as the paper's training)."),
-                io.String.Input("output_name", default="clear_local_16_distilled",
-                                tooltip="File name in models/clear (.safetensors is added)."),
-                io.Int.Input("window_radius", default=16, min=1, max=1024,
-                             tooltip="Radius r in image tokens (16 px each) of the window the weights are made for: "
-                                     "a token sees the tokens with dy^2 + dx^2 < r^2. The released files use 8, 16, "
-                                     "32. Fixed for the file once created."),
-                io.Int.Input("down_factor", default=1, min=1, max=64,
-                             tooltip="Cell size d of the down-sampled keys (the released _down_4 files use 4); "
-                                     "1 = none. Fixed for the file once created."),
-                io.Int.Input("steps", default=1000, min=1, max=1_000_000,
-                             tooltip="Optimiser steps in this run (the paper: 10K)."),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-6,
-                               tooltip="AdamW learning rate (the reference's default 1e-4)."),
-                io.Int.Input("resolution", default=1024, min=256, max=4096, step=16,
-                             tooltip="Side of the square training images (the paper: 1024)."),
-                io.Int.Input("batch_size", default=1, min=1, max=256,
-                             tooltip="Teacher samples per optimiser step, run one after another with their "
-                                     "gradients added (memory of one; the reference's effective batch is 32)."),
-                io.Int.Input("teacher_samples", default=1000, min=1, max=1_000_000,
-                             tooltip="How many samples the teacher makes (the paper: 10K); training draws them in "
-                                     "a new order each pass, at a random noise level each time. Kept in "
-                                     "models/clear/<output_name>.safetensors.samples/ for resuming."),
-                io.Int.Input("sampling_steps", default=20, min=1, max=200,
-                             tooltip="Steps of each teacher trajectory (Euler, simple scheduler)."),
-                io.Float.Input("cfg", default=1.0, min=1.0, max=30.0, step=0.1,
-                               tooltip="CFG of the teacher trajectories (1 for FLUX.1, whose guidance is in the "
-                                       "conditioning; >1 runs the negative too). Training predictions use the "
-                                       "prompt alone, as the reference."),
-                io.Float.Input("flow_matching_weight", default=1.0, min=0.0, max=10.0, step=0.05,
-                               tooltip="Weight of the flow-matching loss on the teacher's samples (reference: 1)."),
-                io.Float.Input("prediction_weight", default=0.5, min=0.0, max=10.0, step=0.05,
-                               tooltip="Weight of matching the teacher's prediction (reference: 0.5)."),
-                io.Float.Input("attention_weight", default=0.5, min=0.0, max=10.0, step=0.05,
-                               tooltip="Weight of matching the teacher's attention outputs in every 4th attention "
-                                       "layer (single blocks 1, 5, ..., 37; reference: 0.5)."),
+                io.Model.Input("model", tooltip="The FLUX model to make CLEAR weights for: the teacher, and the "
+                                                "student's starting point (its LoRAs and other patches included)."),
+                io.Conditioning.Input("positive", display_name="training prompts",
+                                      tooltip="Prompts like the ones you will use: each entry is one prompt (join "
+                                              "several with Conditioning (Combine)); the teacher draws them in "
+                                              "turn. FLUX.1-dev wants its guidance set with FluxGuidance (3.5, as "
+                                              "the paper's training)."),
+                io.String.Input("output_name", display_name="file name (models/clear)",
+                                default="clear_local_16_distilled",
+                                tooltip="Name of the weights file in models/clear (.safetensors is added)."),
+                io.Int.Input("window_radius", display_name="window radius", default=16, min=1, max=1024,
+                             tooltip="How far each part of the picture will look, in 16-px steps (16 = 256 px): the "
+                                     "released files use 8, 16 and 32; larger is slower and closer to the original. "
+                                     "Fixed once the file exists. Technical: a token sees the tokens with "
+                                     "dy² + dx² < r²."),
+                io.Int.Input("down_factor", display_name="summary cells", default=1, min=1, max=64,
+                             tooltip="Also give every part a coarse summary of the whole picture, in cells of this "
+                                     "many tokens per side (the released _down_4 files use 4); 1 = no summary. "
+                                     "Fixed once the file exists."),
+                io.Int.Input("steps", display_name="training steps", default=1000, min=1, max=1_000_000,
+                             tooltip="Training steps in this run; more steps, closer to the original model (the "
+                                     "paper: 10K)."),
+                io.Float.Input("learning_rate", display_name="learning rate", default=1e-4, min=1e-7, max=1.0,
+                               step=1e-6,
+                               tooltip="How big each training step is (AdamW; the reference's default 1e-4); lower "
+                                       "it if the loss jumps around or the run stops with an error about the loss."),
+                io.Int.Input("resolution", display_name="training size", default=1024, min=256, max=4096, step=16,
+                             tooltip="Side of the square images the teacher draws (the paper: 1024)."),
+                io.Int.Input("batch_size", display_name="images per step", default=1, min=1, max=256,
+                             tooltip="Teacher images per training step, one after another (steadier, not more "
+                                     "memory; the reference's is 32)."),
+                io.Int.Input("teacher_samples", display_name="teacher images", default=1000, min=1, max=1_000_000,
+                             tooltip="How many images the teacher draws (the paper: 10K); training goes through "
+                                     "them in a new order each pass, at a random noise level each time. Kept in "
+                                     "models/clear/<file name>.safetensors.samples/ for continuing."),
+                io.Int.Input("sampling_steps", display_name="teacher steps per image", default=20, min=1, max=200,
+                             tooltip="Drawing steps of each teacher image (Euler, simple scheduler)."),
+                io.Float.Input("cfg", display_name="teacher CFG", default=1.0, min=1.0, max=30.0, step=0.1,
+                               tooltip="CFG the teacher draws with: 1 for FLUX.1, whose guidance is in the prompt "
+                                       "(FluxGuidance); above 1 also runs the negative prompt. Training itself uses "
+                                       "the prompt alone, as the reference."),
+                io.Float.Input("flow_matching_weight", display_name="weight: image matching", default=1.0, min=0.0,
+                               max=10.0, step=0.05,
+                               tooltip="How much the student learns to draw the teacher's finished images "
+                                       "(technical: the flow-matching loss; reference: 1)."),
+                io.Float.Input("prediction_weight", display_name="weight: step matching", default=0.5, min=0.0,
+                               max=10.0, step=0.05,
+                               tooltip="How much the student learns to match each of the teacher's steps "
+                                       "(technical: its prediction; reference: 0.5)."),
+                io.Float.Input("attention_weight", display_name="weight: attention matching", default=0.5, min=0.0,
+                               max=10.0, step=0.05,
+                               tooltip="How much the student's attention learns to match the teacher's, in every "
+                                       "4th attention layer (technical: single blocks 1, 5, ..., 37; reference: "
+                                       "0.5)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=True,
-                             tooltip="Seed of the teacher's samples and of the training draws."),
-                io.Boolean.Input("resume", default=False,
-                                 tooltip="Continue training the existing file of this name (same radius and down "
-                                         "factor), with its optimizer state and samples."),
-                io.Int.Input("save_every", default=100, min=0, max=1_000_000,
-                             tooltip="Save every this many steps (0 = only at the end or when cancelled)."),
-                io.Boolean.Input("optimizer_on_cpu", default=False,
-                                 tooltip="Keep AdamW's float32 values, gradients and moments in RAM (16 bytes per "
-                                         "trained parameter: 27 GiB for FLUX.1) and only bf16 copies on the GPU: "
-                                         "what lets a 24 GB GPU distil FLUX.1 (with fp8 weights). Each step moves "
-                                         "the gradients to RAM and the new values back."),
-                io.Conditioning.Input("negative", optional=True,
-                                      tooltip="Negative prompt of the teacher trajectories when cfg > 1 "
+                             tooltip="Seed of the teacher's images and of the training draws."),
+                io.Boolean.Input("resume", display_name="continue the file", default=False,
+                                 tooltip="Continue training the existing file of this name (same window and "
+                                         "summary cells), with its optimizer state and teacher images; off refuses "
+                                         "to overwrite it."),
+                io.Int.Input("save_every", display_name="save every (steps)", default=100, min=0, max=1_000_000,
+                             tooltip="Save every this many steps (0 = only at the end or if you cancel)."),
+                io.Boolean.Input("optimizer_on_cpu", display_name="training state in RAM", default=False,
+                                 tooltip="Keep the training state in system RAM (16 bytes per trained value: 27 GiB "
+                                         "for FLUX.1) and only the weights being trained on the GPU: what lets a "
+                                         "24 GB GPU distil FLUX.1 (with fp8 weights); each step is slower. "
+                                         "Technical: AdamW's float32 values, gradients and moments on the CPU."),
+                io.Conditioning.Input("negative", display_name="negative prompt", optional=True,
+                                      tooltip="Negative prompt of the teacher's images when teacher CFG > 1 "
                                               "(default: empty)."),
             ],
             outputs=[io.Model.Output(tooltip="The model patched with the distilled file, as the CLEAR attention "
-                                             "node would load it."),
-                     io.Image.Output(tooltip="Loss curves (flow matching, prediction, attention).")],
+                                             "node would load it, to try it."),
+                     io.Image.Output(display_name="loss curve",
+                                     tooltip="Loss curves (image, step and attention matching), with the steps, the "
+                                             "last losses and the saved file under them.")],
         )
 
     @classmethod
@@ -250,16 +269,33 @@ class UltraResClearDistill(io.ComfyNode):
                                         seed=seed, save_every=save_every, optimizer_on_cpu=optimizer_on_cpu)
         trajectory = TrajectorySettings(width=resolution, height=resolution, sampling_steps=sampling_steps, cfg=cfg,
                                         scheduler=SCHEDULER)
-        _, record = run_clear_distillation(model, positive, negative, path, pattern, settings, trajectory, resume,
-                                           on_progress=progress_callback(steps), check_interrupt=check_interrupt)
+        feedback = NodeFeedback("CLEAR Distill", log)
+        saving = f"every {save_every} steps, " if save_every else ""
+        feedback.announce(f"training CLEAR weights (window radius {window_radius}, summary cells {down_factor}), "
+                          f"{steps} steps ({'continuing ' if resume and path.exists() else ''}{path.name} in "
+                          f"{path.parent})\nthe first steps also draw the teacher's images · saved {saving}at the end "
+                          "and if you cancel · lower loss is better")
+        report = distill_report(path, steps, lambda text: log.info("CLEAR Distill: %s", text), feedback.status)
+        try:
+            _, record = run_clear_distillation(model, positive, negative, path, pattern, settings, trajectory, resume,
+                                               on_progress=feedback.progress, check_interrupt=check_interrupt,
+                                               report=report)
+        except BaseException as error:
+            report_stop(error, report, feedback)
+            raise
+        feedback.finish(f"finished in {feedback.elapsed()}: {loss_text(record)} · saved in {path}", logged=False)
         weights, _ = load_clear_file(model, path.name)
-        return io.NodeOutput(apply_clear(model, pattern, weights), loss_image(record))
+        return io.NodeOutput(apply_clear(model, pattern, weights), loss_image(record, path))
 
 
-def loss_image(record: ClearTrainingRecord) -> torch.Tensor:
-    """The record's loss curves as a ComfyUI IMAGE ``[1, H, W, 3]`` in 0..1."""
+def loss_image(record: ClearTrainingRecord, path=None) -> torch.Tensor:
+    """The record's loss curves as a ComfyUI IMAGE ``[1, H, W, 3]`` in 0..1, with where the weights
+    were saved and the last losses written under them."""
     series = {name: record.losses[name] for name in (FLOW_MATCHING, PREDICTION, ATTENTION) if name in record.losses}
-    plot = draw_loss_plot(series)
+    notes = [f"{record.steps} steps, {loss_text(record)}" if record.losses.get(TOTAL) else "no steps yet"]
+    if path is not None:
+        notes.append(f"saved to {path}")
+    plot = draw_loss_plot(series, notes=notes)
     return torch.from_numpy(plot.astype(np.float32) / 255.0)[None]
 
 

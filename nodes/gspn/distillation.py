@@ -1,6 +1,6 @@
 """GSPN distillation inside ComfyUI: the host-free loop of ``models/gspn/distill.py`` driven
-through ComfyUI's own sampling machinery (the node and the command line share this), and what it tells the user while
-it runs (:class:`DistillReport`: losses now and then, every save with its path, how it ended).
+through ComfyUI's own sampling machinery (the node and the command line share this), and how its losses read in what
+it tells the user while it runs (:mod:`..distill_report`).
 
 The loop runs inside ComfyUI's sampling of the model (:mod:`..training`, shared with CLEAR's
 distillation). Each entry of the positive CONDITIONING is one prompt; trajectories take them in
@@ -22,12 +22,13 @@ import torch
 from ...models.gspn import (Capture, DistillSettings, GSPNConfig, GSPNLayers, LayerSpec, TrainingRecord, distill,
                            load_gspn_weights, load_optimizer_state, make_optimizer, optimizer_path, save_gspn_weights,
                            save_optimizer_state)
+from ..distill_report import DistillReport
 from ..training import (SamplingContext, TrajectorySettings, inside_sampling, options_clone, output_path,
                         with_weight_copies)
 from .patch import comfy_attention_call, gspn_call, model_family, unet_layers
 
-__all__ = ["ComfyDistillHost", "TrajectorySettings", "output_path", "run_distillation", "with_host",
-           "with_weight_copies"]
+__all__ = ["ComfyDistillHost", "TrajectorySettings", "distill_report", "loss_text", "output_path", "run_distillation",
+           "with_host", "with_weight_copies"]
 
 
 T = TypeVar("T")
@@ -81,8 +82,6 @@ def with_host(model: comfy.model_patcher.ModelPatcher, positive: list, negative:
                            lambda context: run(ComfyDistillHost(context, specs)))
 
 
-LOG_LINES = 20
-"""Loss lines a run logs (besides every save and the end), evenly spread over its steps."""
 LOSS_WINDOW = 50
 """Steps the logged mean loss is taken over (single steps are noisy: each is one noise level)."""
 
@@ -98,43 +97,10 @@ def loss_text(record: TrainingRecord) -> str:
     return text
 
 
-class DistillReport:
-    """What a distillation tells the user: ``emit`` gets log lines (the losses :data:`LOG_LINES`
-    times per run, every save with its path, the end or the stop), ``status(text, done, total)``
-    (optional) the latest loss after every step."""
-
-    def __init__(self, path: Path, steps: int, emit: Callable[[str], None],
-                 status: Callable[[str, int, int], None] | None = None):
-        self.path, self.steps, self.emit, self.status = path, steps, emit, status
-        self.every = max(1, steps // LOG_LINES)
-        self.saved_step: int | None = None
-        self.done = 0
-
-    def step(self, done: int, total: int, record: TrainingRecord) -> None:
-        self.done = done
-        if self.status is not None:
-            saved = f" · saved at step {self.saved_step}" if self.saved_step is not None else ""
-            self.status(f"step {done}/{total} · {loss_text(record)}{saved}", done, total)
-        if done % self.every == 0 and done < total:
-            self.emit(f"step {done}/{total} (step {record.steps} of the file): {loss_text(record)}")
-
-    def saved(self, record: TrainingRecord) -> None:
-        self.saved_step = record.steps
-        self.emit(f"saved step {record.steps} to {self.path}")
-
-    def finished(self, record: TrainingRecord) -> None:
-        self.emit(f"finished {self.done} steps ({record.steps} in the file): {loss_text(record)}; "
-                  f"the weights are in {self.path}")
-
-    def stopped(self, reason: str) -> str:
-        """Say (and return) how a stopped run left the file: ``reason`` is e.g. ``"cancelled"``."""
-        if self.saved_step is None:
-            text = f"{reason} before the first step finished: nothing was saved"
-        else:
-            text = (f"{reason} after {self.done} of {self.steps} steps: the weights so far (step {self.saved_step}) "
-                    f"are saved in {self.path}; turn on resume to continue training them")
-        self.emit(text)
-        return text
+def distill_report(path: Path, steps: int, emit: Callable[[str], None],
+                   status: Callable[[str, int, int], None] | None = None) -> DistillReport[TrainingRecord]:
+    """The report of a GSPN run (its losses in :func:`loss_text`'s words)."""
+    return DistillReport(path, steps, loss_text, emit, status)
 
 
 def run_distillation(model: comfy.model_patcher.ModelPatcher, positive: list, negative: list | None,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 
-import comfy.model_management
 import folder_paths
 import numpy as np
 import torch
@@ -13,10 +12,11 @@ from comfy_api.latest import io
 
 from ...models.gspn import DistillSettings, GSPNConfig, TrainingRecord, draw_loss_plot, load_gspn_weights
 from ..category import CATEGORY
-from .patch import apply_gspn, model_family, unet_layers
-from .distillation import DistillReport, TrajectorySettings, loss_text, output_path, run_distillation
 from ..choices import refuse_unlisted
+from ..distill_report import report_stop
 from ..runtime import NodeFeedback, check_interrupt
+from .distillation import TrajectorySettings, distill_report, loss_text, output_path, run_distillation
+from .patch import apply_gspn, model_family, unet_layers
 
 log = logging.getLogger(__name__)
 
@@ -166,19 +166,14 @@ class UltraResGSPNDistill(io.ComfyNode):
                           f"({'continuing ' if resume and path.exists() else ''}{path.name} in {path.parent})\n"
                           f"saved {saving}at the end and if you cancel · loss: 1 = no better than nothing, lower "
                           "is better")
-        report = DistillReport(path, steps, lambda text: log.info("GSPN Distill: %s", text), feedback.status)
+        report = distill_report(path, steps, lambda text: log.info("GSPN Distill: %s", text), feedback.status)
         try:
             gspn, record = run_distillation(model, positive, negative, path, settings, trajectory,
                                             GSPNConfig(chunk=chunk, proxy_ratio=proxy_ratio), resume,
                                             on_progress=feedback.progress, check_interrupt=check_interrupt,
                                             report=report)
         except BaseException as error:
-            # A cancel is ComfyUI's InterruptProcessingException (a BaseException on newer hosts).
-            cancelled = (isinstance(error, comfy.model_management.InterruptProcessingException)
-                         or not isinstance(error, Exception))
-            if cancelled or report.saved_step is not None:
-                reason = "cancelled" if cancelled else f"stopped by an error ({type(error).__name__})"
-                feedback.finish(report.stopped(reason), logged=False)
+            report_stop(error, report, feedback)
             raise
         feedback.finish(f"finished in {feedback.elapsed()}: {loss_text(record)} · saved in {path}", logged=False)
         return io.NodeOutput(apply_gspn(model, gspn), loss_image(record, path))

@@ -553,3 +553,15 @@ def test_flux_class_variants_whose_layout_clear_does_not_fit_are_refused_by_name
         with pytest.raises(ValueError, match=r"this Chroma model has another \(image_model 'chroma'\).*not supported yet"):
             patch(pack_nodes, chroma, weights, radius=8)
     assert patch(pack_nodes, comfy_harness.tiny_flux_patcher(seed=0), "clear_local_8.safetensors") is not None
+
+
+def test_a_clone_of_the_patched_model_runs_the_same_clear_and_names_no_other_override(pack_nodes, caplog):
+    # Every node after CLEAR clones the model (a LoRA, a sampler's patches), and a clone deep-copies
+    # the model options: the override there must stay the one CLEAR's wrapper put in.
+    clear = patch(pack_nodes, comfy_harness.tiny_flux_patcher(seed=0), radius=2)
+    clone = clear.clone()
+    override = clone.model_options["transformer_options"]["optimized_attention_override"]
+    assert override is clear.model_options["transformer_options"]["optimized_attention_override"]
+    with caplog.at_level(logging.INFO):
+        torch.testing.assert_close(run(clone), run(clear), rtol=0, atol=0)
+    assert "the attention override slot held" not in caplog.text
