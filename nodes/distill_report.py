@@ -17,7 +17,7 @@ import comfy.model_management
 
 from .runtime import NodeFeedback
 
-__all__ = ["LOG_LINES", "DistillReport", "report_stop"]
+__all__ = ["LOG_LINES", "DistillReport", "report_stop", "with_report"]
 
 LOG_LINES = 20
 """Loss lines a run logs (besides every save and the end), evenly spread over its steps."""
@@ -67,6 +67,19 @@ class DistillReport(Generic[R]):
                     f"are saved in {self.path}; turn on resume to continue training them")
         self.emit(text)
         return text
+
+
+def with_report(on_progress: Callable[[int, int], None] | None, report: DistillReport[R] | None,
+                record: R) -> Callable[[int, int], None]:
+    """A ``(done, total)`` callback for the training loop that moves ``on_progress`` and tells
+    ``report`` about each step of ``record`` (the record the loop fills in)."""
+    def progress(done: int, total: int) -> None:
+        if on_progress is not None:
+            on_progress(done, total)
+        if report is not None:
+            report.step(done, total, record)
+
+    return progress
 
 
 def report_stop(error: BaseException, report: DistillReport, feedback: NodeFeedback) -> None:

@@ -47,7 +47,7 @@ from ...models.clear import (ATTENTION, CLEAR_OPTIMIZER_STATE, FLOW_MATCHING, OP
                              FolderSamples, Prediction, assemble, derived_seed, distill, file_dtype, make_optimizer,
                              optimized_tensors, plan_weights, read_distilled, released_keys, save_distilled)
 from ...models.training import TOTAL, OffloadedAdamW, load_optimizer_state, optimizer_path, save_optimizer_state
-from ..distill_report import DistillReport
+from ..distill_report import DistillReport, with_report
 from ..training import SamplingContext, TrajectorySettings, inside_sampling, options_clone, with_weight_copies
 from .hooks import WRAPPER_KEY, apply_clear, flux_module
 from .override_slot import OVERRIDE_KEY
@@ -407,12 +407,6 @@ def run_clear_distillation(model: comfy.model_patcher.ModelPatcher, positive: li
             if report is not None:
                 report.saved(r)
 
-        def progress(done: int, total: int) -> None:
-            if on_progress is not None:
-                on_progress(done, total)
-            if report is not None:
-                report.step(done, total, record)
-
         def run(context: SamplingContext) -> ClearTrainingRecord:
             host = ComfyClearHost(context, mode, depth, depth_single, recompute)
             recipe = sample_recipe(model, positive, negative, trajectory, settings)
@@ -426,7 +420,8 @@ def run_clear_distillation(model: comfy.model_patcher.ModelPatcher, positive: li
                             tensor.copy_(recorded[key])
                 if isinstance(optimizer, OffloadedAdamW):
                     optimizer.push()
-            return distill(host, student, settings, samples, record, save=save, on_progress=progress,
+            return distill(host, student, settings, samples, record, save=save,
+                           on_progress=with_report(on_progress, report, record),
                            check_interrupt=check_interrupt, optimizer=optimizer)
 
         try:

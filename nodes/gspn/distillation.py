@@ -22,7 +22,7 @@ import torch
 from ...models.gspn import (Capture, DistillSettings, GSPNConfig, GSPNLayers, LayerSpec, TrainingRecord, distill,
                            load_gspn_weights, load_optimizer_state, make_optimizer, optimizer_path, save_gspn_weights,
                            save_optimizer_state)
-from ..distill_report import DistillReport
+from ..distill_report import DistillReport, with_report
 from ..training import (SamplingContext, TrajectorySettings, inside_sampling, options_clone, output_path,
                         with_weight_copies)
 from .patch import comfy_attention_call, gspn_call, model_family, unet_layers
@@ -147,14 +147,9 @@ def run_distillation(model: comfy.model_patcher.ModelPatcher, positive: list, ne
             if report is not None:
                 report.saved(r)
 
-        def progress(done: int, total: int) -> None:
-            if on_progress is not None:
-                on_progress(done, total)
-            if report is not None:
-                report.step(done, total, record)
-
         def run(host: ComfyDistillHost) -> TrainingRecord:
-            return distill(host, student, settings, record, save=save, on_progress=progress,
+            return distill(host, student, settings, record, save=save,
+                           on_progress=with_report(on_progress, report, record),
                            check_interrupt=check_interrupt, optimizer=optimizer)
 
         record = with_host(model, positive, negative, trajectory, settings.seed, run)
