@@ -30,7 +30,6 @@ import sys
 from pathlib import Path
 
 from ..models.clear import ClearDistillSettings, ClearPattern
-from ..models.training import TOTAL
 
 WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e5m2")
 
@@ -116,7 +115,7 @@ def _encode(clip, text: str, guidance: float) -> list:
 
 def run(args: argparse.Namespace) -> int:
     """Load the teacher with ComfyUI and distil; returns the process exit status."""
-    from ..nodes.clear.distillation import run_clear_distillation
+    from ..nodes.clear.distillation import distill_report, run_clear_distillation
     from ..nodes.clear.nodes import SCHEDULER
     from ..nodes.training import TrajectorySettings
 
@@ -130,18 +129,15 @@ def run(args: argparse.Namespace) -> int:
     trajectory = TrajectorySettings(width=args.resolution, height=args.resolution, sampling_steps=args.sampling_steps,
                                     cfg=args.cfg, scheduler=SCHEDULER)
 
-    def report(done: int, total: int) -> None:
-        if done == total or done % max(1, total // 100) == 0:
-            print(f"step {done}/{total}", flush=True)
-
+    report = distill_report(args.out, args.steps, lambda text: print(text, flush=True))
     try:
-        _, record = run_clear_distillation(model, positive, _encode(clip, args.negative, args.guidance), args.out,
-                                           ClearPattern(args.radius, args.down_factor), settings, trajectory,
-                                           args.resume, on_progress=report)
+        run_clear_distillation(model, positive, _encode(clip, args.negative, args.guidance), args.out,
+                               ClearPattern(args.radius, args.down_factor), settings, trajectory, args.resume,
+                               report=report)
     except KeyboardInterrupt:
-        print(f"stopped; what was trained is saved in {args.out} (continue with --resume)", flush=True)
+        report.stopped("stopped (Ctrl-C)")
+        print("continue with --resume", flush=True)
         return 130
-    print(f"{args.out}: {record.steps} steps, loss {record.losses[TOTAL][-1]:.4g}", flush=True)
     return 0
 
 

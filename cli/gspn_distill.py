@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     """Load the teacher with ComfyUI and distil; returns the process exit status."""
     import comfy.sd
 
-    from ..nodes.gspn.distillation import TrajectorySettings, run_distillation
+    from ..nodes.gspn.distillation import TrajectorySettings, distill_report, run_distillation
 
     model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=False, output_clip=True)
     if clip is None:
@@ -90,18 +90,14 @@ def run(args: argparse.Namespace) -> int:
     trajectory = TrajectorySettings(width=args.width, height=args.height, batch_size=args.batch_size,
                                     sampling_steps=args.sampling_steps, cfg=args.cfg)
 
-    def report(done: int, total: int) -> None:
-        if done == total or done % max(1, total // 100) == 0:
-            print(f"step {done}/{total}", flush=True)
-
+    report = distill_report(args.out, args.steps, lambda text: print(text, flush=True))
     try:
-        _, record = run_distillation(model, positive, _encode(clip, args.negative), args.out, settings, trajectory,
-                                     GSPNConfig(chunk=args.chunk, proxy_ratio=args.proxy_ratio), args.resume,
-                                     on_progress=report)
+        run_distillation(model, positive, _encode(clip, args.negative), args.out, settings, trajectory,
+                         GSPNConfig(chunk=args.chunk, proxy_ratio=args.proxy_ratio), args.resume, report=report)
     except KeyboardInterrupt:
-        print(f"stopped; what was trained is saved in {args.out} (continue with --resume)", flush=True)
+        report.stopped("stopped (Ctrl-C)")
+        print("continue with --resume", flush=True)
         return 130
-    print(f"{args.out}: {record.steps} steps, attn1 matching loss {record.layer_losses[-1]:.4g}", flush=True)
     return 0
 
 

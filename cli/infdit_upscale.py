@@ -145,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
                 weights.clip.to(device)
             free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else host_free_bytes()
             plan = plan_budget(weights, tuple(image.shape[-2:]), options, free)
+            print(plan.describe(tuple(image.shape[-2:]), image.shape[0]), flush=True)
             for _, message in plan.messages:
                 print(message, flush=True)
             out = upscale(weights, image, plan.options, device, on_progress=_Report())
@@ -154,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
             if rank == 0:
                 group.on_progress = _Report()
                 group.on_plan = lambda messages: [print(message, flush=True) for _, message in messages]
-            out = upscale_job(group, weights=asdict(source), images=image, options=asdict(options))
+            out = upscale_job(group, weights=asdict(source), images=image, options=asdict(options), preview=False)
             if group.on_progress is not None:
                 group.on_progress(group.total, group.total)  # the other ranks' last batches
             group.close()

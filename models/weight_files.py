@@ -21,6 +21,7 @@ import importlib
 import json
 import os
 import pickle
+import pickletools
 import re
 import struct
 import zipfile
@@ -204,6 +205,29 @@ def header_keys(path: str | os.PathLike) -> tuple[dict[str, tuple[int, ...]], Me
         header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
     metadata = header.pop("__metadata__", None) or {}
     return {key: tuple(entry["shape"]) for key, entry in header.items()}, metadata
+
+
+def stored_keys(path: str | os.PathLike) -> frozenset[str] | None:
+    """The tensor names a weight file holds, read without loading a tensor or running any of its
+    code: a safetensors header, or the strings of a ``torch.save`` archive's pickle (read as
+    opcodes, never unpickled; the names are among them). None when the file tells nothing that
+    way (a legacy pickle, a broken or foreign file): decide by its name then."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(64)
+        found = _format_of(head, size)
+        if found == SAFETENSORS:
+            keys, _ = header_keys(path)
+            return frozenset(keys)
+        if found == TORCH and head.startswith(b"PK\x03\x04"):
+            with zipfile.ZipFile(path) as archive:
+                (member,) = [name for name in archive.namelist() if name.endswith("/data.pkl") or name == "data.pkl"]
+                return frozenset(arg for _, arg, _ in pickletools.genops(archive.read(member)) if isinstance(arg, str))
+    except (OSError, ValueError, KeyError, struct.error, zipfile.BadZipFile):
+        return None
+    return None
 
 
 # Other kinds of model files, to tell a user which file they chose: (pattern any key matches,

@@ -41,7 +41,7 @@ def _inside(node: dict, group: dict) -> bool:
 
 
 # Pillow's built-in font has no glyphs for these.
-PLAIN = str.maketrans({"×": "x", "→": "->", "²": "^2", "≈": "~"})
+PLAIN = str.maketrans({"×": "x", "→": "->", "²": "^2", "≈": "~", "–": "-", "—": "-"})
 
 
 def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: float) -> list[str]:
@@ -106,7 +106,7 @@ def main() -> None:
     definitions = wg.load_definitions()
     for path in wg.workflow_paths():
         target = path.with_suffix(".jpg")
-        render(wg.load_workflow(path), path.stem.replace("_", " "), definitions).save(target, quality=90)
+        render(wg.load_workflow(path), path.stem, definitions).save(target, quality=90)
         print(f"wrote {target}")
 
 

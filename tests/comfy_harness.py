@@ -127,14 +127,27 @@ def prompt_executor(server: Any):
 
 
 class RecordingServer:
-    """What ``PromptExecutor`` needs from the server: it records the messages sent to the UI."""
+    """What ``PromptExecutor`` needs from the server: it records the messages sent to the UI, the
+    progress texts nodes send (``PromptServer.send_progress_text``) and the progress-bar updates
+    with their previews."""
 
     def __init__(self) -> None:
         self.client_id = self.last_node_id = self.last_prompt_id = None
         self.messages: list[tuple[str, dict]] = []
+        self.texts: list[tuple[str, str]] = []
+        """``(node id, text)`` of every progress text."""
+        self.progress: list[tuple[int, int, Any, str | None]] = []
+        """``(value, total, preview, node id)`` of every progress-bar update."""
 
     def send_sync(self, event: str, data: dict, sid=None) -> None:
         self.messages.append((event, data))
+
+    def send_progress_text(self, text: str, node_id: str, sid=None) -> None:
+        self.texts.append((str(node_id), text))
+
+    def previews(self) -> list:
+        """The preview images sent, in order (``("JPEG", PIL image, max size)`` tuples)."""
+        return [preview for _, _, preview, _ in self.progress if preview is not None]
 
     def queue_updated(self) -> None:
         pass
@@ -182,6 +195,18 @@ def sink_node(node_id: str, received: dict | None = None) -> type:
     return Sink
 
 
+def validation_errors(prompt: dict, test_nodes: dict[str, type] | None = None) -> dict:
+    """ComfyUI's ``validate_prompt`` of a prompt it refuses: the node errors that ``/prompt``
+    answers with (status 400) and the frontend shows on the nodes."""
+    import execution
+    import nodes
+
+    nodes.NODE_CLASS_MAPPINGS.update(test_nodes or {})
+    valid, _, _, node_errors = asyncio.run(execution.validate_prompt("test", prompt, None))
+    assert not valid, "the prompt was accepted"
+    return node_errors
+
+
 def execute_prompt(prompt: dict, test_nodes: dict[str, type] | None = None, on_progress=None):
     """Validate and execute ``prompt`` as ComfyUI's server does (``validate_prompt``, then its
     ``PromptExecutor``), with ``test_nodes`` registered; returns (executor, recording server)."""
@@ -189,17 +214,35 @@ def execute_prompt(prompt: dict, test_nodes: dict[str, type] | None = None, on_p
     import execution
     import nodes
 
+    import server as comfy_server
+    from comfy_execution.utils import get_executing_context
+
     nodes.NODE_CLASS_MAPPINGS.update(test_nodes or {})
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("test", prompt, None))
     assert valid, json.dumps([error, node_errors], default=str)
     server = RecordingServer()
     executor = prompt_executor(server)
-    comfy.utils.set_progress_bar_global_hook(
-        (lambda value, total, preview, node_id=None: on_progress(value, total)) if on_progress else None)
+
+    def hook(value, total, preview, node_id=None):
+        # As main.py's hook: the node from the executing context, and the cancel check.
+        if node_id is None and get_executing_context() is not None:
+            node_id = get_executing_context().node_id
+        server.progress.append((value, total, preview, node_id))
+        if on_progress is not None:
+            on_progress(value, total)
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    had_instance = hasattr(comfy_server.PromptServer, "instance")
+    previous = getattr(comfy_server.PromptServer, "instance", None)
+    comfy_server.PromptServer.instance = server
     try:
         executor.execute(prompt, "test", {"client_id": "tests"}, outputs)
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
+        if had_instance:
+            comfy_server.PromptServer.instance = previous
+        else:
+            del comfy_server.PromptServer.instance
     return executor, server
 
 

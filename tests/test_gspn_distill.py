@@ -183,3 +183,5 @@ def test_loss_plot_is_an_rgb_image_with_one_colour_per_series():
     colours = {tuple(c) for c in image.reshape(-1, 3)}
     assert (31, 119, 180) in colours and (255, 127, 14) in colours
     assert draw_loss_plot({"attn1": []}).shape == (360, 640, 3)
+    noted = draw_loss_plot({"attn1": [0.5, 0.25]}, notes=["saved to models/gspn/x.safetensors", "2 steps"])
+    assert noted.shape == (360 + 2 * 16, 640, 3) and (noted[360:] < 128).any(), "the notes are written under it"

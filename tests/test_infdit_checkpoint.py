@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from ultrares.models.infdit._full_reference import reference_evaluation, reference_rope_table
 from ultrares.cli import infdit_convert as convert
-from ultrares.models.infdit.checkpoint import ROPE_TABLES, InfDiTCheckpointError, convert_checkpoint, load_infdit
+from ultrares.models.infdit.checkpoint import (ROPE_TABLES, InfDiTCheckpointError, convert_checkpoint, holds_clip_tower,
+                                               load_infdit)
 from ultrares.models.infdit.config import InfDiTConfig
 from ultrares.models.infdit.evaluate import ImageContext, LRContext, evaluate
 from ultrares.models.infdit.schedule import Placement, plan_batches, plan_schedule
@@ -395,6 +396,25 @@ def test_clip_comes_from_a_separate_openclip_file_when_the_checkpoint_has_none(w
     torch.save(openclip, tmp_path / "open_clip_pytorch_model.bin")
     loaded = load_infdit(tmp_path / "dit.pt", clip_path=tmp_path / "open_clip_pytorch_model.bin")
     assert_same_weights(loaded.clip, weights.clip, torch.float32)
+
+
+def test_the_clip_tower_list_holds_the_openclip_towers_and_never_the_checkpoint_told_without_loading(
+        weights, tmp_path, monkeypatch):
+    tower = {f"visual.{k}": v.contiguous() for k, v in weights.clip.state_dict().items()}
+    openclip = dict(tower, **{"token_embedding.weight": torch.zeros(4, 2), "logit_scale": torch.ones(()),
+                              "transformer.resblocks.0.attn.in_proj_weight": torch.zeros(6, 2)})
+    torch.save(openclip, tmp_path / "open_clip_pytorch_model.bin")       # as released (a torch.save archive)
+    save_file(tower, str(tmp_path / "tower.safetensors"))                 # any name: the keys tell
+    save_file({k[len("visual."):]: v for k, v in tower.items()}, str(tmp_path / "bare.safetensors"))
+    save_released_layout(released_state_dict(weights), tmp_path / "mp_rank_00_model_states.pt")  # has a tower inside
+    convert_checkpoint(tmp_path / "mp_rank_00_model_states.pt", tmp_path / "infdit.safetensors", torch.float32)
+    save_file({"vision_model.embeddings.patch_embedding.weight": torch.zeros(2, 3, 1, 1)},
+              str(tmp_path / "clip_vision_hf.safetensors"))                # ComfyUI's HF layout: not this tower
+    (tmp_path / "clip_cut_short.bin").write_bytes(b"PK\x03\x04 broken")  # unreadable: kept by its name, refused
+    (tmp_path / "notes.bin").write_bytes(b"")                              # when chosen; others are left out
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("a tensor was loaded"))
+    listed = sorted(path.name for path in tmp_path.iterdir() if holds_clip_tower(path))
+    assert listed == ["bare.safetensors", "clip_cut_short.bin", "open_clip_pytorch_model.bin", "tower.safetensors"]
 
 
 def test_a_clip_file_with_foreign_keys_is_refused(weights, tmp_path):

@@ -26,7 +26,8 @@ from ultrares.models.infdit.pipeline import model_pipeline
 from ultrares.models.infdit.sampler import initial_state
 from ultrares.models.infdit.schedule import assign_stripes, plan_batches, plan_ranks, resolve_scan
 from ultrares.models.infdit.shard import ImageShard
-from ultrares.models.infdit.launch import GRACE_SECONDS, RankFailed, run_ranks
+from ultrares.models.infdit.launch import GRACE_SECONDS, RankFailed, run_ranks, upscale_on_ranks
+from ultrares.models.infdit.progress import PreviewCanvas
 from ultrares.models.infdit.tiny import TINY
 from ultrares.models.infdit.upscale import upscale
 from ultrares.models.infdit.worker import upscale_job_arguments
@@ -154,6 +155,25 @@ def test_each_rank_sends_exactly_the_boundary_keys_the_plan_lists(on_ranks):
                     for case in EVALUATIONS) * layers_block for rank in range(ranks)]
     assert [sent[0] for sent in result["bytes_sent"]] == expected
     assert result["bytes_sent"][-1] == [0, 0]  # the last stripe sends nothing
+
+
+def test_the_host_hears_the_plan_where_each_rank_is_and_sees_the_ranks_preview(one_cpu_thread):
+    options = UpscaleOptions(scale=4, steps=1, seed=2, batch_blocks=1, scan="row")
+    plans, statuses, previews, progress = [], [], [], []
+    out = upscale_on_ranks(SOURCE, IMAGE, options, ["cpu"] * 2, threads=1, timeout=TIME_LIMIT,
+                           on_plan=plans.append, on_status=statuses.append,
+                           on_preview=lambda image: previews.append(image.clone()),
+                           on_progress=lambda done, total: progress.append((done, total)))
+    (summary,) = plans
+    assert summary.split("\n")[0] == "4× upscale → 112×80, shared by 2 devices"
+    assert progress[-1] == (35, 35) and len(statuses) == len(progress)
+    # Each rank's line says where it is in its own stripe of the 5 block rows of 7: rank 0 has 2 rows,
+    # rank 1 (the larger stripes go last) the other 3.
+    assert statuses[-1] == ["evaluation 1/1 · batch 14/14", "evaluation 1/1 · batch 21/21"]
+    # The bands put together are the picture one device paints.
+    canvas = PreviewCanvas(TINY.block_px)
+    single = upscale(SOURCE.load(), IMAGE, options, CPU, preview=canvas)
+    assert torch.equal(out, single) and torch.equal(previews[-1], canvas.image())
 
 
 def _pids(folder: Path) -> list[int]:

@@ -11,8 +11,9 @@ import torch
 
 from ultrares.benchmarks.meter import LiveTensorMeter
 from ultrares.models.infdit.budget import UpscaleOptions, fit_budget, plan_budget, plan_stage, weight_bytes, working_memory
-from ultrares.models.infdit.memory import GiB, BudgetTooSmall, choose_batch_size, estimate_memory
+from ultrares.models.infdit.memory import GiB, BudgetTooSmall, choose_batch_size, estimate_memory, memory_text
 from ultrares.models.infdit.network import InfDiT
+from ultrares.models.infdit.schedule import plan_batches
 from ultrares.models.infdit.tiny import TINY, tiny_weights
 from ultrares.models.infdit.upscale import upscale
 
@@ -78,11 +79,22 @@ def test_the_budget_picks_the_largest_batch_that_fits_and_the_sample_stays_under
     assert measured_peak(weights, side // 4, options) <= budget
 
 
-def test_a_budget_below_one_block_per_batch_is_refused_with_the_breakdown(weights):
-    with pytest.raises(BudgetTooSmall, match=r"below the minimum for a 128x64 output \(weights .* neighbour cache"
-                                             r".* batch activations .* GiB with one block per batch\).*offloading"):
+def test_a_budget_below_one_block_per_batch_is_refused_with_the_breakdown_in_units_that_fit(weights):
+    # The tiny model's terms are KiB and MiB: each reads in its own unit, never as "0.00 GiB".
+    size = r"\d+(\.\d+)? (KiB|MiB)"
+    with pytest.raises(BudgetTooSmall, match=rf"a memory budget of 1000 bytes is below the minimum for a 128x64 output "
+                                             rf"\(weights {size} \+ sampler state {size} \+ neighbour cache {size} \+ "
+                                             rf"batch activations {size} = {size} with one block per batch\).*offloading"):
         choose_batch_size(TINY, 64, 128, 1000, weight_bytes=weight_bytes(weights), dtype=torch.float32,
                           offload=False)
+
+
+@pytest.mark.parametrize("size, text", [(0, "0 bytes"), (512, "512 bytes"), (12 * 2**10, "12.0 KiB"),
+                                        (640 * 2**20, "640 MiB"), (99.96 * 2**20, "100 MiB"),
+                                        (9.874 * GiB, "9.87 GiB"), (14.24 * GiB, "14.2 GiB"),
+                                        (1500 * GiB, "1500 GiB")])
+def test_memory_reads_in_the_unit_that_fits_with_about_three_digits(size, text):
+    assert memory_text(size) == text
 
 
 def test_a_budget_that_fits_only_with_offloading_switches_it_on(weights):
@@ -116,14 +128,14 @@ def test_a_plan_uses_what_is_free_and_lowers_a_budget_above_it_saying_so(weights
     lowered = plan_budget(weights, SIZE, UpscaleOptions(budget_bytes=2 * available), free_bytes=10 * GiB)
     assert lowered.options.budget_bytes == available
     level, text = lowered.messages[0]
-    assert level == logging.WARNING and "is more than the 10.00 GiB available with the model loaded" in text
+    assert level == logging.WARNING and "is more than the 10.0 GiB available with the model loaded" in text
 
 
 def test_a_budget_that_fits_only_offloaded_switches_it_on_saying_so(weights):
     between = sum(floor(weights).values()) / 2
     plan = plan_budget(weights, SIZE, UpscaleOptions(budget_bytes=between), free_bytes=GiB)
     assert plan.options == UpscaleOptions(budget_bytes=between, offload=True)
-    assert "offloading them to CPU RAM (same result, slower)" in plan.messages[0][1]
+    assert "keeping them in CPU RAM instead (same result, slower)" in plan.messages[0][1]
     assert plan.messages[1][1].startswith("1 x 1 blocks per batch: weights")
 
 
@@ -131,13 +143,34 @@ def test_a_plan_says_when_offloading_would_double_the_batch_and_when_it_needs_mo
     two = floor(weights, 2)
     plan = plan_budget(weights, SIZE, UpscaleOptions(budget_bytes=two[True]), free_bytes=GiB)
     assert not plan.options.offload and plan.stages[-1].n == 1
-    assert plan.messages[-1] == (logging.INFO, "with offload_cache on, the same budget allows 2 x 2 blocks per batch "
+    assert plan.messages[-1] == (logging.INFO, "with offloading on, the same budget allows 2 x 2 blocks per batch "
                                                "(fewer, larger batches; uses CPU RAM)")
     offloaded = UpscaleOptions(budget_bytes=two[True], offload=True)
     roomy = plan_budget(weights, SIZE, offloaded, free_bytes=GiB, host_free_bytes=GiB)
     assert [level for level, _ in roomy.messages] == [logging.INFO]
     level, text = plan_budget(weights, SIZE, offloaded, free_bytes=GiB, host_free_bytes=1000).messages[-1]
-    assert level == logging.WARNING and "of CPU RAM for a 80x48 output, 0.0 GiB is free" in text
+    assert level == logging.WARNING and "of CPU RAM for a 80x48 output, 1000 bytes is free" in text
+
+
+def test_the_plan_reads_as_a_few_lines_saying_what_it_chose_and_why(weights):
+    two = floor(weights, 2)
+    plan = plan_budget(weights, SIZE, UpscaleOptions(budget_bytes=two[False] * 1.01), free_bytes=GiB)
+    assert plan.stages[-1].n == 2 and plan.batches == (len(plan_batches(3, 5, 2)),) == (6,)
+    assert plan.describe(SIZE).split("\n") == [
+        "4× upscale → 80×48",
+        "2×2 blocks per batch, 6 batches × 39 evaluations",
+        f"GPU memory: about {memory_text(plan.stages[-1].total)} of {memory_text(two[False] * 1.01)} "
+        "(the VRAM budget you set)"]
+    free = plan_budget(weights, SIZE, UpscaleOptions(scale=8, steps=2), free_bytes=GiB)
+    lines = free.describe(SIZE, images=2).split("\n")
+    assert lines[0] == "8× upscale → 160×96, 2 images"
+    assert lines[1].startswith("pass 1: ") and lines[2].startswith("pass 2: ") and lines[2].endswith("× 3 evaluations")
+    assert lines[3].endswith("(all that is free once the model is loaded)")
+    squeezed = plan_budget(weights, SIZE, UpscaleOptions(budget_bytes=sum(floor(weights).values()) / 2),
+                           free_bytes=GiB, host_free_bytes=GiB)
+    assert squeezed.describe(SIZE).split("\n")[-1] == (
+        f"offloaded to CPU RAM: about {memory_text(squeezed.host_bytes)} (needed to fit the budget; "
+        "same result, slower)")
 
 
 def test_before_loading_the_plan_asks_for_what_the_budget_needs_or_the_least_that_works(weights):

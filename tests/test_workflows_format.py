@@ -138,6 +138,17 @@ def test_file_lists_take_any_file_name_and_their_fixed_entries():
     assert DEFS["Patch"].input("weights").fixed_choices == ("none",)
 
 
+def test_a_file_list_whose_default_is_the_first_file_matches_any_install_whose_default_is_listed():
+    snapshot = copy.deepcopy(RAW["Patch"])
+    snapshot["input"]["required"]["weights"] = ["COMBO", {"default": PROBE, "options": [PROBE, "none"]}]
+    live = copy.deepcopy(snapshot)
+    live["input"]["required"]["weights"][1].update(default="clear_local_16.safetensors",
+                                                    options=["clear_local_16.safetensors", "none"])
+    assert wg.interface_differences(snapshot, live) == []
+    live["input"]["required"]["weights"][1]["default"] = "gone.safetensors"
+    assert wg.interface_differences(snapshot, live) != []
+
+
 def test_the_snapshot_keeps_interface_data_only():
     raw = copy.deepcopy(RAW["Sampler"])
     raw.update(description="long text", python_module="custom_nodes.somewhere", output_tooltips=["x"])

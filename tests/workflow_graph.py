@@ -168,9 +168,12 @@ def interface_differences(snapshot: dict, live: dict) -> list[str]:
         return problems + [f"inputs {[i.name for i in ours]} != {[i.name for i in theirs]}"]
     for mine, other in zip(ours, theirs):
         if mine.is_file_list:
-            same = (mine.type, _without_choices(mine.options), mine.required) == (
-                other.type, _without_choices(other.options), other.required) and (
-                set(mine.fixed_choices) <= set(other.choices or ()))
+            # A default that is a file (the first in the folder) follows the folder's contents too.
+            file_default = _is_probe(mine.options.get("default"))
+            same = (mine.type, _without_choices(mine.options, file_default), mine.required) == (
+                other.type, _without_choices(other.options, file_default), other.required) and (
+                set(mine.fixed_choices) <= set(other.choices or ())) and (
+                not file_default or other.options.get("default") in (other.choices or ()))
         else:
             same = mine == other
         if not same:
@@ -219,8 +222,10 @@ def snapshot_version(path: Path = DEFINITIONS_PATH) -> str:
     return json.loads(path.read_text())["comfyui_version"]
 
 
-def _without_choices(options: dict) -> dict:
-    return {key: value for key, value in options.items() if key != "options"}
+def _without_choices(options: dict, default: bool = False) -> dict:
+    """``options`` without the choice list (and without the default, if ``default``)."""
+    dropped = {"options", "default"} if default else {"options"}
+    return {key: value for key, value in options.items() if key not in dropped}
 
 
 def load_definitions(path: Path = DEFINITIONS_PATH) -> dict[str, NodeDef]:

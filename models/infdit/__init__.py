@@ -11,7 +11,8 @@ Modules: ``network`` (the DiT; ``attention``: block layout, UniBA gather, RoPE),
 converts them), ``schedule`` (batches, cache policy, placement), ``evaluate`` (one evaluation: the
 neighbour cache, layer 0's LR keys), ``memory`` (the memory model), ``budget`` (a request and
 free memory to a plan), ``sampler`` (EDM Heun), ``preprocess`` (the reference's resizing),
-``upscale`` (the pipeline), ``tiny`` (built-in tiny models) and ``_full_reference`` (the
+``upscale`` (the pipeline), ``progress`` (what it reports while it runs: counts and a
+preview), ``tiny`` (built-in tiny models) and ``_full_reference`` (the
 whole-image computation the scheduler is tested against). Several devices and machines:
 ``shard`` (a rank's band of the image), ``exchange`` (torch.distributed: boundary keys, the
 result's pixels, the stop flag), ``pipeline`` (the modelled fill and traffic), ``worker``
@@ -20,14 +21,17 @@ result's pixels, the stop flag), ``pipeline`` (the modelled fill and traffic), `
 
 from .budget import (BudgetPlan, UpscaleOptions, allocator_headroom, plan_budget, plan_stage, total_batches,
                      weight_bytes, working_memory)
-from .checkpoint import DTYPES, InfDiTCheckpointError, InfDiTWeights, WeightSource, convert_checkpoint, load_infdit
+from .checkpoint import (DTYPES, InfDiTCheckpointError, InfDiTWeights, WeightSource, convert_checkpoint,
+                         holds_clip_tower, load_infdit, not_a_clip_tower)
 from .clip_vision import ClipVisionConfig, ClipVisionEncoder
 from .config import RELEASED, InfDiTConfig
 from .evaluate import Exchange, ImageContext, LRContext, evaluate
 from .exchange import BlockExchange, RankGroup, Stopped, join
 from .launch import RankFailed, parse_devices, run_ranks, upscale_on_ranks
-from .memory import GiB, BudgetTooSmall, MemoryEstimate, choose_batch_size, estimate_memory, offloaded_host_bytes
+from .memory import (GiB, BudgetTooSmall, MemoryEstimate, choose_batch_size, estimate_memory, memory_text,
+                     offloaded_host_bytes)
 from .network import InfDiT, Operations
+from .progress import PreviewCanvas, PreviewMosaic, UpscaleStep, encode_piece
 from .pipeline import PipelineModel, model_pipeline, ranks_batch_size
 from .schedule import (SCAN_ORDERS, BlockBatch, CacheSteps, HostObserver, Placement, ScanOrder, Schedule, Transfer,
                        assign_stripes, plan_batches, plan_ranks, plan_schedule)
@@ -44,10 +48,14 @@ __all__ = [
     "DTYPES",               # the precisions to load or convert in: "bf16", "fp16", "fp32"
     "InfDiTCheckpointError",  # a weight file the loader refuses, with the reason and what to do
     "WeightSource",         # a weight file (or the tiny model) as plain data, for processes to load
+    "holds_clip_tower",     # whether a file can be the separate CLIP tower (from its names, nothing loaded)
+    "not_a_clip_tower",     # why a file is not offered as the CLIP tower: what it is instead
     # Upscaling
     "UpscaleOptions",       # scale, steps, seed, budget, batch size, scan order, offloading
     "upscale",              # images -> upscaled images, block batch by block batch
     "total_batches",        # block batches of a whole upscale (a progress bar's total)
+    "UpscaleStep",          # where an upscale is: image, pass, evaluation, batch (describe() for users)
+    "PreviewCanvas",        # a small picture of the image being built, painted batch by batch
     # Several devices and machines
     "parse_devices",        # "cuda:0,cuda:1" / "cpu,cpu" -> devices
     "upscale_on_ranks",     # upscale shared by one local worker process per device
@@ -58,6 +66,8 @@ __all__ = [
     "host_free_bytes",      # host RAM available, to plan a CPU rank with
     "RankGroup",            # a rank's process groups, stop flag and progress counter
     "Stopped",              # raised in a rank when the run's stop flag is set
+    "encode_piece",         # a rank's band of its preview, as bytes for the store
+    "PreviewMosaic",        # the ranks' preview bands put together
     "BlockExchange",        # a rank's sends and receives of boundary K/V (torch.distributed P2P)
     "Exchange",             # what evaluate() needs from a rank's exchange
     "ImageShard",           # the band of an image-sized buffer one rank keeps
@@ -68,7 +78,8 @@ __all__ = [
     "model_pipeline",       # the modelled timeline of a distributed sample
     "ranks_batch_size",     # the batch size that keeps several ranks busy
     # Planning under a memory budget
-    "GiB",                  # bytes per GiB, the unit of budgets and messages
+    "GiB",                  # bytes per GiB, the unit of budgets
+    "memory_text",          # bytes as a user reads them: "9.87 GiB", "640 MiB"
     "BudgetTooSmall",       # not even one block per batch fits
     "allocator_headroom",   # the margin to plan with on a device
     "working_memory",       # device memory to have freed before planning

@@ -24,10 +24,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from .checkpoint import InfDiTWeights
-from .memory import GiB, BudgetTooSmall, MemoryEstimate, choose_batch_size, estimate_memory, offloaded_host_bytes
+from .memory import BudgetTooSmall, MemoryEstimate, choose_batch_size, estimate_memory, memory_text, offloaded_host_bytes
 from .pipeline import ranks_batch_size
 from .sampler import evaluations
-from .schedule import ScanOrder, plan_batches
+from .schedule import ScanOrder, plan_batches, plan_ranks
 
 CUDA_HEADROOM = 0.1
 """Fraction added to the memory model on CUDA for the caching allocator's fragmentation."""
@@ -155,6 +155,45 @@ class BudgetPlan:
     stages: tuple[MemoryEstimate, ...]
     messages: tuple[tuple[int, str], ...]
     """``(logging level, text)`` pairs, in order."""
+    outputs: tuple[tuple[int, int], ...] = ()
+    """Each stage's sampled (padded) output ``(height, width)``."""
+    batches: tuple[int, ...] = ()
+    """Each stage's block batches per network evaluation (per rank: the busiest one's)."""
+    budget_bytes: float = 0.0
+    budget_source: str = "available"
+    """Where the budget comes from: ``"requested"`` (as asked), ``"lowered"`` (asked for more than
+    is free) or ``"available"`` (no request: what is free once the model is loaded)."""
+    offload_source: str = "off"
+    """``"requested"``, ``"needed"`` (switched on: the budget fits only so) or ``"off"``."""
+    host_bytes: float | None = None
+    """Host RAM that offloading takes (the largest stage), when on."""
+
+    def describe(self, size: tuple[int, int], images: int = 1, ranks: int = 1, memory: str = "GPU memory") -> str:
+        """The plan in a few lines for the user, before the work starts: the output, the batch
+        size and the work it makes, the memory and why (``size``: the input ``(height, width)``;
+        ``memory``: what the device's memory is called, e.g. ``"CPU RAM"`` on the CPU)."""
+        factor, (height, width) = self.options.scale, size
+        head = f"{factor}× upscale → {width * factor}×{height * factor}"
+        if images > 1:
+            head += f", {images} images"
+        if ranks > 1:
+            head += f", shared by {ranks} devices"
+        lines = [head]
+        count = evaluations(self.options.steps)
+        for stage, (estimate, batches) in enumerate(zip(self.stages, self.batches)):
+            label = f"pass {stage + 1}: " if len(self.stages) > 1 else ""
+            lines.append(f"{label}{estimate.n}×{estimate.n} blocks per batch, {batches} batch"
+                         f"{'es' if batches != 1 else ''} × {count} evaluations")
+        why = {"requested": "the VRAM budget you set", "lowered": "all that is free (you asked for more)",
+               "available": "all that is free once the model is loaded"}[self.budget_source]
+        per = " per device" if ranks > 1 else ""
+        lines.append(f"{memory}{per}: about {memory_text(max(e.total for e in self.stages))} of "
+                     f"{memory_text(self.budget_bytes)} ({why})")
+        if self.offload_source != "off":
+            reason = "you switched it on" if self.offload_source == "requested" else "needed to fit the budget"
+            host = f": about {memory_text(self.host_bytes)}" if self.host_bytes is not None else ""
+            lines.append(f"offloaded to CPU RAM{host} ({reason}; same result, slower)")
+        return "\n".join(lines)
 
 
 def plan_budget(weights: InfDiTWeights, size: tuple[int, int], options: UpscaleOptions, free_bytes: float,
@@ -171,28 +210,37 @@ def plan_budget(weights: InfDiTWeights, size: tuple[int, int], options: UpscaleO
     """
     requested, available = options.budget_bytes, free_bytes + weight_bytes(weights)
     budget = available if requested is None else min(requested, available)
+    source = "available" if requested is None else "lowered" if budget < requested else "requested"
     messages: list[tuple[int, str]] = []
-    if requested is not None and budget < requested:
-        messages.append((logging.WARNING, f"the VRAM budget of {requested / GiB:.2f} GiB is more than the "
-                                          f"{available / GiB:.2f} GiB available with the model loaded; planning for "
-                                          f"{budget / GiB:.2f} GiB"))
+    if source == "lowered":
+        messages.append((logging.WARNING, f"the VRAM budget of {memory_text(requested)} is more than the "
+                                          f"{memory_text(available)} available with the model loaded; planning for "
+                                          f"{memory_text(budget)}"))
     planned = fit_budget(weights, size, replace(options, budget_bytes=budget), ranks)
     if planned.offload and not options.offload:
-        messages.append((logging.INFO, f"the neighbour cache and full-image buffers do not fit {budget / GiB:.2f} "
-                                       "GiB of device memory; offloading them to CPU RAM (same result, slower)"))
+        messages.append((logging.INFO, f"the neighbour keys and full-image buffers do not fit {memory_text(budget)} "
+                                       "of device memory: keeping them in CPU RAM instead (same result, slower)"))
     stages = stage_plans(weights, size, planned, ranks)
+    outputs = stage_sizes(weights, size, stage_factors(planned.scale))
+    block_px = weights.net.cfg.block_px
+    batches = tuple(max(len(schedule.batches) for schedule in plan_ranks(h // block_px, w // block_px, plan.n,
+                                                                         planned.scan, planned.offload, ranks))
+                    for (h, w), plan in zip(outputs, stages))
     largest = stages[-1]
     messages.append((logging.INFO, f"{largest.n} x {largest.n} blocks per batch: {largest.summary()}"))
+    host = None
     if not planned.offload:
         offloaded = stage_plans(weights, size, replace(planned, offload=True), ranks)[-1].n
         if offloaded >= 2 * largest.n:
-            messages.append((logging.INFO, f"with offload_cache on, the same budget allows {offloaded} x {offloaded} "
+            messages.append((logging.INFO, f"with offloading on, the same budget allows {offloaded} x {offloaded} "
                                            "blocks per batch (fewer, larger batches; uses CPU RAM)"))
-    elif host_free_bytes is not None:
-        height, width = stage_sizes(weights, size, stage_factors(planned.scale))[-1]
+    else:
+        height, width = outputs[-1]
         host = offloaded_host_bytes(weights.net.cfg, height, width, largest.n, dtype=weights.net.dtype,
                                     scan=planned.scan, ranks=ranks) * (ranks_per_host or ranks)
-        if host > host_free_bytes:
-            messages.append((logging.WARNING, f"offloading needs about {host / GiB:.1f} GiB of CPU RAM for a "
-                                              f"{width}x{height} output, {host_free_bytes / GiB:.1f} GiB is free"))
-    return BudgetPlan(planned, tuple(stages), tuple(messages))
+        if host_free_bytes is not None and host > host_free_bytes:
+            messages.append((logging.WARNING, f"offloading needs about {memory_text(host)} of CPU RAM for a "
+                                              f"{width}x{height} output, {memory_text(host_free_bytes)} is free"))
+    offload_source = "requested" if options.offload else "needed" if planned.offload else "off"
+    return BudgetPlan(planned, tuple(stages), tuple(messages), tuple(outputs), batches, budget, source,
+                      offload_source, host)

@@ -30,6 +30,8 @@ file, and every refusal raised while a file is loaded names it.
 
 from __future__ import annotations
 
+import functools
+
 import _compat_pickle
 import importlib
 import math
@@ -42,7 +44,8 @@ import numpy as np
 import torch
 
 from ..weight_files import (SAFETENSORS_SUFFIXES, FileKind, Loader, WeightFileError, key_sections, name_first, naming,
-                            natural_order, read_safetensors, read_weights, save_safetensors, state_dict_of)
+                            natural_order, read_safetensors, read_weights, refuse_kind, save_safetensors, state_dict_of,
+                            stored_keys)
 from .clip_vision import ClipVisionConfig, ClipVisionEncoder
 from .config import InfDiTConfig
 from .network import InfDiT, Operations
@@ -95,6 +98,46 @@ SAT_IGNORED: tuple[str, ...] = (
 
 # OpenCLIP checkpoints: the image tower under "visual.", the text tower around it.
 OPENCLIP_TEXT = r"(token_embedding\.weight|positional_embedding|text_projection|logit_scale|attn_mask|ln_final\..*|transformer\..*)"
+
+
+TOWER_KEYS = ("visual.conv1.weight", "conv1.weight", CLIP_PREFIX + "conv1.weight")
+"""Names only a CLIP image tower has: an OpenCLIP file, a bare tower, a tower saved in the pack's names."""
+DIT_KEY = re.compile(r"^(transformer\.layers\.\d+\.attention\.|mixins\.adaln_layer\.|blocks\.\d+\.qkv\.)")
+
+
+@functools.lru_cache(maxsize=256)
+def _stored_keys(path: str, size: int, modified: int) -> frozenset[str] | None:
+    return stored_keys(path)
+
+
+def holds_clip_tower(path: str | Path) -> bool:
+    """Whether a file can be the loader's separate CLIP tower, told from its tensor names without
+    loading it (cached while the file is unchanged): an OpenCLIP image tower, and never an Inf-DiT
+    checkpoint (its own tower is "from checkpoint"). A file whose names cannot be read that way
+    counts by its name ("clip" in it), so a broken download of the tower is still listed and
+    refused with its reason when chosen."""
+    path = Path(path)
+    try:
+        info = path.stat()
+    except OSError:
+        return False
+    keys = _stored_keys(str(path), info.st_size, info.st_mtime_ns)
+    if keys is None:
+        return "clip" in path.name.lower()
+    return any(key in keys for key in TOWER_KEYS) and not any(DIT_KEY.match(key) for key in keys)
+
+
+def not_a_clip_tower(path: str | Path) -> str | None:
+    """Why a file that is not offered as the CLIP tower is not (what it is, where it belongs), from
+    its tensor names; None when they cannot be read that way."""
+    path = Path(path)
+    keys = stored_keys(path)
+    if keys is None:
+        return None
+    if any(DIT_KEY.match(key) for key in keys):
+        return (f"{path.name} is an Inf-DiT checkpoint, not an OpenCLIP image tower: its own tower is 'from "
+                f"checkpoint'. {CLIP_TOWER.remedy}")
+    return str(refuse_kind(path, CLIP_TOWER, keys, None))
 
 
 class InfDiTCheckpointError(WeightFileError):

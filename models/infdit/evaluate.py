@@ -202,7 +202,7 @@ class ImageContext:
 
 
 def evaluate(net: InfDiT, x: torch.Tensor, sigma: float, context: ImageContext, schedule: Schedule,
-             placement: Placement, out: torch.Tensor, on_batch: Callable[[], None] | None = None,
+             placement: Placement, out: torch.Tensor, on_batch: Callable[[int, BlockBatch], None] | None = None,
              check_interrupt: Callable[[], None] | None = None, shard: ImageShard | None = None,
              exchange: Exchange | None = None) -> torch.Tensor:
     """Write the EDM denoiser output ``D = c_skip x + c_out F(c_in [x, lr]; sigma)`` into ``out``.
@@ -211,7 +211,8 @@ def evaluate(net: InfDiT, x: torch.Tensor, sigma: float, context: ImageContext, 
     cover the block grid (see :func:`.schedule.plan_schedule`), planned for ``placement``'s
     offloading. With several ranks, ``schedule`` is this rank's, ``x``, ``out`` and the context's
     upsampled LR hold ``shard``'s band, and ``exchange`` moves blocks between ranks.
-    ``check_interrupt`` is called before every batch and ``on_batch`` after it.
+    ``check_interrupt`` is called before every batch and ``on_batch(position, batch)`` after it
+    (``position`` in the schedule; the batch's pixels in ``out`` are final then).
     """
     if schedule.offload != placement.offload:
         raise ValueError(f"the schedule was planned with offload={schedule.offload}, the placement has "
@@ -239,5 +240,5 @@ def evaluate(net: InfDiT, x: torch.Tensor, sigma: float, context: ImageContext, 
         out[:, :, ys, xs] = (c_skip * x_batch + c_out * net.output(h, cond).float()).to(out.device)
         del h
         if on_batch is not None:
-            on_batch()
+            on_batch(position, batch)
     return out

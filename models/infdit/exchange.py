@@ -31,7 +31,9 @@ them one by one.
 
 **Control.** The rendezvous store carries a stop flag (set by whoever started the ranks;
 every rank checks it before each batch), a counter of finished batches over all ranks (the
-progress bar) and the plan rank 0 made (its progress total and what to tell the user).
+progress bar), the plan rank 0 made (its progress total and what to tell the user), each
+rank's last status line (where it is, :meth:`.progress.UpscaleStep.describe`) and each rank's
+latest preview of its band of the image (:func:`.progress.encode_piece`).
 """
 
 from __future__ import annotations
@@ -51,6 +53,16 @@ from .shard import ImageShard
 STOP_KEY = "stop"
 PROGRESS_KEY = "batches done"
 PLAN_KEY = "plan"
+
+
+def status_key(rank: int) -> str:
+    """Store key of a rank's last status line."""
+    return f"status/{rank}"
+
+
+def preview_key(rank: int) -> str:
+    """Store key of a rank's latest preview piece (its version counter: ``preview_key(rank) + " version"``)."""
+    return f"preview/{rank}"
 
 
 class Stopped(Exception):
@@ -100,17 +112,29 @@ class RankGroup:
             if self.on_progress is not None:
                 self.on_progress(done, self.total)
 
+    def report_status(self, text: str) -> None:
+        """Say where this rank is, for whoever watches the run."""
+        if self.control is not None:
+            self.control.set(status_key(self.rank), text)
+
+    def report_preview(self, piece: bytes) -> None:
+        """Publish this rank's preview of its band (:func:`.progress.encode_piece`)."""
+        if self.control is not None:
+            self.control.set(preview_key(self.rank), piece)
+            self.control.add(preview_key(self.rank) + " version", 1)
+
     def agree_on_least(self, *values: float) -> list[float]:
         """The smallest of each value over all ranks (a collective: every rank calls it)."""
         tensor = torch.tensor(values, dtype=torch.float64, device=self.comm_device)
         dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
         return tensor.tolist()
 
-    def publish_plan(self, total: int, messages: list[tuple[int, str]]) -> None:
-        """Rank 0: the run's progress total and what to tell the user, for whoever watches it."""
+    def publish_plan(self, total: int, messages: list[tuple[int, str]], summary: str = "") -> None:
+        """Rank 0: the run's progress total and what to tell the user (log lines and the plan in
+        a few lines, :meth:`.budget.BudgetPlan.describe`), for whoever watches it."""
         self.total = total
         if self.control is not None:
-            self.control.set(PLAN_KEY, json.dumps({"total": total, "messages": messages}))
+            self.control.set(PLAN_KEY, json.dumps({"total": total, "messages": messages, "summary": summary}))
         if self.on_plan is not None:
             self.on_plan(messages)
 

@@ -6,7 +6,9 @@ needed, ComfyUI's Python serves) and entering :func:`.worker.main`. The processe
 ``torch.distributed`` TCP store this process serves on the loopback interface; a CUDA rank
 sees only its own GPU. While they run, the host's progress callback gets the batches done
 over all ranks (its total from the plan rank 0 publishes, whose messages are logged here),
-and its interrupt check runs every :data:`POLL_SECONDS`.
+its status callback every rank's last status line, its preview callback the ranks' bands of
+the preview put together (:class:`.progress.PreviewMosaic`), and its interrupt check runs
+every :data:`POLL_SECONDS`.
 
 **Stopping.** If the interrupt check raises, a rank fails, or the time limit passes, the stop
 flag is set (every rank checks it before each batch), the ranks get :data:`GRACE_SECONDS` to
@@ -35,7 +37,8 @@ import torch.distributed as dist
 
 from .budget import UpscaleOptions
 from .checkpoint import WeightSource
-from .exchange import PLAN_KEY, PROGRESS_KEY, STOP_KEY
+from .exchange import PLAN_KEY, PROGRESS_KEY, STOP_KEY, preview_key, status_key
+from .progress import PreviewMosaic
 from .worker import DEVICE_ENV, JOB_FILE, RESULT_FILE, THREADS_ENV, failure_key, upscale_job_arguments
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
@@ -130,18 +133,64 @@ def _stop(control: dist.Store, processes: list[subprocess.Popen]) -> None:
         process.wait()
 
 
+class _Watch:
+    """What the host reads from the store while the ranks run: plan, progress, status, preview."""
+
+    def __init__(self, control: dist.Store, ranks: int, total: int | None, on_progress, on_plan, on_status,
+                 on_preview):
+        self.control, self.ranks, self.total = control, ranks, total
+        self.on_progress, self.on_plan, self.on_status, self.on_preview = on_progress, on_plan, on_status, on_preview
+        self.planned, self.reported = False, -1
+        self.previews = [0] * ranks
+        self.mosaic = PreviewMosaic()
+
+    def poll(self) -> None:
+        control = self.control
+        if not self.planned and control.check([PLAN_KEY]):
+            plan, self.planned = json.loads(control.get(PLAN_KEY)), True
+            for level, message in plan["messages"]:
+                logging.log(level, "Inf-DiT: %s", message)
+            self.total = plan["total"] if self.total is None else self.total
+            if self.on_plan is not None:
+                self.on_plan(plan.get("summary", ""))
+        if self.total is not None:
+            done = min(control.add(PROGRESS_KEY, 0), self.total)
+            if done != self.reported:
+                self.reported = done
+                if self.on_status is not None:
+                    self.on_status([control.get(status_key(rank)).decode() if control.check([status_key(rank)])
+                                    else None for rank in range(self.ranks)])
+                if self.on_progress is not None:
+                    self.on_progress(done, self.total)
+        if self.on_preview is not None:
+            changed = False
+            for rank in range(self.ranks):
+                version = control.add(preview_key(rank) + " version", 0)
+                if version != self.previews[rank]:
+                    self.previews[rank], changed = version, True
+                    self.mosaic.put(control.get(preview_key(rank)))
+            if changed:
+                self.on_preview(self.mosaic.image())
+
+
 def run_ranks(target: str, job: dict[str, Any], devices: Sequence[str | torch.device], *,
               total: int | None = None, on_progress: Callable[[int, int], None] | None = None,
               check_interrupt: Callable[[], None] | None = None, timeout: float | None = None,
-              threads: int | None = None, env: dict[str, str] | None = None) -> Any:
+              threads: int | None = None, env: dict[str, str] | None = None,
+              on_plan: Callable[[str], None] | None = None,
+              on_status: Callable[[list[str | None]], None] | None = None,
+              on_preview: Callable[[torch.Tensor], None] | None = None) -> Any:
     """Run ``target(group, **job)`` (``"module:function"``, importable in a rank once the pack is
     bound as ``ultrares``) on one process per device; return rank 0's result.
 
     ``on_progress(done, total)`` gets the block batches finished over all ranks (``total``: given,
-    or the one rank 0 publishes with its plan, whose messages go to the log); ``check_interrupt``
-    may raise to stop the run (re-raised here once every rank is gone); ``timeout`` (seconds)
-    raises :class:`TimeoutError` the same way; ``threads``: CPU threads per CPU rank (default:
-    the cores shared out); ``env``: extra environment of the ranks.
+    or the one rank 0 publishes with its plan, whose messages go to the log and whose summary
+    goes to ``on_plan``); ``on_status`` gets every rank's last status line (None before its
+    first) when the progress moves; ``on_preview`` the ranks' preview bands put together
+    (``[h, w, 3]`` uint8) when one of them changed; ``check_interrupt`` may raise to stop the
+    run (re-raised here once every rank is gone); ``timeout`` (seconds) raises
+    :class:`TimeoutError` the same way; ``threads``: CPU threads per CPU rank (default: the
+    cores shared out); ``env``: extra environment of the ranks.
     """
     devices = parse_devices(devices)
     folder = Path(tempfile.mkdtemp(prefix="ultrares-ranks-"))
@@ -155,19 +204,11 @@ def run_ranks(target: str, job: dict[str, Any], devices: Sequence[str | torch.de
                                                                           threads)}
             processes.append(subprocess.Popen([sys.executable, "-c", BOOTSTRAP, str(PACK_ROOT), target, str(folder)],
                                               env=rank_env))
-        started, reported, planned = time.monotonic(), -1, False
+        started = time.monotonic()
+        watch = _Watch(control, len(devices), total, on_progress, on_plan, on_status, on_preview)
         while True:
             codes = [process.poll() for process in processes]
-            if not planned and control.check([PLAN_KEY]):
-                plan, planned = json.loads(control.get(PLAN_KEY)), True
-                for level, message in plan["messages"]:
-                    logging.log(level, "Inf-DiT: %s", message)
-                total = plan["total"] if total is None else total
-            if on_progress is not None and total is not None:
-                done = min(control.add(PROGRESS_KEY, 0), total)
-                if done != reported:
-                    on_progress(done, total)
-                    reported = done
+            watch.poll()
             if any(code not in (None, 0) for code in codes):
                 raise _failure(control, processes, devices)
             if all(code == 0 for code in codes):
@@ -189,5 +230,7 @@ def upscale_on_ranks(source: WeightSource, images: torch.Tensor, options: Upscal
     """:func:`.upscale.upscale` shared by one local process per device, each loading the weights
     from ``source``; the ranks plan the request ``options`` with the memory their devices have
     free (:func:`.worker.plan_on_ranks`; the budget is per rank). ``run_options``: those of
-    :func:`run_ranks` (progress, interruption, time limit, threads)."""
-    return run_ranks(UPSCALE_JOB, upscale_job_arguments(source, images, options), devices, **run_options)
+    :func:`run_ranks` (progress, plan, status, preview, interruption, time limit, threads); the
+    ranks paint previews only when ``on_preview`` is given."""
+    job = upscale_job_arguments(source, images, options, preview=run_options.get("on_preview") is not None)
+    return run_ranks(UPSCALE_JOB, job, devices, **run_options)

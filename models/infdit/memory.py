@@ -45,6 +45,19 @@ the Linear makes of its permuted input and output (2, measured on the CPU)."""
 SAMPLER_BUFFERS = 4
 """fp32 full-image buffers of the Heun sampler: x, D, the slope and the Euler step."""
 GiB = 2 ** 30
+MEMORY_UNITS = (("GiB", GiB), ("MiB", 2 ** 20), ("KiB", 2 ** 10))
+
+
+def memory_text(size: float) -> str:
+    """Bytes of memory in the unit that reads best, about three digits: ``"9.87 GiB"``,
+    ``"14.2 GiB"``, ``"640 MiB"``, ``"12.0 KiB"``, ``"512 bytes"`` (a tiny model's budget reads
+    as a size too, never as ``"0.00 GiB"``)."""
+    for unit, scale in MEMORY_UNITS:
+        if abs(size) >= scale:
+            value = float(f"{size / scale:.3g}")
+            digits = 0 if abs(value) >= 100 else 1 if abs(value) >= 10 else 2
+            return f"{value:.{digits}f} {unit}"
+    return f"{size:.0f} bytes"
 
 
 class BudgetTooSmall(ValueError):
@@ -71,8 +84,8 @@ class MemoryEstimate:
         parts = [("weights", self.weights), ("sampler state", self.state), ("neighbour cache", self.cache),
                  ("batch activations", self.activations)]
         per_rank = f" per rank ({self.ranks} ranks)" if self.ranks > 1 else ""
-        return (" + ".join(f"{name} {value / GiB:.2f}" for name, value in parts)
-                + f" = {self.total / GiB:.2f} GiB{per_rank}")
+        return (" + ".join(f"{name} {memory_text(value)}" for name, value in parts)
+                + f" = {memory_text(self.total)}{per_rank}")
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -169,5 +182,5 @@ def choose_batch_size(cfg: InfDiTConfig, height: int, width: int, budget_bytes: 
     need = estimate_memory(cfg, height, width, 1, **kwargs)
     hint = "" if kwargs.get("offload") else "; offloading the cache to the CPU lowers it"
     raise BudgetTooSmall(
-        f"a memory budget of {budget_bytes / GiB:.2f} GiB is below the minimum for a {width}x{height} output "
+        f"a memory budget of {memory_text(budget_bytes)} is below the minimum for a {width}x{height} output "
         f"({need.summary()} with one block per batch{'' if not margin else f', plus {margin:.0%} headroom'}){hint}")

@@ -53,6 +53,11 @@ class ImageShard:
         """The band's pixels along its axis, in image coordinates."""
         return slice(self.band.start * self.block_px, self.band.stop * self.block_px)
 
+    def box(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """The band as ``(top, left, height, width)`` pixels of a ``height x width`` image."""
+        start, size = self.pixels.start, self.pixels.stop - self.pixels.start
+        return (start, 0, size, width) if self.axis == ROWS else (0, start, height, size)
+
     def shape(self, image_shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of the local buffer of an image-sized ``[..., H, W]`` buffer."""
         shape = list(image_shape)

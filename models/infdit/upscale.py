@@ -28,22 +28,32 @@ from .budget import UpscaleOptions, plan_stage, stage_factors, stage_sizes
 from .checkpoint import InfDiTWeights
 from .evaluate import ImageContext, LRContext, evaluate
 from .preprocess import clip_view, pad_to_multiple, resize_bicubic
+from .progress import PreviewCanvas, UpscaleStep
 from .sampler import edm_sigmas, evaluations, heun_sample, initial_state
 from .exchange import BlockExchange, RankGroup
-from .schedule import HostObserver, Placement, Schedule, plan_ranks
+from .schedule import BlockBatch, HostObserver, Placement, Schedule, plan_ranks
 from .shard import ImageShard
 
 
 class Progress:
-    """Counts (evaluation, batch) steps across images and stages; totals change when n does."""
+    """Counts (evaluation, batch) steps across images and stages; totals change when n does.
 
-    def __init__(self, total: int, on_progress: Callable[[int, int], None] | None):
-        self.done, self.total, self._report = 0, total, on_progress
+    After every batch it tells ``on_progress(done, total)`` and ``on_step`` the whole
+    :class:`.progress.UpscaleStep` (which image, pass, evaluation and batch).
+    """
 
-    def step(self) -> None:
+    def __init__(self, total: int, on_progress: Callable[[int, int], None] | None,
+                 on_step: Callable[[UpscaleStep], None] | None = None, images: int = 1, stages: int = 1):
+        self.done, self.total, self._report, self._on_step = 0, total, on_progress, on_step
+        self.image, self.images, self.stage, self.stages, self.factor = 1, images, 1, stages, 1
+
+    def step(self, evaluation: int, evaluations: int, batch: int, batches: int) -> None:
         self.done += 1
         if self._report is not None:
             self._report(self.done, self.total)
+        if self._on_step is not None:
+            self._on_step(UpscaleStep(self.done, self.total, self.image, self.images, self.stage, self.stages,
+                                      self.factor, evaluation, evaluations, batch, batches))
 
     def rewind(self, steps: int, total_change: int) -> None:
         self.done -= steps
@@ -61,12 +71,15 @@ class _StageSweep:
 
     def __init__(self, weights: InfDiTWeights, grid: tuple[int, int], n: int, options: UpscaleOptions,
                  placement: Placement, progress: Progress, check_interrupt: Callable[[], None] | None,
-                 images: int, group: RankGroup | None = None):
+                 images: int, group: RankGroup | None = None, preview: PreviewCanvas | None = None):
         self.weights, self.grid, self.n, self.options = weights, grid, n, options
         self.placement, self.progress, self.check_interrupt = placement, progress, check_interrupt
-        self.group = group
+        self.group, self.preview = group, preview
         self._plan()
-        self.evaluations_left = evaluations(options.steps) * images
+        self.evaluations = evaluations(options.steps)
+        self.evaluations_left = self.evaluations * images
+        self.evaluation = 0
+        """Evaluations started in this image's solve."""
         self.context: ImageContext | None = None
         self.exchange: BlockExchange | None = None
 
@@ -80,6 +93,7 @@ class _StageSweep:
 
     def start(self) -> None:
         """Before an image's solve: a fresh exchange (with several ranks)."""
+        self.evaluation = 0
         if self.group is not None:
             self.exchange = BlockExchange(self.group, self.schedule, self.weights.net.cfg, self.weights.net.dtype)
 
@@ -89,12 +103,25 @@ class _StageSweep:
             self.exchange.finish()
             self.exchange = None
 
+    def _batch_done(self, out: torch.Tensor) -> Callable[[int, BlockBatch], None]:
+        """After each batch of an evaluation into ``out``: paint the preview, then count it."""
+        block_px = self.weights.net.cfg.block_px
+
+        def done(position: int, batch: BlockBatch) -> None:
+            if self.preview is not None:
+                ys, xs = self.shard.slices(batch)
+                self.preview.paint(out[:, :, ys, xs], batch.rows.start * block_px, batch.cols.start * block_px)
+            self.progress.step(self.evaluation, self.evaluations, position + 1, len(self.schedule.batches))
+
+        return done
+
     def __call__(self, x: torch.Tensor, sigma: float, out: torch.Tensor) -> torch.Tensor:
+        self.evaluation += 1
         while True:
             done_before = self.progress.done
             try:
                 evaluate(self.weights.net, x, sigma, self.context, self.schedule, self.placement, out,
-                         self.progress.step, self.check_interrupt, self.shard, self.exchange)
+                         self._batch_done(out), self.check_interrupt, self.shard, self.exchange)
                 self.evaluations_left -= 1
                 return out
             except torch.OutOfMemoryError as error:
@@ -135,6 +162,9 @@ def _upscale_stage(weights: InfDiTWeights, lr: torch.Tensor, factor: int, sweep:
         pixels = clip_view(clip_lr, weights.clip.cfg.image_size)
     vector = weights.clip.encode(pixels)
     image_shape = tuple(concat_lr.shape[:1]) + (3, out_h, out_w)
+    if sweep.preview is not None:
+        with placement.host_work():
+            sweep.preview.start(concat_lr, (height * factor, width * factor), shard.box(out_h, out_w))
     sweep.context = ImageContext(placement.to_store(shard.take(concat_lr)),
                                  LRContext(weights.net, cross_lr, placement), vector)
     del concat_lr
@@ -159,13 +189,18 @@ def _upscale_stage(weights: InfDiTWeights, lr: torch.Tensor, factor: int, sweep:
 def upscale(weights: InfDiTWeights, images: torch.Tensor, options: UpscaleOptions, device: torch.device,
             on_progress: Callable[[int, int], None] | None = None,
             check_interrupt: Callable[[], None] | None = None,
-            observer: HostObserver | None = None, group: RankGroup | None = None) -> torch.Tensor | None:
+            observer: HostObserver | None = None, group: RankGroup | None = None,
+            on_step: Callable[[UpscaleStep], None] | None = None,
+            preview: PreviewCanvas | None = None) -> torch.Tensor | None:
     """``[B, C, H, W]`` images in [0, 1] (C = 3, or 4 with alpha) -> ``[B, C, H*scale, W*scale]``.
 
-    ``on_progress(done, total)`` counts (network evaluation, block batch) steps; ``check_interrupt``
-    is called before every block batch and may raise to stop. With a ``group`` of several
-    ranks, every rank calls this with the same arguments (its own ``device``); progress counts
-    this rank's batches, and only rank 0 returns the images (the others ``None``).
+    ``on_progress(done, total)`` counts (network evaluation, block batch) steps and ``on_step``
+    gets each step's :class:`.progress.UpscaleStep` (image, pass, evaluation, batch);
+    ``preview`` is painted with the prediction of each batch before they are told (it does not
+    change the result). ``check_interrupt`` is called before every block batch and may raise to
+    stop. With a ``group`` of several ranks, every rank calls this with the same arguments (its
+    own ``device``); progress counts this rank's batches, its preview holds its own band, and
+    only rank 0 returns the images (the others ``None``).
     """
     if weights.clip is None:
         raise ValueError("Inf-DiT needs its CLIP image encoder (OpenCLIP ViT-L/14): the checkpoint has none, "
@@ -179,18 +214,19 @@ def upscale(weights: InfDiTWeights, images: torch.Tensor, options: UpscaleOption
     sizes = stage_sizes(weights, tuple(images.shape[-2:]), factors)
     block_px, count = weights.net.cfg.block_px, images.shape[0]
     ranks = group.ranks if group is not None else 1
-    progress = Progress(0, on_progress)
+    progress = Progress(0, on_progress, on_step, count, len(factors))
     sweeps = [_StageSweep(weights, (height // block_px, width // block_px),
                           plan_stage(weights, height, width, options, ranks).n, options, placement, progress,
-                          check_interrupt, count, group) for height, width in sizes]
+                          check_interrupt, count, group, preview) for height, width in sizes]
     progress.total = sum(len(sweep.schedule.batches) * sweep.evaluations_left for sweep in sweeps)
     generator = torch.Generator().manual_seed(options.seed)
     results = []
     with torch.inference_mode():
-        for image in images.float().cpu():
+        for index, image in enumerate(images.float().cpu()):
             with placement.host_work():
                 rgb = image[None, :3] * 2 - 1
             for stage, (factor, sweep) in enumerate(zip(factors, sweeps)):
+                progress.image, progress.stage, progress.factor = index + 1, stage + 1, factor
                 rgb = _upscale_stage(weights, rgb, factor, sweep, generator, last=stage == len(factors) - 1)
             if rgb is None:
                 continue

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import time
 import traceback
 from dataclasses import asdict
 from datetime import timedelta
@@ -30,6 +31,7 @@ from ..weight_files import write_atomically
 from .budget import BudgetPlan, UpscaleOptions, plan_budget, total_batches
 from .checkpoint import InfDiTWeights, WeightSource
 from .exchange import RankGroup, Stopped, join
+from .progress import PreviewCanvas, UpscaleStep, encode_piece
 from .upscale import upscale
 
 DEVICE_ENV = "ULTRARES_RANK_DEVICE"
@@ -38,6 +40,8 @@ JOB_FILE, RESULT_FILE = "job.pt", "result.pt"
 FAILURES_KEY = "failures"
 STOPPED_EXIT = 3
 STORE_TIMEOUT = timedelta(minutes=30)
+PREVIEW_SECONDS = 1.0
+"""How often a rank publishes its band of the preview (and at the first batch of every stage)."""
 
 
 def failure_key(sequence: int) -> str:
@@ -76,10 +80,31 @@ def plan_on_ranks(group: RankGroup, weights: InfDiTWeights, size: tuple[int, int
                        ranks_per_host(group))
 
 
-def upscale_job(group: RankGroup, *, weights: dict, images: torch.Tensor, options: dict) -> torch.Tensor | None:
+class RankReports:
+    """After each of a rank's batches: its status line and, now and then (at a stage's first
+    batch, every :data:`PREVIEW_SECONDS` and at its last batch), its band of the preview."""
+
+    def __init__(self, group: RankGroup, canvas: PreviewCanvas | None):
+        self.group, self.canvas = group, canvas
+        self.sent_at, self.sent_stage = 0.0, 0
+
+    def __call__(self, step: UpscaleStep) -> None:
+        self.group.report_status(step.describe())
+        if self.canvas is None:
+            return
+        now = time.monotonic()
+        if (self.canvas.stage != self.sent_stage or now - self.sent_at >= PREVIEW_SECONDS
+                or step.done == step.total):
+            self.group.report_preview(encode_piece(self.canvas))
+            self.sent_at, self.sent_stage = now, self.canvas.stage
+
+
+def upscale_job(group: RankGroup, *, weights: dict, images: torch.Tensor, options: dict,
+                preview: bool = True) -> torch.Tensor | None:
     """One rank's part of :func:`.upscale.upscale` (``weights``: a :class:`WeightSource` as a
     dict, ``options``: the request, :class:`UpscaleOptions` as a dict), planned on the ranks;
-    rank 0 publishes the plan and returns the images."""
+    rank 0 publishes the plan and returns the images. Every rank reports where it is and, with
+    ``preview``, its band of the preview (:class:`RankReports`)."""
     loaded = WeightSource(**weights).load()
     loaded.net.to(group.device)
     if loaded.clip is not None:
@@ -88,15 +113,20 @@ def upscale_job(group: RankGroup, *, weights: dict, images: torch.Tensor, option
     plan = plan_on_ranks(group, loaded, size, UpscaleOptions(**options))
     if group.rank == 0:
         group.publish_plan(total_batches(loaded, size, images.shape[0], plan.options, group.ranks),
-                           list(plan.messages))
+                           list(plan.messages),
+                           plan.describe(size, images.shape[0], group.ranks,
+                                         "GPU memory" if group.device.type == "cuda" else "CPU RAM"))
+    canvas = PreviewCanvas(loaded.net.cfg.block_px) if preview else None
     return upscale(loaded, images, plan.options, group.device,
                    on_progress=lambda done, total: group.report_batch(), check_interrupt=group.check_interrupt,
-                   group=group)
+                   group=group, on_step=RankReports(group, canvas), preview=canvas)
 
 
-def upscale_job_arguments(weights: WeightSource, images: torch.Tensor, options: UpscaleOptions) -> dict[str, Any]:
+def upscale_job_arguments(weights: WeightSource, images: torch.Tensor, options: UpscaleOptions,
+                          preview: bool = True) -> dict[str, Any]:
     """The keyword arguments of :func:`upscale_job`, as plain data a job file can hold."""
-    return {"weights": asdict(weights), "images": images.float().cpu().contiguous(), "options": asdict(options)}
+    return {"weights": asdict(weights), "images": images.float().cpu().contiguous(), "options": asdict(options),
+            "preview": preview}
 
 
 def resolve(target: str):

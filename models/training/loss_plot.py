@@ -9,6 +9,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 _MARGIN_LEFT, _MARGIN_RIGHT, _MARGIN_TOP, _MARGIN_BOTTOM = 64, 16, 28, 36
+NOTE_HEIGHT = 16
+"""Pixels per line of notes under the plot."""
 _COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40))
 
 
@@ -23,15 +25,18 @@ def _smooth(values: Sequence[float], window: int) -> list[float]:
 
 
 def draw_loss_plot(series: dict[str, Sequence[float]], width: int = 640, height: int = 360,
-                   first_step: int = 1) -> np.ndarray:
-    """``(height, width, 3)`` uint8 plot of up to four named loss series (log scale, smoothed line).
+                   first_step: int = 1, notes: Sequence[str] = ()) -> np.ndarray:
+    """``(height + 16 * len(notes), width, 3)`` uint8 plot of up to four named loss series (log
+    scale, smoothed line), with ``notes`` written under it, one line each.
 
     Step ``i`` of every series is plotted at ``first_step + i``.
     """
     if len(series) > len(_COLOURS):
         raise ValueError(f"at most {len(_COLOURS)} loss series fit one plot, got {len(series)}")
-    image = Image.new("RGB", (width, height), "white")
+    image = Image.new("RGB", (width, height + NOTE_HEIGHT * len(notes)), "white")
     draw = ImageDraw.Draw(image)
+    for index, note in enumerate(notes):
+        draw.text((8, height + NOTE_HEIGHT * index), note, fill=(0, 0, 0))
     left, right = _MARGIN_LEFT, width - _MARGIN_RIGHT
     top, bottom = _MARGIN_TOP, height - _MARGIN_BOTTOM
     draw.rectangle((left, top, right, bottom), outline=(0, 0, 0))

@@ -45,7 +45,7 @@ import torch
 
 from ...models.clear import (ClearAttention, Communicator, PeerFailed, ProcessGroupCommunicator, StripeLayout,
                              StripePlan, ThreadGroup, TokenLayout)
-from .hooks import LAYOUT_KEY, WRAPPER_KEY, flux_module
+from .hooks import LAYOUT_KEY, WRAPPER_KEY, flux_module, size_text
 
 DEVICES_KEY = "ultrares_clear_devices"
 FORWARD_ATTRIBUTE = "diffusion_model.forward_orig"
@@ -275,6 +275,12 @@ class StripeForward:
         self.network = weakref.ref(network)
         self.attention = attention
         self.signature = inspect.signature(type(network).forward_orig)
+        self.said: set = set()
+
+    def _once(self, key, message: str, *args) -> None:
+        if key not in self.said:
+            self.said.add(key)
+            log.info(message, *args)
 
     def __call__(self, *args, **kwargs):
         main = self.network()
@@ -282,12 +288,20 @@ class StripeForward:
         options = bound.arguments.get("transformer_options") or {}
         driver = options.get(DEVICES_KEY)
         layout = options.get(LAYOUT_KEY)
-        if (driver is None or not isinstance(layout, TokenLayout) or bound.arguments.get("attn_mask") is not None
-                or self.attention.is_plain_attention(layout)):
-            return type(main).forward_orig(main, *args, **kwargs)
-        pattern = self.attention.pattern
-        plan = StripePlan.split(layout.grid, driver.world_size, pattern.radius, pattern.down_factor)
-        return driver.run(bound, main, plan, layout)
+        if driver is not None and isinstance(layout, TokenLayout):
+            reason = ("a call with an attention mask" if bound.arguments.get("attn_mask") is not None
+                      else "an image the window covers" if self.attention.is_plain_attention(layout) else None)
+            if reason is None:
+                pattern = self.attention.pattern
+                plan = StripePlan.split(layout.grid, driver.world_size, pattern.radius, pattern.down_factor)
+                rows = [len(plan.rows(rank)) for rank in range(plan.devices)]
+                self._once(("split", layout.grid, plan.devices), "CLEAR on several GPUs: %s split into %d stripes of "
+                           "%s token rows, one per device", size_text(layout.grid), plan.devices,
+                           ", ".join(map(str, rows)))
+                return driver.run(bound, main, plan, layout)
+            self._once(("aside", reason), "CLEAR on several GPUs: steps aside for %s: it runs on the model's own "
+                       "device", reason)
+        return type(main).forward_orig(main, *args, **kwargs)
 
 
 class SplitWrapper:

@@ -42,11 +42,12 @@ import comfy.utils
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ...models.clear import (CLEAR_OPTIMIZER_STATE, OPTIMIZER_FORMAT, Block, ClearDistillSettings, ClearPattern,
-                             ClearStudent, ClearTrainingRecord, ClearWeights, FolderSamples, Prediction, assemble,
-                             derived_seed, distill, file_dtype, make_optimizer, optimized_tensors, plan_weights,
-                             read_distilled, released_keys, save_distilled)
-from ...models.training import OffloadedAdamW, load_optimizer_state, optimizer_path, save_optimizer_state
+from ...models.clear import (ATTENTION, CLEAR_OPTIMIZER_STATE, FLOW_MATCHING, OPTIMIZER_FORMAT, PREDICTION, Block,
+                             ClearDistillSettings, ClearPattern, ClearStudent, ClearTrainingRecord, ClearWeights,
+                             FolderSamples, Prediction, assemble, derived_seed, distill, file_dtype, make_optimizer,
+                             optimized_tensors, plan_weights, read_distilled, released_keys, save_distilled)
+from ...models.training import TOTAL, OffloadedAdamW, load_optimizer_state, optimizer_path, save_optimizer_state
+from ..distill_report import DistillReport, with_report
 from ..training import SamplingContext, TrajectorySettings, inside_sampling, options_clone, with_weight_copies
 from .hooks import WRAPPER_KEY, apply_clear, flux_module
 from .override_slot import OVERRIDE_KEY
@@ -330,12 +331,35 @@ def compute_dtype(model: comfy.model_patcher.ModelPatcher) -> torch.dtype:
     return getattr(model.model, "manual_cast_dtype", None) or model.model.get_dtype()
 
 
+LOSS_WINDOW = 50
+"""Steps the logged mean loss is taken over (single steps are noisy: each is one noise level)."""
+
+
+def loss_text(record: ClearTrainingRecord) -> str:
+    """The latest losses: ``"loss 0.412 (mean of the last 50: 0.430) · flow matching 0.3, ..."``."""
+    recent = record.losses[TOTAL][-LOSS_WINDOW:]
+    text = f"loss {recent[-1]:.4g}"
+    if len(recent) > 1:
+        text += f" (mean of the last {len(recent)}: {sum(recent) / len(recent):.4g})"
+    terms = [f"{name} {record.losses[name][-1]:.3g}" for name in (FLOW_MATCHING, PREDICTION, ATTENTION)
+             if record.losses.get(name)]
+    return text + (" · " + ", ".join(terms) if terms else "")
+
+
+def distill_report(path: Path, steps: int, emit: Callable[[str], None],
+                   status: Callable[[str, int, int], None] | None = None) -> DistillReport[ClearTrainingRecord]:
+    """The report of a CLEAR run (its losses in :func:`loss_text`'s words)."""
+    return DistillReport(path, steps, loss_text, emit, status)
+
+
 def run_clear_distillation(model: comfy.model_patcher.ModelPatcher, positive: list, negative: list | None,
                            path: Path, pattern: ClearPattern, settings: ClearDistillSettings,
                            trajectory: TrajectorySettings, resume: bool,
                            on_progress: Callable[[int, int], None] | None = None,
                            check_interrupt: Callable[[], None] | None = None,
-                           recompute: bool = True) -> tuple[ClearStudent, ClearTrainingRecord]:
+                           recompute: bool = True,
+                           report: DistillReport[ClearTrainingRecord] | None = None
+                           ) -> tuple[ClearStudent, ClearTrainingRecord]:
     """Distil CLEAR weights for ``model`` into ``path`` (resuming it when asked); returns them.
 
     Beside ``path``: ``<path>.optimizer`` (AdamW's state and the float32 values, for an exact
@@ -343,6 +367,8 @@ def run_clear_distillation(model: comfy.model_patcher.ModelPatcher, positive: li
     teacher's :func:`teacher_fingerprint` are the same).
     With ``settings.optimizer_on_cpu`` the float32 values and AdamW's state stay in host memory
     and the device holds the student's tensors in the model's compute dtype.
+    ``report`` hears every step, every save and the end (a stop is the caller's to report: the
+    exception comes out of here after the save).
     """
     network = flux_module(model)
     depth, depth_single = len(network.double_blocks), len(network.single_blocks)
@@ -378,6 +404,8 @@ def run_clear_distillation(model: comfy.model_patcher.ModelPatcher, positive: li
         def save(r: ClearTrainingRecord) -> None:
             save_distilled(path, student, base, r, dtype)
             save_optimizer_state(state_path, optimized, optimizer, r.steps, OPTIMIZER_FORMAT, masters=True)
+            if report is not None:
+                report.saved(r)
 
         def run(context: SamplingContext) -> ClearTrainingRecord:
             host = ComfyClearHost(context, mode, depth, depth_single, recompute)
@@ -392,7 +420,8 @@ def run_clear_distillation(model: comfy.model_patcher.ModelPatcher, positive: li
                             tensor.copy_(recorded[key])
                 if isinstance(optimizer, OffloadedAdamW):
                     optimizer.push()
-            return distill(host, student, settings, samples, record, save=save, on_progress=on_progress,
+            return distill(host, student, settings, samples, record, save=save,
+                           on_progress=with_report(on_progress, report, record),
                            check_interrupt=check_interrupt, optimizer=optimizer)
 
         try:
@@ -401,4 +430,6 @@ def run_clear_distillation(model: comfy.model_patcher.ModelPatcher, positive: li
             if isinstance(optimizer, OffloadedAdamW):
                 optimizer.close()
     student.to("cpu")
+    if report is not None:
+        report.finished(record)
     return student, record

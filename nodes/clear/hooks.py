@@ -11,6 +11,9 @@
   take the override slot (newer ComfyUI's attention backend and sparse attention nodes; the
   sparse one takes it back at every step), so the ``APPLY_MODEL`` wrapper puts CLEAR back on
   top for each call it handles, chaining to whatever it displaced, and says so once.
+- What the user hears (:class:`ClearNotes`): one log line the first time CLEAR runs at an image
+  size, and one when it steps aside (an image at or below ``min_image_tokens``, a window that
+  covers the whole image, an attention call with a mask or of another shape).
 - Block identity (per-layer ``spatial_weight``): newer ComfyUI puts ``block_type`` /
   ``block_index`` in ``transformer_options``; where it does not, ``patches_replace["dit"]``
   entries (wrapping any that were there) tag each block's options.
@@ -38,6 +41,8 @@ WRAPPER_KEY = "ultrares_clear"
 LAYOUT_KEY = "ultrares_clear_layout"
 BLOCK_KEY = "ultrares_clear_block"
 THETA_ATTRIBUTE = "diffusion_model.pe_embedder.theta"
+TOKEN_PX = 16
+"""Image pixels per FLUX token side (VAE 8x, patch 2x): what turns a token grid back into a size."""
 # FLUX.1's block layout as ``FluxParams`` of newer ComfyUI spells it (fields absent on older hosts
 # take these values): per-block modulation, GELU MLPs, biased projections, no text norm.
 FLUX1_LAYOUT = {"global_modulation": False, "mlp_silu_act": False, "yak_mlp": False, "txt_norm": False,
@@ -120,16 +125,60 @@ def token_layout(x: torch.Tensor, patch_size: int, ref_latents: list | None) -> 
     return TokenLayout(grid, n_ref)
 
 
+def size_text(grid: tuple[int, int]) -> str:
+    """A token grid as the image size a user set: ``"2048×2048"`` (width first)."""
+    return f"{grid[1] * TOKEN_PX}×{grid[0] * TOKEN_PX}"
+
+
+class ClearNotes:
+    """The log lines of one CLEAR patch, each said once: where CLEAR runs and where it steps aside."""
+
+    def __init__(self, attention: ClearAttention, ntk_factor: float = 1.0, min_image_tokens: int = 0):
+        self.attention, self.ntk_factor, self.min_image_tokens = attention, ntk_factor, min_image_tokens
+        self.said: set = set()
+
+    def once(self, key, message: str, *args) -> None:
+        if key not in self.said:
+            self.said.add(key)
+            log.info(message, *args)
+
+    def recipe(self) -> str:
+        """What CLEAR does to the attention, in a few words."""
+        pattern, parts = self.attention.pattern, []
+        parts.append(f"each image token sees the tokens within {pattern.radius} tokens ({pattern.radius * TOKEN_PX} px)")
+        if pattern.down_factor > 1:
+            parts.append(f"plus a {pattern.down_factor}×{pattern.down_factor}-token summary of the whole image")
+        if self.ntk_factor != 1.0:
+            parts.append(f"NTK ×{self.ntk_factor:g}")
+        if self.attention.proportional:
+            parts.append("proportional attention")
+        return ", ".join(parts)
+
+    def active(self, layout: TokenLayout) -> None:
+        self.once(("active", layout.grid), "CLEAR: active at %s (%d image tokens): %s", size_text(layout.grid),
+                  layout.n_img, self.recipe())
+
+    def small(self, layout: TokenLayout) -> None:
+        self.once(("small", layout.grid), "CLEAR: steps aside at %s: %d image tokens, not above the %d set in 'Use "
+                  "CLEAR above'; the model's own attention runs (CLEAR's weights%s still apply)",
+                  size_text(layout.grid), layout.n_img, self.min_image_tokens,
+                  f" and NTK ×{self.ntk_factor:g}" if self.ntk_factor != 1.0 else "")
+
+    def declined(self, reason: str) -> None:
+        self.once(("declined", reason), "CLEAR: steps aside for %s: the model's own attention runs for it", reason)
+
+
 class LayoutWrapper:
     """``APPLY_MODEL`` wrapper: when the image has more than ``min_image_tokens`` tokens, puts the
     call's token layout into (a copy of) the transformer options and CLEAR's override on top of
     whichever override a later node installed there."""
 
-    def __init__(self, attention: ClearAttention, patch_size: int, min_image_tokens: int):
+    def __init__(self, attention: ClearAttention, patch_size: int, min_image_tokens: int,
+                 notes: ClearNotes | None = None):
         self.attention = attention
         self.patch_size = patch_size
         self.min_image_tokens = min_image_tokens
-        self.logged: set[tuple[int, int]] = set()
+        self.notes = notes if notes is not None else ClearNotes(attention, min_image_tokens=min_image_tokens)
         self.displaced: set[str] = set()
 
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
@@ -139,14 +188,17 @@ class LayoutWrapper:
         if layout.n_img > self.min_image_tokens:
             options[LAYOUT_KEY] = layout
             self._put_on_top(options)
-            self._log_dense_grid(layout.grid)
+            if not self._log_dense_grid(layout.grid):
+                self.notes.active(layout)
+        else:
+            self.notes.small(layout)
         return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
     def _put_on_top(self, options: dict) -> None:
         current = options.get(OVERRIDE_KEY)
         if isinstance(current, ClearOverride) and current.attention is self.attention:
             return
-        options[OVERRIDE_KEY] = ClearOverride(self.attention, current)
+        options[OVERRIDE_KEY] = ClearOverride(self.attention, current, self.notes)
         who = describe_override(current)
         if who not in self.displaced:
             self.displaced.add(who)
@@ -154,16 +206,18 @@ class LayoutWrapper:
                      "node; CLEAR runs on top of it again for the image attention it handles and hands it every "
                      "other call", who)
 
-    def _log_dense_grid(self, grid: tuple[int, int]) -> None:
+    def _log_dense_grid(self, grid: tuple[int, int]) -> bool:
+        """Say once when the window covers the whole image; True when it does."""
         pattern = self.attention.pattern
-        if grid in self.logged or not pattern.covers(grid):
-            return
-        self.logged.add(grid)
+        if not pattern.covers(grid):
+            return False
         extras = [name for name, on in (("the down-sampled keys", pattern.down_factor > 1),
                                         ("the proportional softmax scale", self.attention.proportional)) if on]
         rest = (f"so only {' and '.join(extras)} differ from dense attention" if extras
-                else "so CLEAR runs the model's own attention here (exact)")
-        log.info("CLEAR: the window radius %d covers the whole %dx%d token grid, %s", pattern.radius, *grid, rest)
+                else "so CLEAR steps aside and the model's own attention runs here (exact)")
+        self.notes.once(("covers", grid), "CLEAR: the window radius %d covers the whole %dx%d token grid (%s), %s",
+                        pattern.radius, *grid, size_text(grid), rest)
+        return True
 
 
 def calling_block(options: dict) -> Block | None:
@@ -186,9 +240,16 @@ class ClearOverride:
 
     memory_efficient = True
 
-    def __init__(self, attention: ClearAttention, previous=None):
+    def __init__(self, attention: ClearAttention, previous=None, notes: ClearNotes | None = None):
         self.attention = attention
         self.previous = previous
+        self.notes = notes
+
+    def __deepcopy__(self, memo: dict) -> ClearOverride:
+        # ModelPatcher.clone deep-copies model_options but not its wrappers: a copy here would hold
+        # a copy of the weights the wrapper no longer recognises as its own (it would stack CLEAR on
+        # top of its copy and say another node displaced it). Clones share it, as they share weights.
+        return self
 
     def dense(self, func, *args, **kwargs):
         if self.previous is not None:
@@ -204,6 +265,9 @@ class ClearOverride:
             raise RuntimeError(f"an attention call CLEAR cannot take (shapes {shapes}, mask "
                                f"{'set' if kwargs.get('mask') is not None else 'none'}) came during a CLEAR run on "
                                "several devices; only CLEAR's own joint text + image attention can be split")
+        if self.notes is not None and layout is not None:
+            self.notes.declined("an attention call with a mask" if kwargs.get("mask") is not None
+                                else "an attention call that is not FLUX's joint text + image attention")
         return self.dense(func, *args, **kwargs)
 
     def __call__(self, func, *args, **kwargs):
@@ -214,8 +278,10 @@ class ClearOverride:
         q, k, v, heads = args
         joint = (q.ndim == 4 and q.shape == k.shape == v.shape and q.shape[1] == heads
                  and layout.text_tokens(q.shape[2]) is not None)
-        if not joint or (isinstance(layout, TokenLayout) and self.attention.is_plain_attention(layout)):
+        if not joint:
             return self.decline(layout, func, *args, **kwargs)
+        if isinstance(layout, TokenLayout) and self.attention.is_plain_attention(layout):
+            return self.dense(func, *args, **kwargs)  # the window covers the image (said by the wrapper)
         out = self.attention(q, k, v, layout, calling_block(options))
         if kwargs.get("skip_output_reshape"):
             return out
@@ -258,6 +324,7 @@ def apply_clear(model: comfy.model_patcher.ModelPatcher, pattern: ClearPattern, 
     patched = model.clone()
     spatial = weights.spatial_weights if weights is not None and pattern.down_factor > 1 else {}
     attention = ClearAttention(pattern, spatial, proportional, backend, check_interrupt)
+    notes = ClearNotes(attention, ntk_factor, min_image_tokens)
     if weights is not None:
         add_weights_first(patched, weights)
     if ntk_factor != 1.0:
@@ -265,9 +332,9 @@ def apply_clear(model: comfy.model_patcher.ModelPatcher, pattern: ClearPattern, 
         # another patcher's value).
         patched.add_object_patch(THETA_ATTRIBUTE, ntk_theta(network.params.theta, ntk_factor))
     transformer_options = patched.model_options.setdefault("transformer_options", {})
-    transformer_options[OVERRIDE_KEY] = ClearOverride(attention, transformer_options.get(OVERRIDE_KEY))
+    transformer_options[OVERRIDE_KEY] = ClearOverride(attention, transformer_options.get(OVERRIDE_KEY), notes)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY,
-                                 LayoutWrapper(attention, network.patch_size, min_image_tokens))
+                                 LayoutWrapper(attention, network.patch_size, min_image_tokens, notes))
     if attention.needs_block():
         tag_blocks(patched, len(network.double_blocks), len(network.single_blocks))
     return patched

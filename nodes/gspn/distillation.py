@@ -1,5 +1,6 @@
 """GSPN distillation inside ComfyUI: the host-free loop of ``models/gspn/distill.py`` driven
-through ComfyUI's own sampling machinery (the node and the command line share this).
+through ComfyUI's own sampling machinery (the node and the command line share this), and how its losses read in what
+it tells the user while it runs (:mod:`..distill_report`).
 
 The loop runs inside ComfyUI's sampling of the model (:mod:`..training`, shared with CLEAR's
 distillation). Each entry of the positive CONDITIONING is one prompt; trajectories take them in
@@ -21,12 +22,13 @@ import torch
 from ...models.gspn import (Capture, DistillSettings, GSPNConfig, GSPNLayers, LayerSpec, TrainingRecord, distill,
                            load_gspn_weights, load_optimizer_state, make_optimizer, optimizer_path, save_gspn_weights,
                            save_optimizer_state)
+from ..distill_report import DistillReport, with_report
 from ..training import (SamplingContext, TrajectorySettings, inside_sampling, options_clone, output_path,
                         with_weight_copies)
 from .patch import comfy_attention_call, gspn_call, model_family, unet_layers
 
-__all__ = ["ComfyDistillHost", "TrajectorySettings", "output_path", "run_distillation", "with_host",
-           "with_weight_copies"]
+__all__ = ["ComfyDistillHost", "TrajectorySettings", "distill_report", "loss_text", "output_path", "run_distillation",
+           "with_host", "with_weight_copies"]
 
 
 T = TypeVar("T")
@@ -80,14 +82,38 @@ def with_host(model: comfy.model_patcher.ModelPatcher, positive: list, negative:
                            lambda context: run(ComfyDistillHost(context, specs)))
 
 
+LOSS_WINDOW = 50
+"""Steps the logged mean loss is taken over (single steps are noisy: each is one noise level)."""
+
+
+def loss_text(record: TrainingRecord) -> str:
+    """The latest losses: ``"loss 0.412 (mean of the last 50: 0.430)"``, the prediction term too."""
+    recent = record.layer_losses[-LOSS_WINDOW:]
+    text = f"loss {record.layer_losses[-1]:.4g}"
+    if len(recent) > 1:
+        text += f" (mean of the last {len(recent)}: {sum(recent) / len(recent):.4g})"
+    if record.prediction_losses:
+        text += f", prediction loss {record.prediction_losses[-1]:.4g}"
+    return text
+
+
+def distill_report(path: Path, steps: int, emit: Callable[[str], None],
+                   status: Callable[[str, int, int], None] | None = None) -> DistillReport[TrainingRecord]:
+    """The report of a GSPN run (its losses in :func:`loss_text`'s words)."""
+    return DistillReport(path, steps, loss_text, emit, status)
+
+
 def run_distillation(model: comfy.model_patcher.ModelPatcher, positive: list, negative: list | None,
                      path: Path, settings: DistillSettings, trajectory: TrajectorySettings,
                      config: GSPNConfig, resume: bool,
                      on_progress: Callable[[int, int], None] | None = None,
-                     check_interrupt: Callable[[], None] | None = None) -> tuple[GSPNLayers, TrainingRecord]:
+                     check_interrupt: Callable[[], None] | None = None,
+                     report: DistillReport | None = None) -> tuple[GSPNLayers, TrainingRecord]:
     """Distil GSPN weights for ``model`` into ``path`` (resuming it when asked); returns them.
 
     ``config.proxy_ratio == 0`` takes the paper's ratio for the model's family (8 elsewhere).
+    ``report`` hears every step, every save and the end (a stop is the caller's to report: the
+    exception comes out of here after the save).
 
     The optimiser state is saved next to the weights (``<path>.optimizer``) and restored on
     resume, so a resumed run continues like an unbroken one.
@@ -118,12 +144,17 @@ def run_distillation(model: comfy.model_patcher.ModelPatcher, positive: list, ne
         def save(r: TrainingRecord) -> None:
             save_gspn_weights(path, student, family, r)
             save_optimizer_state(state_path, student, optimizer, r.steps)
+            if report is not None:
+                report.saved(r)
 
         def run(host: ComfyDistillHost) -> TrainingRecord:
-            return distill(host, student, settings, record, save=save, on_progress=on_progress,
+            return distill(host, student, settings, record, save=save,
+                           on_progress=with_report(on_progress, report, record),
                            check_interrupt=check_interrupt, optimizer=optimizer)
 
         record = with_host(model, positive, negative, trajectory, settings.seed, run)
     student.to(comfy.model_management.intermediate_device())
+    if report is not None:
+        report.finished(record)
     return student, record
 

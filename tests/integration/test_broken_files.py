@@ -191,5 +191,13 @@ def test_the_infdit_loader_names_a_broken_clip_vision_file(model_dir, released, 
     if case in CASES:
         break_file(path, case)
         message = " " + CASES[case]
-    CLIP.refuses(CLIP.prompt(infdit_inputs("mp_rank_00_model_states.pt", "clip_vision/open_clip.safetensors")),
-                 rf"^open_clip\.safetensors{message}")
+    prompt = CLIP.prompt(infdit_inputs("mp_rank_00_model_states.pt", "clip_vision/open_clip.safetensors"))
+    if case == "wrong-kind":
+        # A file that is no CLIP tower is not offered: queueing it is refused, saying what it is.
+        errors = comfy_harness.validation_errors(*prompt)["2"]["errors"]
+        assert {error["extra_info"]["input_name"] for error in errors} == {"checkpoint", "clip_vision"}
+        details = errors[-1]["details"]
+        assert re.search(rf"'clip_vision/open_clip\.safetensors' is not in the list.*; open_clip\.safetensors"
+                         rf"{message}.*{CLIP.remedy}", details), details
+        return
+    CLIP.refuses(prompt, rf"^open_clip\.safetensors{message}")

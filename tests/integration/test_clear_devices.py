@@ -79,10 +79,16 @@ def test_the_split_model_samples_what_one_device_samples(pack_nodes, devices, ra
 
 
 @pytest.mark.parametrize("devices", ["cpu,cpu", "cpu,cpu,cpu"])
-def test_down_sampled_keys_with_their_per_layer_weights_split_exactly(pack_nodes, clear_dir, devices):
+def test_down_sampled_keys_with_their_per_layer_weights_split_exactly(pack_nodes, clear_dir, devices, caplog):
     model = clear(pack_nodes, weights=down_sampled_file(clear_dir), proportional=True)
     expected = run(model, cfg=2.0)
-    assert relative(run(split(pack_nodes, model, devices), cfg=2.0), expected) <= 1e-5
+    with caplog.at_level("INFO"):
+        assert relative(run(split(pack_nodes, model, devices), cfg=2.0), expected) <= 1e-5
+    # Said once per run, with the stripes: whole 2x2 cells (the odd last row goes with the last stripe).
+    rows = {"cpu,cpu": "4, 3", "cpu,cpu,cpu": "2, 2, 3"}[devices]
+    count = len(devices.split(","))
+    assert caplog.text.count(f"CLEAR on several GPUs: 160×112 split into {count} stripes of {rows} token rows, one "
+                             "per device") == 1
 
 
 def test_kontext_reference_tokens_stay_on_every_device(pack_nodes, clear_dir):

@@ -78,7 +78,7 @@ def test_the_distilled_file_has_the_released_layout_and_brings_the_patched_model
         keys, metadata = set(f.keys()), f.metadata()
     assert keys == set(released_keys(DEPTH, DEPTH_SINGLE, False))
     assert (metadata["window_size"], metadata["down_factor"], metadata["base_model"]) == ("3", "1", "Flux")
-    assert plot.shape == (1, 360, 640, 3) and 0 <= plot.min() and plot.max() <= 1
+    assert plot.shape == (1, 360 + 2 * 16, 640, 3) and 0 <= plot.min() and plot.max() <= 1
 
     import json
     losses = json.loads(metadata["training"])["losses"]
@@ -226,3 +226,42 @@ def test_a_cancelled_run_saves_a_file_the_patch_node_loads_and_resume_continues(
     patched, _ = distill_node(pack_nodes, model, "cancelled", steps=1, down_factor=2, teacher_samples=3,
                               flow_matching_weight=1.0, resume=True)
     assert read_distilled(path)[3].steps == 3
+
+
+def test_the_distill_node_logs_its_losses_every_save_and_how_a_cancel_left_the_file(pack_nodes, clear_folder,
+                                                                                     monkeypatch, caplog):
+    import re
+
+    import comfy.model_management
+
+    import ultrares.nodes.clear.nodes as clear_nodes
+
+    steps_done = []
+
+    class Counting(clear_nodes.NodeFeedback):
+        def progress(self, done, total, preview=None):
+            steps_done.append(done)
+            super().progress(done, total, preview)
+
+    def cancel_during_the_fourth_step():  # the cancel button (also checked while the teacher draws)
+        if len(steps_done) >= 3:
+            raise comfy.model_management.InterruptProcessingException()
+
+    path = clear_folder / "told.safetensors"
+    monkeypatch.setattr(clear_nodes, "NodeFeedback", Counting)
+    monkeypatch.setattr(clear_nodes, "check_interrupt", cancel_during_the_fourth_step)
+    with caplog.at_level("INFO"), pytest.raises(comfy.model_management.InterruptProcessingException):
+        distill_node(pack_nodes, tiny_flux(), "told", steps=10, save_every=2)
+    assert f"CLEAR Distill: saved step 2 to {path}" in caplog.text
+    assert re.search(r"CLEAR Distill: step 2/10 \(step 2 of the file\): loss [\d.e-]+ \(mean of the last 2: "
+                     r"[\d.e-]+\) · flow matching [\d.e-]+, prediction [\d.e-]+, attention [\d.e-]+", caplog.text), caplog.text
+    assert (f"CLEAR Distill: cancelled after 3 of 10 steps: the weights so far (step 3) are saved in {path}; turn on "
+            "resume to continue training them") in caplog.text
+
+    monkeypatch.setattr(clear_nodes, "check_interrupt", lambda: None)
+    with caplog.at_level("INFO"):
+        _, curve = distill_node(pack_nodes, tiny_flux(), "told", steps=1, resume=True)
+    assert re.search(rf"CLEAR Distill: finished 1 steps \(4 in the file\): loss [\d.e-]+ \(mean of the last 4: "
+                     rf"[\d.e-]+\).*; the weights are in {re.escape(str(path))}", caplog.text), caplog.text
+    assert curve.shape == (1, 360 + 2 * 16, 640, 3)
+    assert (curve[0, 360:].numpy() < 0.5).any(), "the steps, losses and file are written under the curves"

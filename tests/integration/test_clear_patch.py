@@ -129,11 +129,24 @@ def spatial_of(state: dict) -> dict:
             for key, tensor in state.items() if key.endswith("spatial_weight")}
 
 
-def test_the_file_list_offers_none_and_the_files_in_models_clear(pack_nodes, clear_dir):
-    write_file(clear_dir, "clear_local_8.safetensors", comfy_harness.clear_released_state_dict(DEPTH, DEPTH_SINGLE, HIDDEN))
-    schema = pack_nodes["UltraResClearPatch"].GET_SCHEMA()
-    options = next(item for item in schema.inputs if item.id == "clear_weights").options
-    assert options[0] == "none" and "clear_local_8.safetensors" in options
+def test_a_fresh_node_takes_the_first_file_in_models_clear_and_the_high_resolution_recipe(pack_nodes, clear_dir):
+    import folder_paths
+
+    def offered():
+        # What /object_info sends the frontend, which gives a fresh node the default.
+        inputs = pack_nodes["UltraResClearPatch"].INPUT_TYPES()["required"]
+        return inputs["clear_weights"][1], inputs["ntk_factor"][1]["default"], inputs["proportional_attention"][1]
+
+    elsewhere = folder_paths.get_filename_list("clear")  # other folders registered for "clear"
+    clear_spec, ntk, proportional = offered()
+    assert clear_spec["options"] == elsewhere + ["none"] and clear_spec["default"] == (elsewhere + ["none"])[0]
+    assert ntk == 10.0 and proportional["default"] is True  # the CLEAR authors' high-resolution recipe
+    for name in ("clear_local_8_down_4.safetensors", "clear_local_16.safetensors"):
+        write_file(clear_dir, name, comfy_harness.clear_released_state_dict(DEPTH, DEPTH_SINGLE, HIDDEN))
+    clear_spec, _, _ = offered()
+    files = folder_paths.get_filename_list("clear")
+    assert clear_spec["options"] == files + ["none"] and clear_spec["default"] == files[0]
+    assert {"clear_local_16.safetensors", "clear_local_8_down_4.safetensors"} <= set(files)
 
 
 def test_a_window_larger_than_the_grid_gives_the_unpatched_output_and_says_so(pack_nodes, caplog):
@@ -143,7 +156,9 @@ def test_a_window_larger_than_the_grid_gives_the_unpatched_output_and_says_so(pa
         patched = patch(pack_nodes, model, radius=13)  # 13**2 > 6**2 + 9**2
         out = run(patched)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
-    assert "covers the whole 7x10 token grid" in caplog.text and "exact" in caplog.text
+    assert caplog.text.count("covers the whole 7x10 token grid (160×112), so CLEAR steps aside and the model's own "
+                             "attention runs here (exact)") == 1
+    assert "CLEAR: active" not in caplog.text
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -231,18 +246,45 @@ def recording_override():
     return override, calls
 
 
-def test_small_images_and_foreign_calls_go_to_the_previous_override(pack_nodes):
+def test_small_images_and_foreign_calls_go_to_the_previous_override(pack_nodes, caplog):
     model = comfy_harness.tiny_flux_patcher(seed=0)
     previous, calls = recording_override()
     model.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = previous
     expected = run(model)
     calls_per_run = len(calls)
     gated = patch(pack_nodes, model, radius=2, min_tokens=GRID[0] * GRID[1])
-    torch.testing.assert_close(run(gated), expected, rtol=0, atol=0)
+    with caplog.at_level(logging.INFO):
+        torch.testing.assert_close(run(gated), expected, rtol=0, atol=0)
     assert len(calls) == 2 * calls_per_run
-    active = patch(pack_nodes, model, radius=2, min_tokens=GRID[0] * GRID[1] - 1)
-    assert not torch.equal(run(active), expected)
+    # Said once for the whole run (every step and call of the sampler comes through), in pixels.
+    assert caplog.text.count("CLEAR: steps aside at 160×112: 70 image tokens, not above the 70 set in 'Use CLEAR "
+                             "above'; the model's own attention runs (CLEAR's weights still apply)") == 1
+    caplog.clear()
+    active = patch(pack_nodes, model, radius=2, down=2, ntk=10.0, proportional=True, min_tokens=GRID[0] * GRID[1] - 1)
+    with caplog.at_level(logging.INFO):
+        assert not torch.equal(run(active), expected)
     assert len(calls) == 2 * calls_per_run  # every call was the joint attention, none went through
+    assert caplog.text.count("CLEAR: active at 160×112 (70 image tokens): each image token sees the tokens within 2 "
+                             "tokens (32 px), plus a 2×2-token summary of the whole image, NTK ×10, proportional "
+                             "attention") == 1
+    assert "steps aside" not in caplog.text
+
+
+def test_a_masked_attention_call_is_said_once_to_run_the_models_own_attention(pack_nodes, caplog):
+    from ultrares.nodes.clear.hooks import LAYOUT_KEY, OVERRIDE_KEY, TokenLayout
+
+    patched = patch(pack_nodes, comfy_harness.tiny_flux_patcher(seed=0), radius=2)
+    override = patched.model_options["transformer_options"][OVERRIDE_KEY]
+    q = torch.randn(1, HEADS, TEXT_TOKENS + 70, HIDDEN // HEADS)
+    options = {LAYOUT_KEY: TokenLayout(GRID, 0)}
+    dense = []
+    with caplog.at_level(logging.INFO):
+        for _ in range(2):
+            override(lambda *args, **kwargs: dense.append(1) or q, q, q, q, HEADS, skip_reshape=True,
+                     mask=torch.ones(1, 1, q.shape[2], q.shape[2], dtype=torch.bool), transformer_options=options)
+    assert len(dense) == 2
+    assert caplog.text.count("CLEAR: steps aside for an attention call with a mask: the model's own attention runs "
+                             "for it") == 1
 
 
 def test_block_entries_of_other_packs_keep_running_under_the_block_tags(pack_nodes, clear_dir):
@@ -511,3 +553,15 @@ def test_flux_class_variants_whose_layout_clear_does_not_fit_are_refused_by_name
         with pytest.raises(ValueError, match=r"this Chroma model has another \(image_model 'chroma'\).*not supported yet"):
             patch(pack_nodes, chroma, weights, radius=8)
     assert patch(pack_nodes, comfy_harness.tiny_flux_patcher(seed=0), "clear_local_8.safetensors") is not None
+
+
+def test_a_clone_of_the_patched_model_runs_the_same_clear_and_names_no_other_override(pack_nodes, caplog):
+    # Every node after CLEAR clones the model (a LoRA, a sampler's patches), and a clone deep-copies
+    # the model options: the override there must stay the one CLEAR's wrapper put in.
+    clear = patch(pack_nodes, comfy_harness.tiny_flux_patcher(seed=0), radius=2)
+    clone = clear.clone()
+    override = clone.model_options["transformer_options"]["optimized_attention_override"]
+    assert override is clear.model_options["transformer_options"]["optimized_attention_override"]
+    with caplog.at_level(logging.INFO):
+        torch.testing.assert_close(run(clone), run(clear), rtol=0, atol=0)
+    assert "the attention override slot held" not in caplog.text

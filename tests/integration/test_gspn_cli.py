@@ -43,7 +43,8 @@ def test_cli_distils_the_checkpoint_it_loads_and_resumes(comfy_nodes, pack_nodes
             "--cfg", "1", "--proxy-ratio", "4", "--save-every", "0"]
     assert gspn_cli.main(argv) == 0
     assert loaded == ["sd15.safetensors"]
-    assert "step 3/3" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"saved step 3 to {out}" in printed and "finished 3 steps (3 in the file): loss " in printed
     _, record = load_gspn_weights(out, "SD15")
     assert record.steps == 3 and record.finished and record.settings["steps"] == 3
     assert gspn_cli.main(argv + ["--resume", "--steps", "2"]) == 0

@@ -64,7 +64,7 @@ def test_distilled_weights_match_attn1_far_better_than_random_ones_and_sample_en
     trained_loss = evaluate_gspn(model, _prompts(), None, trained, trajectory, points=4, seed=HELD_OUT_SEED)
     assert trained_loss < 0.5 * random_loss, (random_loss, trained_loss)
     assert record.steps == 40 and record.finished
-    assert plot.shape == (1, 360, 640, 3) and 0 <= plot.min() and plot.max() <= 1
+    assert plot.shape == (1, 360 + 2 * 16, 640, 3) and 0 <= plot.min() and plot.max() <= 1  # two lines of notes
 
     (reloaded,) = pack_nodes["UltraResGSPNPatch"].execute(model, "tiny_sd15.safetensors", 0, "", 0).result
     cond = comfy_harness.sd15_conditioning(batch=2)
@@ -217,24 +217,68 @@ def test_cancelled_distillation_leaves_a_checkpoint_that_resumes(pack_nodes, gsp
 
     never_cancelled = gspn_nodes.check_interrupt
     monkeypatch.setattr(gspn_nodes, "check_interrupt", cancel_after_three)
-    with pytest.raises(interrupt_class):
+    with caplog.at_level("INFO"), pytest.raises(interrupt_class):
         _distill(pack_nodes, model, "cancelled", steps=10)
     _, record = load_gspn_weights(gspn_folder / "cancelled.safetensors", "SD15")
     assert record.steps == 3 and not record.finished
+    path = gspn_folder / "cancelled.safetensors"
+    # The log says what was trained, where it was saved and how to go on.
+    assert f"GSPN Distill: saved step 3 to {path}" in caplog.text
+    assert (f"GSPN Distill: cancelled after 3 of 10 steps: the weights so far (step 3) are saved in {path}; turn on "
+            "resume to continue training them") in caplog.text
+    assert __import__("re").search(r"GSPN Distill: step 2/10 \(step 2 of the file\): loss [\d.e-]+ \(mean of the "
+                                   r"last 2: [\d.e-]+\)", caplog.text)
     assert (gspn_folder / "cancelled.safetensors.optimizer").is_file()
     assert folder_paths.get_filename_list("gspn") == ["cancelled.safetensors"], "the optimizer state is not listed"
 
     monkeypatch.setattr(gspn_nodes, "check_interrupt", never_cancelled)
     with pytest.raises(FileExistsError, match="turn on resume"):
         _distill(pack_nodes, model, "cancelled", steps=2)
-    _distill(pack_nodes, model, "cancelled", steps=2, resume=True)
+    with caplog.at_level("INFO"):
+        _distill(pack_nodes, model, "cancelled", steps=2, resume=True)
     _, record = load_gspn_weights(gspn_folder / "cancelled.safetensors", "SD15")
     assert record.steps == 5 and record.finished and len(record.layer_losses) == 5
+    assert f"GSPN Distill: finished 2 steps (5 in the file): loss {record.layer_losses[-1]:.4g}" in caplog.text
     assert "starts afresh" not in caplog.text, "the saved optimizer state must be restored"
 
     (gspn_folder / "cancelled.safetensors.optimizer").unlink()
     _distill(pack_nodes, model, "cancelled", steps=1, resume=True)
     assert "no optimizer state saved with cancelled.safetensors at step 5" in caplog.text
+
+
+def test_the_distill_node_shows_its_losses_and_where_it_saves_under_the_node_and_on_the_loss_curve(
+        pack_nodes, gspn_folder):
+    import re
+
+    import numpy as np
+    from comfy_api.latest import io
+
+    received = {}
+    prompt = {"1": {"class_type": "UltraResTestModel", "inputs": {}},
+              "2": {"class_type": "UltraResTestPrompts", "inputs": {}},
+              "3": {"class_type": "UltraResGSPNDistill", "inputs": dict(
+                  model=["1", 0], positive=["2", 0], output_name="shown", steps=4, learning_rate=1e-2, width=64,
+                  height=64, batch_size=1, sampling_steps=4, cfg=1.0, prediction_weight=0.0, chunk=4, proxy_ratio=4,
+                  seed=0, resume=False, save_every=2)},
+              "4": {"class_type": "UltraResTestSink", "inputs": {"value": ["3", 1]}}}
+    nodes = {"UltraResTestModel": comfy_harness.source_node("UltraResTestModel", io.Model,
+                                                            comfy_harness.tiny_sd15_patcher(seed=2)),
+             "UltraResTestPrompts": comfy_harness.source_node("UltraResTestPrompts", io.Conditioning, _prompts()),
+             "UltraResTestSink": comfy_harness.sink_node("UltraResTestSink", received)}
+    executor, server = comfy_harness.execute_prompt(prompt, {**pack_nodes, **nodes})
+    assert executor.success, server.messages[-1]
+    texts = [text for node, text in server.texts if node == "3"]
+    header = ("training GSPN weights for this SD15 model, 4 steps (shown.safetensors in " f"{gspn_folder})\n"
+              "saved every 2 steps, at the end and if you cancel · loss: 1 = no better than nothing, lower is better")
+    assert texts[0] == header and all(text.startswith(header + "\n") for text in texts[1:])
+    steps = [text.split("\n")[-1] for text in texts[1:-1]]
+    assert steps and all(re.fullmatch(r"step [1-4]/4 · loss [\d.e-]+( \(mean of the last \d: [\d.e-]+\))?"
+                                      r"( · saved at step 2)?( · about .+ left)?", line) for line in steps)
+    assert re.fullmatch(rf"finished in \d+ s: loss [\d.e-]+ \(mean of the last 4: [\d.e-]+\) · saved in "
+                        rf"{re.escape(str(gspn_folder / 'shown.safetensors'))}", texts[-1].split("\n")[-1])
+    curve = received["value"]
+    assert curve.shape == (1, 360 + 2 * 16, 640, 3)
+    assert (curve[0, 360:].numpy() < 0.5).any(), "the steps, losses and file are written under the curve"
 
 
 def test_prediction_matching_trains_through_a_unet_loaded_in_inference_mode(pack_nodes, gspn_folder):

@@ -9,6 +9,8 @@ run one per GPU.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -91,6 +93,76 @@ def test_the_upscaler_runs_the_released_file_with_progress_per_evaluation_and_ba
     torch.testing.assert_close(out, expected.movedim(1, -1), rtol=0, atol=1e-5)
 
 
+@pytest.fixture
+def previews_on(monkeypatch):
+    """ComfyUI's preview setting on (``--preview-method auto``; its default is none)."""
+    from comfy.cli_args import LatentPreviewMethod, args
+
+    monkeypatch.setattr(args, "preview_method", LatentPreviewMethod.Auto)
+    return args
+
+
+STATUS = r"evaluation [1-3]/3 · batch \d+/15( · about .+ left)?"
+
+
+def test_the_node_shows_its_plan_where_it_is_and_a_preview_of_the_image_being_built(comfy_nodes, model_folder,
+                                                                                    previews_on):
+    import numpy as np
+
+    image = torch.rand(1, 12, 20, 3)
+    executor, server, out = run_prompt(comfy_nodes, upscale_prompt(RELEASED, image), image)
+    assert executor.success, server.messages[-1]
+    texts = [text for node, text in server.texts if node == "3"]
+    assert {node for node, _ in server.texts} == {"3"}
+    plan = texts[0].split("\n")
+    assert plan[0] == "4× upscale → 80×48" and re.fullmatch(r"\d+×\d+ blocks per batch, \d+ batch(es)? × 3 evaluations",
+                                                            plan[1])
+    assert re.fullmatch(r"CPU RAM: about [\d.]+ (KiB|MiB) of [\d.]+ (MiB|GiB) \(all that is free once the model is "
+                        r"loaded\)", plan[2])
+    lines = [text.split("\n") for text in texts[1:]]
+    assert all(line[:3] == plan for line in lines)
+    assert texts[-1].split("\n")[-1].startswith("finished: 80×48 in ")
+    batches = int(re.search(r"(\d+) batch", plan[1]).group(1))
+    assert all(re.fullmatch(STATUS.replace("15", str(batches)), line[-1]) for line in lines[:-1])
+    # The preview: ComfyUI's ("JPEG", image, --preview-size) tuple on the progress bar, throttled (the
+    # first and the last of this short run), the last one being the finished image.
+    previews = server.previews()
+    assert 2 <= len(previews) < len([update for update in server.progress if update[3] == "3"])
+    assert all(kind == "JPEG" and size == previews_on.preview_size for kind, _, size in previews)
+    last = np.asarray(previews[-1][1]).astype(np.float32)
+    assert last.shape == (48, 80, 3) and np.abs(last - out[0].numpy() * 255).max() <= 1
+
+
+def test_without_previews_in_comfyuis_settings_none_is_sent_and_the_result_is_the_same(comfy_nodes, model_folder,
+                                                                                      previews_on, monkeypatch):
+    from comfy.cli_args import LatentPreviewMethod
+
+    image = torch.rand(1, 12, 20, 3)
+    _, with_previews, shown = run_prompt(comfy_nodes, upscale_prompt(RELEASED, image), image)
+    monkeypatch.setattr(previews_on, "preview_method", LatentPreviewMethod.NoPreviews)
+    executor, server, out = run_prompt(comfy_nodes, upscale_prompt(RELEASED, image), image)
+    assert executor.success and with_previews.previews() and not server.previews()
+    assert torch.equal(out, shown)
+
+
+def test_the_clip_list_offers_the_openclip_towers_but_not_the_checkpoints(comfy_nodes, model_folder):
+    from safetensors.torch import save_file
+
+    loader = comfy_nodes.NODE_CLASS_MAPPINGS["UltraResInfDiTLoader"]
+
+    def offered() -> list[str]:
+        return loader.INPUT_TYPES()["required"]["clip_vision"][1]["options"]
+
+    assert {RELEASED, CONVERTED, "broken.pt"} <= set(loader.INPUT_TYPES()["required"]["checkpoint"][1]["options"])
+    assert offered()[0] == "from checkpoint" and not {RELEASED, CONVERTED, "broken.pt"} & set(offered())
+    tower = model_folder / "open_clip_vit_l14.safetensors"
+    save_file({f"visual.{k}": v.contiguous() for k, v in tiny_weights(seed=5).clip.state_dict().items()}, str(tower))
+    try:
+        assert "open_clip_vit_l14.safetensors" in offered()
+    finally:
+        tower.unlink()
+
+
 def test_the_budget_offloading_and_alpha_inputs_reach_the_sampler(comfy_nodes, model_folder):
     image = torch.rand(2, 8, 16, 4)
     executor, server, out = run_prompt(comfy_nodes, upscale_prompt(CONVERTED, image, scale="8", vram_budget_gb=0.01,
@@ -112,7 +184,7 @@ def test_budgets_that_fit_better_offloaded_offload_or_say_so_and_one_above_free_
     with caplog.at_level("INFO"):
         executor, server, out = run_prompt(comfy_nodes, upscale_prompt(RELEASED, image, vram_budget_gb=between), image)
     assert executor.success, server.messages[-1]
-    assert "offloading them to CPU RAM (same result, slower)" in caplog.text
+    assert "keeping them in CPU RAM instead (same result, slower)" in caplog.text
     assert "Inf-DiT: 1 x 1 blocks per batch: weights" in caplog.text
     torch.testing.assert_close(out, expected.movedim(1, -1), rtol=0, atol=1e-5)
     caplog.clear()
@@ -124,7 +196,7 @@ def test_budgets_that_fit_better_offloaded_offload_or_say_so_and_one_above_free_
         executor, server, out = run_prompt(comfy_nodes, upscale_prompt(RELEASED, image, vram_budget_gb=two[True] / GiB),
                                            image)
     assert executor.success, server.messages[-1]
-    assert "1 x 1 blocks per batch" in caplog.text and "with offload_cache on, the same budget allows" in caplog.text
+    assert "1 x 1 blocks per batch" in caplog.text and "with offloading on, the same budget allows" in caplog.text
     caplog.clear()
     above_free = min(2 * comfy.model_management.get_free_memory(torch.device("cpu")) / GiB, 1024.0)
     with caplog.at_level("WARNING"):
@@ -257,7 +329,9 @@ def worker_processes() -> list:
 
 
 def test_two_ranks_through_the_node_give_the_in_process_result_with_one_progress_bar(comfy_nodes, model_folder,
-                                                                                       caplog):
+                                                                                       caplog, previews_on):
+    import numpy as np
+
     image = torch.rand(1, 12, 20, 3)
     reports = []
     with caplog.at_level("INFO"):
@@ -265,6 +339,15 @@ def test_two_ranks_through_the_node_give_the_in_process_result_with_one_progress
                                            lambda value, total: reports.append((value, total)))
     assert executor.success, server.messages[-1]
     assert out.shape == (1, 48, 80, 3)
+    # The text says where each device is; the preview is the ranks' bands put together.
+    texts = [text for node, text in server.texts if node == "3"]
+    assert texts[0].split("\n")[0] == "4× upscale → 80×48, shared by 2 devices"
+    running = [text.split("\n") for text in texts[1:-1]]
+    assert running and all(re.fullmatch(r"\d+/\d+ batches on all devices( · about .+ left)?", lines[-1])
+                           for lines in running)
+    assert any(re.fullmatch(r"rank [01] \(cpu\): evaluation \d/3 · batch \d+/\d+", line) for lines in running for line in lines)
+    last = np.asarray(server.previews()[-1][1]).astype(np.float32)
+    assert np.abs(last - out[0].numpy() * 255).max() <= 1
     assert "Inf-DiT: 2 ranks on cpu, cpu" in caplog.text
     total = reports[-1][1]
     assert reports[-1] == (total, total) and all(total == t for _, t in reports)

@@ -27,16 +27,16 @@ S = ws.SIZE_DIVISOR
 
 # SaveImage title -> (width, height) of what the stand-in run saves: the workflows' own sizes / 16.
 OUTPUTS = {
-    "sdxl_gspn_distill": {"Loss curve": (640, 360),  # drawn at a fixed size
+    "Train GSPN weights for your SDXL model": {"Loss curve": (640, 360 + 2 * 16),  # drawn at a fixed size, two lines of notes
                           "Sample with GSPN": (1024 // S, 1024 // S)},
-    "flux_clear_2k": {"Save 2048×2048": (2048 // S, 2048 // S)},
-    "flux_clear_infdit_8k": {"Save 2048×2048": (2048 // S, 2048 // S), "Save 8192×8192": (8192 // S, 8192 // S)},
-    "sdxl_gspn_infdit_4k": {"Save 1024×1024": (1024 // S, 1024 // S), "Save 4096×4096": (4096 // S, 4096 // S)},
-    "infdit_upscale_16k": {"Save 4× (4096 from 1024)": (4096 // S, 4096 // S),
+    "FLUX at 2K with CLEAR": {"Save 2048×2048": (2048 // S, 2048 // S)},
+    "FLUX at 8K with CLEAR and Inf-DiT": {"Save 2048×2048": (2048 // S, 2048 // S), "Save 8192×8192": (8192 // S, 8192 // S)},
+    "SDXL at 4K with GSPN and Inf-DiT": {"Save 1024×1024": (1024 // S, 1024 // S), "Save 4096×4096": (4096 // S, 4096 // S)},
+    "Upscale any image to 4K and 16K with Inf-DiT": {"Save 4× (4096 from 1024)": (4096 // S, 4096 // S),
                            "Save 16× (16384 from 1024)": (16384 // S, 16384 // S)},
 }
 # The 4K workflow loads the GSPN weights the distillation workflow writes.
-NEEDS = {"sdxl_gspn_infdit_4k": "sdxl_gspn_distill"}
+NEEDS = {"SDXL at 4K with GSPN and Inf-DiT": "Train GSPN weights for your SDXL model"}
 GSPN_FILE = "gspn_sdxl.safetensors"
 CLEAR_DENSE_LOG = "covers the whole"  # what the CLEAR node logs when its window spans the grid
 INPUT_IMAGE = ("example.png", (1024 // S, 1024 // S))
@@ -163,19 +163,19 @@ def test_the_stand_in_prompt_keeps_every_pack_node_and_link_as_shipped():
 
 
 def test_gspn_distillation_writes_the_weights_file_and_saves_its_outputs(runs, server, model_dirs):
-    prompt, history, _ = runs("sdxl_gspn_distill")
+    prompt, history, _ = runs("Train GSPN weights for your SDXL model")
     assert (model_dirs["gspn"] / GSPN_FILE).is_file()
-    assert saved_sizes(server, prompt, history) == OUTPUTS["sdxl_gspn_distill"]
+    assert saved_sizes(server, prompt, history) == OUTPUTS["Train GSPN weights for your SDXL model"]
 
 
-@pytest.mark.parametrize("name", [name for name in OUTPUTS if name != "sdxl_gspn_distill"])
+@pytest.mark.parametrize("name", [name for name in OUTPUTS if name != "Train GSPN weights for your SDXL model"])
 def test_the_workflow_runs_to_success_and_saves_images_of_its_scaled_size(runs, server, name):
     prompt, history, _ = runs(name)
     assert saved_sizes(server, prompt, history) == OUTPUTS[name]
 
 
 def test_the_clear_stage_ran_windowed_attention_not_a_dense_fallback(runs, server):
-    runs("flux_clear_2k")
+    runs("FLUX at 2K with CLEAR")
     assert CLEAR_DENSE_LOG not in server.log()
 
 
