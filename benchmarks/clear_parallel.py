@@ -174,7 +174,7 @@ def measure(devices: int, repeats: int, timeout: float = 600.0) -> list[dict]:
 
 def time_table(repeats: int) -> None:
     t = TINY
-    print(f"\n### Measured: one stripe-parallel call on gloo ranks, CPU, one thread per rank (float32)\n")
+    print("\n### Measured: one stripe-parallel call on gloo ranks, CPU, one thread per rank (float32)\n")
     print(f"Call: {t['heads']} heads x {t['head_dim']}, {t['n_txt']} text tokens, {t['grid'][0]}x{t['grid'][1]} "
           f"image tokens, radius {t['pattern'].radius}, down factor {t['pattern'].down_factor}; mean of {repeats} "
           "calls after one warm-up. 'communication' = time inside the exchange, all-reduces and all-gather, waiting "

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from .gpu_report import Section, guarded, markdown, table_bandwidth, write
 from .machine import describe_machine
+from .timing import threads
 
 GiB = 2**30
 
@@ -569,21 +570,11 @@ def main(argv: list[str] | None = None) -> None:
     else:
         parser.error("no CUDA GPU here: run it on one, or use --dry to check the plumbing on the CPU")
     out = args.out or Path(f"gpu-report-{'dry' if dry else datetime.date.today().isoformat()}.md")
-    threads = contextlib.nullcontext() if device.type == "cuda" else _threads(1)
-    with threads, warnings.catch_warnings():
+    cpu_threads = contextlib.nullcontext() if device.type == "cuda" else threads(1)
+    with cpu_threads, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")  # dry: eager
         path = run(sizes, device, out, dry)
     print(f"report written to {path}")
-
-
-@contextlib.contextmanager
-def _threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 if __name__ == "__main__":

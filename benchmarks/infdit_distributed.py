@@ -35,6 +35,7 @@ from ..models.infdit.schedule import plan_ranks
 from ..models.infdit.sampler import evaluations
 from ..models.infdit.worker import upscale_job_arguments
 from .machine import describe_machine
+from .timing import threads
 
 SIZES = (4096, 8192, 16384)
 RANKS = (1, 2, 4, 8)
@@ -124,12 +125,8 @@ def measured(ranks_list=RANKS, side: int = MEASURED_SIDE) -> None:
     image = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(0))
     evals = evaluations(MEASURED_STEPS)
     grid = 4 * side // TINY.block_px
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with threads(1):
         single = upscale(source.load(), image, options, torch.device("cpu"))
-    finally:
-        torch.set_num_threads(before)
     cores = os.cpu_count() or 1
     load = f", load average {os.getloadavg()[0]:.1f} when it started" if hasattr(os, "getloadavg") else ""
     print("\n### Measured: tiny model (2 layers, width 64, 16-px blocks, fp32) on CPU ranks (gloo, one thread each)\n")

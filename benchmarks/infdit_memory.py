@@ -20,6 +20,7 @@ from ..models.infdit import (RELEASED, GiB, BudgetTooSmall, ClipVisionConfig, Cl
                              offloaded_host_bytes, plan_stage, tiny_weights, upscale, weight_bytes)
 from .machine import stamp
 from .meter import LiveTensorMeter
+from .timing import threads
 
 MB = 2 ** 20
 DERIVED_CASES = [(2048, 8), (4096, 8), (4096, 12), (4096, 16), (4096, 24), (8192, 16), (8192, 24), (16384, 24),
@@ -161,30 +162,19 @@ def main(argv: list[str] | None = None) -> None:
         weights.clip.to(device)
         sides = [256, 512] if args.quick else [256, 512, 1024]
         label = "released configuration (754 M DiT + ViT-L/14), random weights, bf16"
-        threads = contextlib.nullcontext()
+        single_thread = contextlib.nullcontext()
     else:
         device, weights = torch.device("cpu"), tiny_weights()
         sides = [32, 64, 128] if args.quick else [32, 64, 128, 256]
         label = "tiny model (2 layers, width 64, 16-px blocks), fp32, CPU: live-tensor meter"
-        threads = _one_thread()
+        single_thread = threads(1)
     print(f"Inf-DiT memory, {label}; one 4x upscale with one Heun step (one evaluation) per row.")
     print(METHOD)
-    with threads:
+    with single_thread:
         full_vs_scheduled(weights, sides, 2, device)
         budgets(weights, sides[-1], device, offload=False)
         budgets(weights, sides[-1], device, offload=True)
     released_derived(DERIVED_CASES, allocator_headroom(torch.device("cuda")))
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """Small tensors: one intra-op thread is faster and steadier; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from ultrares.models.infdit._full_reference import reference_evaluation, reference_rope_table
 from ultrares.cli import infdit_convert as convert
-from ultrares.models.infdit.checkpoint import (ROPE_TABLES, InfDiTCheckpointError, convert_checkpoint, holds_clip_tower,
-                                               load_infdit)
+from ultrares.models.infdit.checkpoint import ROPE_TABLES, InfDiTCheckpointError, convert_checkpoint, load_infdit
+from ultrares.models.infdit.files import holds_clip_tower
 from ultrares.models.infdit.config import InfDiTConfig
 from ultrares.models.infdit.evaluate import ImageContext, LRContext, evaluate
 from ultrares.models.infdit.schedule import Placement, plan_batches, plan_schedule

@@ -7,8 +7,9 @@ piece by piece: :func:`plan_schedule` describes it as plain data (the batches, t
 dependencies, each batch's cache steps) and :func:`evaluate` carries a schedule out.
 
 Modules: ``network`` (the DiT; ``attention``: block layout, UniBA gather, RoPE), ``clip_vision``
-(its CLIP tower), ``config`` (sizes), ``checkpoint`` (weight files; ``cli/infdit_convert.py``
-converts them), ``schedule`` (batches, cache policy, placement), ``evaluate`` (one evaluation: the
+(its CLIP tower), ``config`` (sizes), ``checkpoint`` (weight files: names, sizes, loading; ``cli/infdit_convert.py``
+converts them), ``files`` (the two kinds of file, which can be the CLIP tower, the safe reading of the
+released pickle), ``schedule`` (batches, cache policy, placement), ``evaluate`` (one evaluation: the
 neighbour cache, layer 0's LR keys), ``memory`` (the memory model), ``budget`` (a request and
 free memory to a plan), ``sampler`` (EDM Heun), ``preprocess`` (the reference's resizing),
 ``upscale`` (the pipeline), ``progress`` (what it reports while it runs: counts and a
@@ -21,12 +22,12 @@ result's pixels, the stop flag), ``pipeline`` (the modelled fill and traffic), `
 
 from .budget import (BudgetPlan, UpscaleOptions, allocator_headroom, plan_budget, plan_stage, total_batches,
                      weight_bytes, working_memory)
-from .checkpoint import (DTYPES, InfDiTCheckpointError, InfDiTWeights, WeightSource, convert_checkpoint,
-                         holds_clip_tower, load_infdit, not_a_clip_tower)
+from .checkpoint import DTYPES, InfDiTWeights, WeightSource, convert_checkpoint, load_infdit
 from .clip_vision import ClipVisionConfig, ClipVisionEncoder
 from .config import RELEASED, InfDiTConfig
 from .evaluate import Exchange, ImageContext, LRContext, evaluate
 from .exchange import BlockExchange, RankGroup, Stopped, join
+from .files import InfDiTCheckpointError, holds_clip_tower, not_a_clip_tower
 from .launch import RankFailed, parse_devices, run_ranks, upscale_on_ranks
 from .memory import (GiB, BudgetTooSmall, MemoryEstimate, choose_batch_size, estimate_memory, memory_text,
                      offloaded_host_bytes)
