@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from ..errors import NamedError
 from . import compiled_table
 from ._clear_tiles import Tile, covering_radius, tile_counts
 from ._clear_torch import dense_rows, global_rows
@@ -80,7 +81,7 @@ KERNEL = "clear_window_fwd"  # the kernel's name in the compiled table
 _FITTING: dict[tuple[str, torch.dtype], int] = {}
 
 
-class KernelCannotRun(RuntimeError):
+class KernelCannotRun(NamedError, RuntimeError):
     """The kernel cannot take this call: no configuration fits the GPU's shared memory, or the
     grid is beyond the kernel's limit (``auto`` then runs the torch path)."""
 

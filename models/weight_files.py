@@ -7,17 +7,13 @@ wrong and what to do. :func:`key_sections` words missing, unexpected and misshap
 same way for all of them, and every writer saves through :func:`write_atomically`, so an
 interrupted save never leaves a half-written file behind.
 
-The errors' types read well in ComfyUI's error dialog, which shows ``module.qualname`` of the
-exception type unless the module is ``builtins`` (``full_type_name`` in ComfyUI's
-``execution.py``, the same in 0.3.64 and on the 0.38 line): a subclass of
-:class:`WeightFileError` is presented as defined in ``builtins``, so the dialog says
-``InfDiTCheckpointError`` rather than the pack's folder path.
+The errors' types read well in ComfyUI's error dialog (:class:`ultrares.errors.NamedError`): it
+says ``InfDiTCheckpointError`` rather than the pack's folder path.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import os
 import pickle
@@ -33,6 +29,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..errors import NamedError
+
 SAFETENSORS = "safetensors"
 TORCH = "torch"
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
@@ -46,26 +44,11 @@ Loader = Callable[[Path], tuple[State, Metadata]]
 """Reads a file that passed the checks: ``path -> (tensors, metadata)``."""
 
 
-class WeightFileError(ValueError):
+class WeightFileError(NamedError, ValueError):
     """A weight file the pack cannot use; the message names the file, what is wrong and what to do.
 
-    Each loader raises its own subclass; subclasses present themselves as defined in
-    ``builtins`` (ComfyUI's error dialog then shows their bare name) and still pickle.
+    Each loader raises its own subclass; the dialog shows their bare name (:mod:`ultrares.errors`).
     """
-
-    defined_in = __name__
-
-    def __init_subclass__(cls, **kwargs) -> None:
-        super().__init_subclass__(**kwargs)
-        cls.defined_in = cls.__module__
-        cls.__module__ = "builtins"
-
-    def __reduce__(self):
-        return _rebuild_error, (self.defined_in, type(self).__qualname__, self.args)
-
-
-def _rebuild_error(module: str, qualname: str, args: tuple) -> WeightFileError:
-    return getattr(importlib.import_module(module), qualname)(*args)
 
 
 @dataclass(frozen=True)

@@ -177,3 +177,38 @@ def test_requirements_never_pull_a_second_torch():
     names = {line.split(";")[0].strip().split("=")[0].split(">")[0].split("<")[0].split("[")[0].lower()
              for line in runtime if line.strip() and not line.lstrip().startswith("#")}
     assert not names & {"torch", "torchvision", "torchaudio", "triton"}
+
+
+INTERNAL_ERRORS = {"ultrares.models.infdit.exchange.Stopped"}
+"""Errors that never leave the pack: a rank's signal that the run was stopped elsewhere."""
+
+
+def _pack_errors() -> dict[str, type]:
+    import pkgutil
+
+    errors = {}
+    for package in ("ultrares.kernels", "ultrares.models"):
+        for info in pkgutil.walk_packages(importlib.import_module(package).__path__, package + "."):
+            module = importlib.import_module(info.name)
+            for obj in vars(module).values():
+                if inspect.isclass(obj) and issubclass(obj, BaseException) and module.__name__ in (
+                        obj.__module__, getattr(obj, "defined_in", None)):
+                    errors[f"{module.__name__}.{obj.__qualname__}"] = obj
+    return errors
+
+
+def test_every_error_a_user_may_see_is_shown_by_its_bare_name_and_still_pickles():
+    import pickle
+
+    from ultrares.errors import NamedError
+
+    errors = _pack_errors()
+    assert {"ultrares.models.infdit.files.InfDiTCheckpointError", "ultrares.models.clear.stripes.StripeError",
+            "ultrares.kernels._clear_triton.KernelCannotRun"} <= set(errors)
+    for name, error in errors.items():
+        if name in INTERNAL_ERRORS:
+            continue
+        # ComfyUI's dialog shows module.qualname unless the module is builtins.
+        assert issubclass(error, NamedError) and error.__module__ == "builtins", name
+        copy = pickle.loads(pickle.dumps(error("why")))
+        assert type(copy) is error and copy.args == ("why",), name

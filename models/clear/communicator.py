@@ -25,13 +25,15 @@ from typing import Literal, Protocol
 import torch
 import torch.distributed as dist
 
+from ...errors import NamedError
+
 ReduceOp = Literal["sum", "max"]
 # How long a device waits for the others at one step before giving up: far above one attention
 # call at 16K on any GPU, short enough that a lost peer does not hang the queue for good.
 PEER_TIMEOUT_S = 600.0
 
 
-class PeerFailed(RuntimeError):
+class PeerFailed(NamedError, RuntimeError):
     """Another device of the group stopped (its own error is reported where it happened)."""
 
 

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ...errors import NamedError
 
-class StripeError(ValueError):
+
+class StripeError(NamedError, ValueError):
     """The image cannot be cut into that many stripes."""
 
 

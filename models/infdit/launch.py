@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ...errors import NamedError
 from .budget import UpscaleOptions
 from .checkpoint import WeightSource
 from .exchange import PLAN_KEY, PROGRESS_KEY, STOP_KEY, preview_key, status_key
@@ -65,7 +66,7 @@ os._exit(code)
 """
 
 
-class RankFailed(RuntimeError):
+class RankFailed(NamedError, RuntimeError):
     """A rank of a distributed run failed; the message names it, its device and its error."""
 
 

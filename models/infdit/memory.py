@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...errors import NamedError
 from .config import InfDiTConfig
 from .evaluate import TILE_BLOCKS
 from .schedule import ScanOrder, Schedule, plan_ranks
@@ -60,7 +61,7 @@ def memory_text(size: float) -> str:
     return f"{size:.0f} bytes"
 
 
-class BudgetTooSmall(ValueError):
+class BudgetTooSmall(NamedError, ValueError):
     """Even one block per batch does not fit the memory budget."""
 
 
