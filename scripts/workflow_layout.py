@@ -74,12 +74,12 @@ def _stack_columns(workflow: dict) -> None:
 
 
 def _fit_groups(workflow: dict) -> None:
-    """Each stage ends :data:`GROUP_PADDING` below the lowest node inside it."""
+    """Each stage ends :data:`GROUP_PADDING` below the lowest node inside it (its notes too)."""
     for group in workflow["groups"]:
-        left, top, width, _ = group["bounding"]
-        inside = [node for node in workflow["nodes"] if node["type"] not in wg.NOTE_TYPES
-                  and left <= node["pos"][0] and node["pos"][0] + node["size"][0] <= left + width
-                  and top <= node["pos"][1]]
+        left, top, width, height = group["bounding"]
+        inside = [node for node in workflow["nodes"]
+                  if left <= node["pos"][0] and node["pos"][0] + node["size"][0] <= left + width
+                  and top <= node["pos"][1] <= top + height]
         if inside:
             bottom = max(node["pos"][1] + node["size"][1] for node in inside)
             group["bounding"] = [left, top, width, bottom + GROUP_PADDING - top]

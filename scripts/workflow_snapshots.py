@@ -2,14 +2,16 @@
 
     COMFYUI_PATH=/path/to/ComfyUI <ComfyUI's python> scripts/workflow_snapshots.py definitions
     python scripts/workflow_snapshots.py twins
+    python scripts/workflow_snapshots.py labels
 
 ``definitions`` starts a headless ComfyUI (CPU, a fresh base directory, only this pack loaded),
 puts one probe file into every model folder and the input folder, and writes
 ``tests/workflows/node_definitions.json``: the ``/object_info`` interface data (inputs, widget
 order, outputs; no tooltips) of every node type the workflows in ``workflows/`` use and of
 every node of this pack. The probe marks which choice lists are folder contents. ``twins`` writes
-``tests/workflows/<name>.api.json`` from each UI workflow with that snapshot. The tests
-check that both are current (the snapshot against a live ComfyUI when one is available).
+``tests/workflows/<name>.api.json`` from each UI workflow with that snapshot; ``labels`` writes
+the pack's ``locales/en/nodeDefs.json`` (the input labels the frontend shows) from it. The tests
+check that all three are current (the snapshot against a live ComfyUI when one is available).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import workflow_graph as wg  # noqa: E402
 
-PACK_PREFIX = "UltraRes"
+PACK_PREFIX = wg.PACK_PREFIX
 
 
 def used_node_types() -> set[str]:
@@ -78,11 +80,17 @@ def refresh_twins() -> None:
         print(f"wrote {twin}")
 
 
+def refresh_labels() -> None:
+    wg.LABELS_PATH.parent.mkdir(parents=True, exist_ok=True)
+    wg.LABELS_PATH.write_text(wg.dump_json(wg.node_labels(wg.load_definitions())))
+    print(f"wrote {wg.LABELS_PATH}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["definitions", "twins"])
+    parser.add_argument("what", choices=["definitions", "twins", "labels"])
     args = parser.parse_args()
-    refresh_definitions() if args.what == "definitions" else refresh_twins()
+    {"definitions": refresh_definitions, "twins": refresh_twins, "labels": refresh_labels}[args.what]()
 
 
 if __name__ == "__main__":

@@ -286,6 +286,12 @@ def _schemas_in_source() -> dict[str, tuple[list[str], list[str], int, dict[str,
     return schemas
 
 
+def test_the_input_labels_the_nodes_declare_are_shipped_where_the_frontend_reads_them():
+    shipped = json.loads(wg.LABELS_PATH.read_text())
+    assert shipped == wg.node_labels(DEFINITIONS), "run scripts/workflow_snapshots.py labels"
+    assert shipped["UltraResClearPatch"]["inputs"]["ntk_factor"] == {"name": "position stretch (NTK)"}
+
+
 def test_the_snapshot_of_pack_nodes_matches_their_source():
     source = _schemas_in_source()
     snapshot = {name: d for name, d in DEFINITIONS.items() if name.startswith("UltraRes")}

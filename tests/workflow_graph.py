@@ -24,6 +24,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW_DIR = REPO_ROOT / "workflows"
 TWIN_DIR = Path(__file__).resolve().parent / "workflows"
 DEFINITIONS_PATH = TWIN_DIR / "node_definitions.json"
+LABELS_PATH = REPO_ROOT / "locales" / "en" / "nodeDefs.json"
+PACK_PREFIX = "UltraRes"
 API_SUFFIX = ".api.json"
 
 # Frontend-only nodes: never sent to the server, absent from /object_info.
@@ -231,6 +233,25 @@ def _without_choices(options: dict, default: bool = False) -> dict:
 def load_definitions(path: Path = DEFINITIONS_PATH) -> dict[str, NodeDef]:
     """The committed snapshot of node definitions, by class name."""
     return {name: node_def(raw) for name, raw in json.loads(path.read_text())["nodes"].items()}
+
+
+def node_labels(definitions: dict[str, NodeDef]) -> dict:
+    """The pack's ``locales/en/nodeDefs.json``: each pack node's name and its inputs' labels.
+
+    The frontend ComfyUI 0.3.64 ships (1.27) labels a widget or socket with the translation
+    ``nodeDefs.<node>.inputs.<input>.name`` from ``/i18n`` (which serves the custom nodes'
+    ``locales/<language>/nodeDefs.json``), else with the input's id: it does not read a V3
+    input's ``display_name``. So the labels the nodes declare are shipped there too.
+    """
+    labels = {}
+    for name in sorted(definitions):
+        if not name.startswith(PACK_PREFIX):
+            continue
+        definition = definitions[name]
+        inputs = {item.name: {"name": item.options["display_name"]} for item in definition.inputs
+                  if item.options.get("display_name")}
+        labels[name] = {"display_name": definition.display_name, **({"inputs": inputs} if inputs else {})}
+    return labels
 
 
 def load_workflow(path: Path) -> dict:

@@ -32,8 +32,10 @@ MIN_WIDTH = 210
 VIEWPORT = (1840, 960)
 """The canvas of a 1920 x 1080 screen, less the frontend's menu bar and side bar."""
 VIEW_MARGIN = 20
-READABLE_SCALE = 0.5
-"""The smallest starting zoom whose widget text is still readable."""
+READABLE_SCALE = 0.58
+"""The smallest starting zoom at which the frontend still draws the nodes' text: below 8/14 it
+draws them as plain boxes (setting "LiteGraph.Canvas.MinFontSizeForLOD", 8 px by default, over
+the 14 px node font)."""
 
 SELF_SIZED = frozenset({"CLIPTextEncode", "LoadImage", "PreviewImage", "SaveImage"}) | NOTE_TYPES
 """Node types with widgets the frontend draws as page elements, which size themselves."""

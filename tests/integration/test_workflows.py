@@ -151,6 +151,13 @@ def test_the_workflows_are_served_as_the_packs_templates(server):
             assert served == (wg.WORKFLOW_DIR / (name + suffix)).read_bytes()
 
 
+def test_the_frontend_gets_the_pack_nodes_input_labels_through_i18n(server):
+    # The frontend labels widgets with nodeDefs.<node>.inputs.<input>.name, else with the id.
+    served = server.get("/i18n")["en"]["nodeDefs"]
+    assert {name: served[name] for name in json.loads(wg.LABELS_PATH.read_text())} == json.loads(
+        wg.LABELS_PATH.read_text())
+
+
 def test_the_stand_in_prompt_keeps_every_pack_node_and_link_as_shipped():
     for path in wg.workflow_paths():
         shipped = json.loads(wg.twin_path(path).read_text())
