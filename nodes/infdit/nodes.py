@@ -148,7 +148,8 @@ class UltraResInfDiTLoader(io.ComfyNode):
                                        "(as the model was trained), else fp16 on GPUs, fp32 on the CPU. Lower "
                                        "precision takes less memory."),
             ],
-            outputs=[InfDiTModel.Output(display_name="Inf-DiT model", tooltip="The loaded upsampler, for Inf-DiT upscale.")],
+            outputs=[InfDiTModel.Output(display_name="Inf-DiT model",
+                                        tooltip="The loaded upsampler, for Inf-DiT upscale.")],
         )
 
     @classmethod
