@@ -1,5 +1,6 @@
 """Command-line tools: the pack's long jobs outside the ComfyUI frontend, one module per tool,
-named ``<method>_<job>.py`` (``gspn_distill``, ``infdit_convert``, ``infdit_upscale``).
+named ``<method>_<job>.py`` (``clear_distill``, ``gspn_distill``, ``infdit_convert``,
+``infdit_upscale``).
 
 Each tool runs two ways: by path from a ComfyUI install, with ComfyUI's Python
 (``python custom_nodes/ComfyUI-UltraRes/cli/<tool>.py ...``), and as ``python -m
@@ -13,5 +14,6 @@ ultrares.cli.<tool> ...`` where the pack is installed. A tool follows one patter
 - ``main(argv: list[str] | None = None) -> int`` parses the arguments, does the job and returns
   the exit status (the tests call it); ``if __name__ == "__main__": sys.exit(main())``;
 - a tool that needs ComfyUI boots it from ``--comfyui`` / ``COMFYUI_PATH`` before importing
-  ``ultrares.nodes`` (which imports ComfyUI) and reuses the nodes' code from there.
+  ``ultrares.nodes`` (which imports ComfyUI) and reuses the nodes' code from there; the
+  distillation tools share that boot and their Ctrl-C ending (:mod:`._distill_tool`).
 """

@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 from ..models.clear import ClearDistillSettings, ClearPattern
+from ._distill_tool import boot_comfyui, run_reported
 
 WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e5m2")
 
@@ -79,18 +80,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _boot_comfyui(path: str, cpu: bool) -> None:
-    """Put ComfyUI on the import path and set its device flag before its model management loads."""
-    root = Path(path).resolve()
-    if not (root / "comfy").is_dir():
-        raise SystemExit(f"{root} is not a ComfyUI folder (no comfy/); pass --comfyui or set COMFYUI_PATH")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = cpu or comfy.cli_args.args.cpu
-
-
 def _load(args: argparse.Namespace):
     """The diffusion model and text encoders, through ComfyUI's own loaders."""
     import comfy.sd
@@ -130,21 +119,15 @@ def run(args: argparse.Namespace) -> int:
                                     cfg=args.cfg, scheduler=SCHEDULER)
 
     report = distill_report(args.out, args.steps, lambda text: print(text, flush=True))
-    try:
-        run_clear_distillation(model, positive, _encode(clip, args.negative, args.guidance), args.out,
-                               ClearPattern(args.radius, args.down_factor), settings, trajectory, args.resume,
-                               report=report)
-    except KeyboardInterrupt:
-        report.stopped("stopped (Ctrl-C)")
-        print("continue with --resume", flush=True)
-        return 130
-    return 0
+    return run_reported(lambda: run_clear_distillation(
+        model, positive, _encode(clip, args.negative, args.guidance), args.out,
+        ClearPattern(args.radius, args.down_factor), settings, trajectory, args.resume, report=report), report)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the arguments, boot ComfyUI and distil; returns the exit status."""
     args = parse_args(argv)
-    _boot_comfyui(args.comfyui, args.cpu)
+    boot_comfyui(args.comfyui, args.cpu)
     return run(args)
 
 

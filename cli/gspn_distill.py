@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from ..models.gspn import DistillSettings, GSPNConfig
+from ._distill_tool import boot_comfyui, run_reported
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,18 +60,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _boot_comfyui(path: str, cpu: bool) -> None:
-    """Put ComfyUI on the import path and set its device flag before its model management loads."""
-    root = Path(path).resolve()
-    if not (root / "comfy").is_dir():
-        raise SystemExit(f"{root} is not a ComfyUI folder (no comfy/); pass --comfyui or set COMFYUI_PATH")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = cpu or comfy.cli_args.args.cpu
-
-
 def _encode(clip, text: str) -> list:
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
@@ -91,20 +80,15 @@ def run(args: argparse.Namespace) -> int:
                                     sampling_steps=args.sampling_steps, cfg=args.cfg)
 
     report = distill_report(args.out, args.steps, lambda text: print(text, flush=True))
-    try:
-        run_distillation(model, positive, _encode(clip, args.negative), args.out, settings, trajectory,
-                         GSPNConfig(chunk=args.chunk, proxy_ratio=args.proxy_ratio), args.resume, report=report)
-    except KeyboardInterrupt:
-        report.stopped("stopped (Ctrl-C)")
-        print("continue with --resume", flush=True)
-        return 130
-    return 0
+    return run_reported(lambda: run_distillation(
+        model, positive, _encode(clip, args.negative), args.out, settings, trajectory,
+        GSPNConfig(chunk=args.chunk, proxy_ratio=args.proxy_ratio), args.resume, report=report), report)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the arguments, boot ComfyUI and distil; returns the exit status."""
     args = parse_args(argv)
-    _boot_comfyui(args.comfyui, args.cpu)
+    boot_comfyui(args.comfyui, args.cpu)
     return run(args)
 
 
