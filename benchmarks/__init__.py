@@ -3,7 +3,8 @@
 Each benchmark module has ``main(argv) -> None`` and is listed in :data:`BENCHMARKS`;
 ``python -m ultrares.benchmarks`` runs the :data:`DEFAULT` ones (``--quick`` for the small
 sizes, which is the pack's download-free demo on built-in tiny models); ``gpu`` writes the
-prepared GPU report (``benchmarks/gpu.py``).
+prepared GPU report (``benchmarks/gpu.py``: the run; ``gpu_sections.py``: what it measures;
+``gpu_sizes.py``: at which sizes, and how numbers are worded; ``gpu_report.py``: the report).
 """
 
 from __future__ import annotations
