@@ -31,8 +31,9 @@ import torch
 from comfy_api.latest import io
 
 from ...models.infdit import (DTYPES, SCAN_ORDERS, GiB, BudgetTooSmall, InfDiTWeights, PreviewCanvas, RankFailed,
-                              UpscaleOptions, UpscaleStep, WeightSource, allocator_headroom, load_infdit, parse_devices,
-                              holds_clip_tower, not_a_clip_tower, plan_budget, upscale, upscale_on_ranks, weight_bytes, working_memory)
+                              UpscaleOptions, UpscaleStep, WeightSource, allocator_headroom, holds_clip_tower,
+                              load_infdit, not_a_clip_tower, parse_devices, plan_budget, upscale, upscale_on_ranks,
+                              weight_bytes, working_memory)
 from ..category import CATEGORY
 from ..choices import check_choices, refuse_unlisted
 from ..patchers import free_device_memory, new_patcher
