@@ -41,3 +41,31 @@ def comfy_nodes(comfyui_path: Path):
 def pack_nodes(comfy_nodes) -> dict[str, type]:
     """The pack's node classes by node id, from its real ``comfy_entrypoint``."""
     return comfy_harness.load_pack_entrypoint()
+
+
+@pytest.fixture
+def clear_dir(pack_nodes, tmp_path):
+    """An empty ``models/clear`` folder registered with ComfyUI for this test, beside the others."""
+    import folder_paths
+
+    folder = tmp_path / "clear"
+    folder.mkdir()
+    folder_paths.add_model_folder_path("clear", str(folder))
+    yield folder
+    paths, extensions = folder_paths.folder_names_and_paths["clear"]
+    folder_paths.folder_names_and_paths["clear"] = ([p for p in paths if p != str(folder)], extensions)
+
+
+@pytest.fixture
+def only_model_folder(pack_nodes, tmp_path, monkeypatch):
+    """``only_model_folder(name)``: an empty folder that is ComfyUI's only ``models/<name>`` for this test."""
+    import folder_paths
+
+    def make(name: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        monkeypatch.setitem(folder_paths.folder_names_and_paths, name,
+                            ([str(folder)], set(folder_paths.supported_pt_extensions)))
+        return folder
+
+    return make

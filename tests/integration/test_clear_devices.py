@@ -23,18 +23,6 @@ LATENT = (1, 16, 14, 20)  # 7 x 10 tokens
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
-@pytest.fixture
-def clear_dir(pack_nodes, tmp_path):
-    import folder_paths
-
-    folder = tmp_path / "clear"
-    folder.mkdir()
-    folder_paths.add_model_folder_path("clear", str(folder))
-    yield folder
-    paths, extensions = folder_paths.folder_names_and_paths["clear"]
-    folder_paths.folder_names_and_paths["clear"] = ([p for p in paths if p != str(folder)], extensions)
-
-
 def clear(pack_nodes, model=None, weights="none", radius=3, down=0, proportional=False):
     model = model if model is not None else comfy_harness.tiny_flux_patcher(seed=0)
     (patched,) = pack_nodes["UltraResClearPatch"].execute(model, weights, radius, down, 1.0, proportional, 0,

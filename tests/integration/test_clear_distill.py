@@ -30,15 +30,9 @@ def prompts():
 
 
 @pytest.fixture
-def clear_folder(pack_nodes, tmp_path, monkeypatch):
+def clear_folder(only_model_folder):
     """models/clear is an empty folder of this test only."""
-    import folder_paths
-
-    folder = tmp_path / "clear"
-    folder.mkdir()
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "clear",
-                        ([str(folder)], set(folder_paths.supported_pt_extensions)))
-    return folder
+    return only_model_folder("clear")
 
 
 def distill_node(pack_nodes, model, name, steps, **overrides):

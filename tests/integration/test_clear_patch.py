@@ -27,19 +27,6 @@ GRID = (7, 10)
 TEXT_TOKENS = 7
 
 
-@pytest.fixture
-def clear_dir(pack_nodes, tmp_path):
-    """An empty ``models/clear`` folder registered with ComfyUI for this test."""
-    import folder_paths
-
-    folder = tmp_path / "clear"
-    folder.mkdir()
-    folder_paths.add_model_folder_path("clear", str(folder))
-    yield folder
-    paths, extensions = folder_paths.folder_names_and_paths["clear"]
-    folder_paths.folder_names_and_paths["clear"] = ([p for p in paths if p != str(folder)], extensions)
-
-
 def write_file(folder, name: str, state: dict, metadata: dict | None = None) -> str:
     save_file(state, str(folder / name), metadata=metadata)
     return name

@@ -15,15 +15,9 @@ HELD_OUT_SEED = 500
 
 
 @pytest.fixture
-def gspn_folder(pack_nodes, tmp_path, monkeypatch):
+def gspn_folder(only_model_folder):
     """models/gspn is an empty folder of this test only."""
-    import folder_paths
-
-    folder = tmp_path / "gspn"
-    folder.mkdir()
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "gspn",
-                        ([str(folder)], set(folder_paths.supported_pt_extensions)))
-    return folder
+    return only_model_folder("gspn")
 
 
 def _prompts(batch=1):
@@ -250,7 +244,6 @@ def test_the_distill_node_shows_its_losses_and_where_it_saves_under_the_node_and
         pack_nodes, gspn_folder):
     import re
 
-    import numpy as np
     from comfy_api.latest import io
 
     received = {}
