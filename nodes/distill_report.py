@@ -17,10 +17,21 @@ import comfy.model_management
 
 from .runtime import NodeFeedback
 
-__all__ = ["LOG_LINES", "DistillReport", "report_stop", "with_report"]
+__all__ = ["LOG_LINES", "LOSS_WINDOW", "DistillReport", "loss_with_mean", "report_stop", "with_report"]
 
 LOG_LINES = 20
 """Loss lines a run logs (besides every save and the end), evenly spread over its steps."""
+LOSS_WINDOW = 50
+"""Steps the logged mean loss is taken over (single steps are noisy: each is one noise level)."""
+
+
+def loss_with_mean(losses: list[float]) -> str:
+    """The latest of ``losses`` and their recent mean: ``"loss 0.412 (mean of the last 50: 0.430)"``."""
+    recent = losses[-LOSS_WINDOW:]
+    text = f"loss {recent[-1]:.4g}"
+    if len(recent) > 1:
+        text += f" (mean of the last {len(recent)}: {sum(recent) / len(recent):.4g})"
+    return text
 
 
 class _Record(Protocol):

@@ -47,7 +47,7 @@ from ...models.clear import (ATTENTION, CLEAR_OPTIMIZER_STATE, FLOW_MATCHING, OP
                              FolderSamples, Prediction, assemble, derived_seed, distill, file_dtype, make_optimizer,
                              optimized_tensors, plan_weights, read_distilled, released_keys, save_distilled)
 from ...models.training import TOTAL, OffloadedAdamW, load_optimizer_state, optimizer_path, save_optimizer_state
-from ..distill_report import DistillReport, with_report
+from ..distill_report import DistillReport, loss_with_mean, with_report
 from ..training import SamplingContext, TrajectorySettings, inside_sampling, options_clone, with_weight_copies
 from .hooks import WRAPPER_KEY, apply_clear, flux_module
 from .override_slot import OVERRIDE_KEY
@@ -331,19 +331,11 @@ def compute_dtype(model: comfy.model_patcher.ModelPatcher) -> torch.dtype:
     return getattr(model.model, "manual_cast_dtype", None) or model.model.get_dtype()
 
 
-LOSS_WINDOW = 50
-"""Steps the logged mean loss is taken over (single steps are noisy: each is one noise level)."""
-
-
 def loss_text(record: ClearTrainingRecord) -> str:
     """The latest losses: ``"loss 0.412 (mean of the last 50: 0.430) · flow matching 0.3, ..."``."""
-    recent = record.losses[TOTAL][-LOSS_WINDOW:]
-    text = f"loss {recent[-1]:.4g}"
-    if len(recent) > 1:
-        text += f" (mean of the last {len(recent)}: {sum(recent) / len(recent):.4g})"
     terms = [f"{name} {record.losses[name][-1]:.3g}" for name in (FLOW_MATCHING, PREDICTION, ATTENTION)
              if record.losses.get(name)]
-    return text + (" · " + ", ".join(terms) if terms else "")
+    return loss_with_mean(record.losses[TOTAL]) + (" · " + ", ".join(terms) if terms else "")
 
 
 def distill_report(path: Path, steps: int, emit: Callable[[str], None],

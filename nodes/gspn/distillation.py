@@ -22,7 +22,7 @@ import torch
 from ...models.gspn import (Capture, DistillSettings, GSPNConfig, GSPNLayers, LayerSpec, TrainingRecord, distill,
                            load_gspn_weights, load_optimizer_state, make_optimizer, optimizer_path, save_gspn_weights,
                            save_optimizer_state)
-from ..distill_report import DistillReport, with_report
+from ..distill_report import DistillReport, loss_with_mean, with_report
 from ..training import (SamplingContext, TrajectorySettings, inside_sampling, options_clone, output_path,
                         with_weight_copies)
 from .patch import comfy_attention_call, gspn_call, model_family, unet_layers
@@ -82,16 +82,9 @@ def with_host(model: comfy.model_patcher.ModelPatcher, positive: list, negative:
                            lambda context: run(ComfyDistillHost(context, specs)))
 
 
-LOSS_WINDOW = 50
-"""Steps the logged mean loss is taken over (single steps are noisy: each is one noise level)."""
-
-
 def loss_text(record: TrainingRecord) -> str:
     """The latest losses: ``"loss 0.412 (mean of the last 50: 0.430)"``, the prediction term too."""
-    recent = record.layer_losses[-LOSS_WINDOW:]
-    text = f"loss {record.layer_losses[-1]:.4g}"
-    if len(recent) > 1:
-        text += f" (mean of the last {len(recent)}: {sum(recent) / len(recent):.4g})"
+    text = loss_with_mean(record.layer_losses)
     if record.prediction_losses:
         text += f", prediction loss {record.prediction_losses[-1]:.4g}"
     return text
