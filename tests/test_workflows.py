@@ -166,15 +166,8 @@ def test_every_node_sits_in_a_titled_stage(path, loaded):
             assert any(_inside(node, group) for group in groups), f"node {node['id']} is in no group"
 
 
-# LiteGraph draws a node's title bar above its position and a group's title inside its top edge;
-# the sizes in the files are the ones ComfyUI's frontend renders for these nodes.
-NODE_TITLE_HEIGHT = 30
+# LiteGraph draws a group's title inside its top edge (a node's above its position: wl.node_box).
 GROUP_TITLE_HEIGHT = 40
-
-
-def _box(node: dict) -> tuple[float, float, float, float]:
-    (x, y), (width, height) = node["pos"], node["size"]
-    return x, y - NODE_TITLE_HEIGHT, x + width, y + height
 
 
 def _overlap(a: tuple, b: tuple) -> bool:
@@ -184,7 +177,7 @@ def _overlap(a: tuple, b: tuple) -> bool:
 @by_name(WORKFLOWS)
 def test_no_node_covers_another_node_or_a_stage_title(path, loaded):
     workflow = loaded[path]
-    boxes = {node["id"]: _box(node) for node in workflow["nodes"]}
+    boxes = {node["id"]: wl.node_box(node) for node in workflow["nodes"]}
     for first, second in itertools.combinations(boxes, 2):
         assert not _overlap(boxes[first], boxes[second]), f"nodes {first} and {second} overlap"
     for group in workflow["groups"]:

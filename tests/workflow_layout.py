@@ -74,10 +74,15 @@ def fitted_size(node: dict, definition: NodeDef) -> tuple[int, int]:
     return int(math.ceil(width / 10) * 10), height + NODE_BOTTOM
 
 
+def node_box(node: dict) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) of a node as drawn: LiteGraph puts its title bar above its position."""
+    (x, y), (width, height) = node["pos"], node["size"]
+    return x, y - NODE_TITLE_HEIGHT, x + width, y + height
+
+
 def bounds(workflow: dict) -> tuple[float, float, float, float]:
     """(left, top, right, bottom) of every node (its title bar included) and every group."""
-    boxes = [(n["pos"][0], n["pos"][1] - NODE_TITLE_HEIGHT, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
-             for n in workflow["nodes"]]
+    boxes = [node_box(node) for node in workflow["nodes"]]
     boxes += [(x, y, x + w, y + h) for x, y, w, h in (g["bounding"] for g in workflow["groups"])]
     return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
 
