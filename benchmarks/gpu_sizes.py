@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from .timing import timed_call
 
 GiB = 2**30
 
@@ -57,15 +58,12 @@ def best_seconds(fn: Callable[[], object], device: torch.device, repeats: int, c
     """Fastest of ``repeats`` timings of ``calls`` back-to-back calls (per call), after one warm-up."""
     fn()
     sync(device)
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
+
+    def back_to_back() -> None:
         for _ in range(calls):
             fn()
-        sync(device)
-        best = min(best, (time.perf_counter() - start) / calls)
-    return best
+
+    return min(timed_call(back_to_back, device) for _ in range(repeats)) / calls
 
 
 def seconds_text(value: float | None) -> str:
